@@ -1,0 +1,69 @@
+"""tabattn-core: PyTorch references, mask specs, partial-attention merge, GMM math,
+KV-cache layouts, input checks, test helpers and the op registry of tabattn.
+
+Torch only: nothing here imports triton. Kernel packages register themselves in
+`tabattn_core.registry` through the `tabattn.backends` entry point group.
+"""
+
+from tabattn_core.checks import InputError
+from tabattn_core.gmm import (
+    gmm_cdf,
+    gmm_log_likelihood,
+    gmm_mean_var,
+    gmm_nll,
+    gmm_quantile,
+    gmm_sample,
+)
+from tabattn_core.kv_cache import SharedContextKVCache
+from tabattn_core.masks import (
+    ARTrainingRowMask,
+    BufferDecodeMask,
+    CausalMask,
+    ContextTargetMask,
+    FullMask,
+    MaskSpec,
+    SelectionMask,
+    TeacherForcingMask,
+)
+from tabattn_core.reference import (
+    attention,
+    context_target_attention,
+    merge_states,
+    selection_attention,
+    shared_context_attention,
+    teacher_forcing_attention,
+)
+from tabattn_core.registry import OPS, Backend, get_backend, get_op, registry
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "OPS",
+    "ARTrainingRowMask",
+    "Backend",
+    "BufferDecodeMask",
+    "CausalMask",
+    "ContextTargetMask",
+    "FullMask",
+    "InputError",
+    "MaskSpec",
+    "SelectionMask",
+    "SharedContextKVCache",
+    "TeacherForcingMask",
+    "attention",
+    "context_target_attention",
+    "get_backend",
+    "get_op",
+    "gmm_cdf",
+    "gmm_log_likelihood",
+    "gmm_mean_var",
+    "gmm_nll",
+    "gmm_quantile",
+    "gmm_sample",
+    "merge_states",
+    "registry",
+    "selection_attention",
+    "shared_context_attention",
+    "teacher_forcing_attention",
+    "__version__",
+]

@@ -1,0 +1,125 @@
+"""Input checks shared by every op: each error names the argument, the expected and the
+actual value, and is raised before any kernel launches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+__all__ = [
+    "InputError",
+    "check_head_dim",
+    "check_gqa",
+    "check_lengths",
+    "check_same_device",
+    "check_scale",
+    "check_tensor",
+    "MIN_HEAD_DIM",
+    "MAX_HEAD_DIM",
+    "FLOAT_DTYPES",
+]
+
+MIN_HEAD_DIM = 16
+MAX_HEAD_DIM = 256
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class InputError(ValueError):
+    """A bad argument: wrong shape, dtype, device, stride, head dim or length."""
+
+
+def _fmt_dtypes(dtypes: Iterable[torch.dtype]) -> str:
+    return " or ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_tensor(
+    name: str,
+    t: object,
+    *,
+    ndim: int | None = None,
+    shape: Sequence[int | None] | None = None,
+    dtypes: Iterable[torch.dtype] | None = None,
+    device: torch.device | None = None,
+    unit_last_stride: bool = False,
+    dims: str | None = None,
+) -> torch.Tensor:
+    """Check one tensor argument.
+
+    `shape` entries that are None are free; `dims` names the axes in messages
+    (e.g. "[B, H, L, D]"). Returns the tensor for chaining.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise InputError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    layout = f" {dims}" if dims else ""
+    if ndim is not None and t.dim() != ndim:
+        raise InputError(
+            f"{name}: expected {ndim} dims{layout}, got {t.dim()} dims with shape {tuple(t.shape)}"
+        )
+    if shape is not None:
+        if t.dim() != len(shape) or any(
+            s is not None and s != a for s, a in zip(shape, t.shape, strict=False)
+        ):
+            want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+            raise InputError(f"{name}: expected shape {want}{layout}, got {list(t.shape)}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if t.dtype not in dtypes:
+            raise InputError(f"{name}: expected dtype {_fmt_dtypes(dtypes)}, got {t.dtype}")
+    if device is not None and t.device != torch.device(device):
+        raise InputError(f"{name}: expected device {torch.device(device)}, got {t.device}")
+    if unit_last_stride and t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise InputError(
+            f"{name}: expected stride 1 on the last (head) dim, got strides {t.stride()}"
+        )
+    return t
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
+    """All given tensors (None skipped) live on one device; returns it."""
+    items = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = items[0]
+    for n, t in items[1:]:
+        if t.device != first.device:
+            raise InputError(f"{n}: expected device {first.device} (as {first_name}), got {t.device}")
+    return first.device
+
+
+def check_head_dim(name: str, head_dim: int, *, lo: int = MIN_HEAD_DIM, hi: int = MAX_HEAD_DIM) -> None:
+    """Head dim D must lie in [lo, hi] (non-powers of two are fine)."""
+    if not lo <= head_dim <= hi:
+        raise InputError(f"{name}: expected head dim D in [{lo}, {hi}], got {head_dim}")
+
+
+def check_gqa(q_heads: int, kv_heads: int, *, q_name: str = "q", kv_name: str = "k") -> int:
+    """GQA: H_q must be a multiple of H_kv. Returns the group size H_q // H_kv."""
+    if kv_heads < 1 or q_heads % kv_heads != 0:
+        raise InputError(
+            f"{kv_name}: expected a head count dividing {q_name}'s {q_heads} heads (GQA), "
+            f"got {kv_heads}"
+        )
+    return q_heads // kv_heads
+
+
+def check_lengths(
+    name: str, lengths: object, *, count: int, max_len: int, device: torch.device | None = None
+) -> torch.Tensor:
+    """Per-dataset lengths: an int tensor [count] with 0 <= len <= max_len."""
+    t = check_tensor(
+        name, lengths, shape=(count,), dtypes=(torch.int32, torch.int64), device=device, dims="[B]"
+    )
+    if t.numel():
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi > max_len:
+            raise InputError(f"{name}: expected values in [0, {max_len}], got min {lo} max {hi}")
+    return t
+
+
+def check_scale(scale: float | None, head_dim: int) -> float:
+    """Softmax scale: default D ** -0.5; must be a finite positive number."""
+    if scale is None:
+        return head_dim**-0.5
+    s = float(scale)
+    if not (s > 0 and s != float("inf")):
+        raise InputError(f"scale: expected a finite positive float, got {scale}")
+    return s

@@ -1,0 +1,148 @@
+"""The op registry: the torch backend, automatic choice and its reason, forcing by name or
+environment variable, discovery through entry points and known modules, broken backends."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import sys
+import types
+
+import pytest
+import torch
+
+from tabattn_core import reference
+from tabattn_core.checks import InputError
+from tabattn_core.registry import OPS, Backend, Registry, registry
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    """A registry with the torch backend and no discovery."""
+    monkeypatch.delenv("TABATTN_BACKEND", raising=False)
+    reg = Registry()
+    reg.register_backend(next(b for b in registry.backends() if b.name == "torch"))
+    reg._discovered = True
+    return reg
+
+
+def fake(name, priority, ops=("attention",), device_type=None):
+    def available(device):
+        if device_type is None or device.type == device_type:
+            return True, "test backend"
+        return False, f"needs {device_type}, got {device.type}"
+
+    return Backend(name, priority, {op: (lambda *a, _n=name, **k: _n) for op in ops}, available)
+
+
+def test_torch_backend_implements_every_op():
+    torch_backend = next(b for b in registry.backends() if b.name == "torch")
+    assert set(torch_backend.ops) == set(OPS)
+    assert torch_backend.ops["attention"] is reference.attention
+
+
+def test_auto_on_cpu_picks_torch_and_says_why(fresh):
+    choice = fresh.choose("auto", device="cpu", op="attention")
+    assert choice.backend.name == "torch"
+    assert "auto -> torch on cpu" in choice.reason
+
+
+def test_auto_prefers_priority_then_availability_then_op(fresh):
+    fresh.register_backend(fake("gpuonly", 10, device_type="cuda"))
+    fresh.register_backend(fake("fast", 5, ops=("attention",)))
+    choice = fresh.choose("auto", device="cpu", op="attention")
+    assert choice.backend.name == "fast"
+    assert "gpuonly: needs cuda, got cpu" in choice.reason
+    assert fresh.choose("auto", device="cpu", op="merge_states").backend.name == "torch"
+    assert fresh.get_op("attention", device="cpu")() == "fast"
+
+
+def test_named_and_forced_backends(fresh, monkeypatch):
+    fresh.register_backend(fake("fast", 5))
+    assert fresh.get_backend("torch", device="cpu").name == "torch"
+    monkeypatch.setenv("TABATTN_BACKEND", "torch")
+    choice = fresh.choose("auto", device="cpu", op="attention")
+    assert choice.backend.name == "torch" and "TABATTN_BACKEND" in choice.reason
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda r: r.choose("nope", device="cpu"), "backend: expected 'auto' or one of"),
+        (lambda r: r.choose("gpuonly", device="cpu"), "cannot run on cpu: needs cuda"),
+        (lambda r: r.choose("fast", device="cpu", op="merge_states"), "does not implement op 'merge_states'"),
+        (lambda r: r.choose("auto", device="cpu", op="flash"), "op: expected one of"),
+        (lambda r: r.register_backend(Backend("x", 1, {"flash": print})), "backend.ops"),
+    ],
+)
+def test_errors_name_the_problem(fresh, call, match):
+    fresh.register_backend(fake("gpuonly", 10, device_type="cuda"))
+    fresh.register_backend(fake("fast", 5))
+    with pytest.raises(InputError, match=match):
+        call(fresh)
+
+
+def test_entry_point_discovery_and_broken_backend(monkeypatch):
+    monkeypatch.delenv("TABATTN_BACKEND", raising=False)
+    good = types.ModuleType("tabattn_fake_good")
+    good.register = lambda reg: reg.register_backend(fake("good", 7))
+    bad = types.ModuleType("tabattn_fake_bad")
+
+    def broken(reg):
+        raise RuntimeError("no GPU toolchain")
+
+    bad.register = broken
+    monkeypatch.setitem(sys.modules, "tabattn_fake_good", good)
+    monkeypatch.setitem(sys.modules, "tabattn_fake_bad", bad)
+    eps = importlib.metadata.EntryPoints(
+        [
+            importlib.metadata.EntryPoint("good", "tabattn_fake_good:register", "tabattn.backends"),
+            importlib.metadata.EntryPoint("bad", "tabattn_fake_bad:register", "tabattn.backends"),
+        ]
+    )
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: eps)
+    reg = Registry()
+    assert [b.name for b in reg.backends()] == ["good"]
+    assert "RuntimeError: no GPU toolchain" in reg.load_errors["bad"]
+
+
+def test_known_module_found_from_source(monkeypatch):
+    """Without installed entry points, known backend modules on the path are imported."""
+    monkeypatch.delenv("TABATTN_BACKEND", raising=False)
+    module = types.ModuleType("tabattn_fake_src")
+    module.register = lambda reg: reg.register_backend(fake("fromsource", 3))
+    monkeypatch.setitem(sys.modules, "tabattn_fake_src", module)
+    monkeypatch.setattr(sys.modules["tabattn_core.registry"], "KNOWN_BACKEND_MODULES", ("tabattn_fake_src",))
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: importlib.metadata.EntryPoints([]))
+    module.__spec__ = importlib.machinery.ModuleSpec("tabattn_fake_src", None)
+    reg = Registry()
+    assert [b.name for b in reg.backends()] == ["fromsource"]
+
+
+def test_get_backend_logs_reason_once(fresh, caplog):
+    caplog.set_level("INFO", logger="tabattn")
+    fresh.get_backend(device="cpu", op="attention")
+    fresh.get_backend(device="cpu", op="attention")
+    assert sum("auto -> torch" in r.message for r in caplog.records) == 1
+
+
+def test_cli_main_job_passes_on_cpu(capsys):
+    from tabattn_core.__main__ import main
+
+    assert main(["--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "all ops match the fp64 reference" in out
+    assert all(op in out for op in OPS)
+
+
+def test_core_does_not_import_triton():
+    import subprocess
+
+    code = "import sys, tabattn_core, tabattn_core.__main__; print('triton' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "False"
+
+
+def test_default_device_follows_cuda_availability():
+    choice = registry.choose(device=None)
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert f"on {want}" in choice.reason
