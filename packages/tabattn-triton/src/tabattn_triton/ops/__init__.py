@@ -1,0 +1,1 @@
+"""Triton kernels, one folder per op: `attention` (flash attention with prefix masks)."""

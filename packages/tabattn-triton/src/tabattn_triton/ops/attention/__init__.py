@@ -1,0 +1,9 @@
+"""Flash attention with prefix masks (none, context-target, causal, AR-TabPFN rows)."""
+
+from tabattn_triton.ops.attention.interface import (
+    context_target_attention,
+    flash_attention,
+    prefix_mask_of,
+)
+
+__all__ = ["context_target_attention", "flash_attention", "prefix_mask_of"]

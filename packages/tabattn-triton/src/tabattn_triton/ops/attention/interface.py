@@ -1,0 +1,273 @@
+"""Flash attention: launchers -> autograd Function -> public functions.
+
+`flash_attention` runs the kernels of `kernel.py` for the prefix masks of tabattn-core
+(no mask, context-target with fixed or per-dataset M, causal, AR-TabPFN training rows);
+`context_target_attention` is the registry op of the same name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from tabattn_core.checks import (
+    FLOAT_DTYPES,
+    InputError,
+    check_gqa,
+    check_head_dim,
+    check_lengths,
+    check_scale,
+    check_tensor,
+)
+from tabattn_core.masks import ARTrainingRowMask, CausalMask, ContextTargetMask, FullMask, MaskSpec
+from tabattn_triton.ops.attention.kernel import (
+    attention_bwd_dkdv_kernel,
+    attention_bwd_dq_kernel,
+    attention_bwd_preprocess_kernel,
+    attention_fwd_kernel,
+)
+from tabattn_triton.ops.common import (
+    LOG2E,
+    MASK_AR_ROWS,
+    MASK_CAUSAL,
+    MASK_CONTEXT,
+    MASK_NONE,
+    bucket,
+    check_device,
+    dot_precision,
+    head_block,
+)
+
+__all__ = ["PrefixMask", "context_target_attention", "flash_attention", "prefix_mask_of"]
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class PrefixMask:
+    """Kernel parameters of a prefix mask (row q sees keys [0, end(q)); see common.py)."""
+
+    kind: int = MASK_NONE
+    ctx_len: int = 0
+    ctx_lens: torch.Tensor | None = None  # int64 [B], per-dataset context lengths
+    causal_offset: int = 0
+    ar_buffer: int = 0
+    ar_chunked: int = 0
+
+
+def prefix_mask_of(mask: MaskSpec | None, q_len: int, kv_len: int, batch: int) -> PrefixMask | None:
+    """The kernel form of a mask spec, or None when the spec is not a prefix mask."""
+    if mask is None or isinstance(mask, FullMask):
+        return PrefixMask()
+    if (mask.q_len, mask.kv_len) != (q_len, kv_len):
+        raise InputError(
+            f"mask: expected a spec for Lq={q_len}, Lk={kv_len}, got Lq={mask.q_len}, Lk={mask.kv_len}"
+        )
+    if isinstance(mask, ContextTargetMask):
+        lens = mask.context_lens
+        if lens.numel() == 1:
+            return PrefixMask(MASK_CONTEXT, ctx_len=int(lens[0]))
+        if lens.numel() != batch:
+            raise InputError(f"mask: expected context lengths for {batch} datasets, got {lens.numel()}")
+        return PrefixMask(MASK_CONTEXT, ctx_lens=lens)
+    if isinstance(mask, CausalMask):
+        return PrefixMask(MASK_CAUSAL, causal_offset=kv_len - q_len)
+    if isinstance(mask, ARTrainingRowMask):
+        return PrefixMask(
+            MASK_AR_ROWS,
+            ctx_len=mask.context_len,
+            ar_buffer=mask.buffer_len,
+            ar_chunked=mask.attending_chunks * mask.buffer_len,
+        )
+    return None
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
+    """Shapes, dtypes, devices, strides and head dim; returns the GQA group size."""
+    check_tensor("q", q, ndim=4, dtypes=KERNEL_DTYPES, unit_last_stride=True, dims="[B, H, Lq, D]")
+    check_device("q", q)
+    b, h, _, d = q.shape
+    dims = "[B, H_kv, Lk, D]"
+    check_tensor("k", k, ndim=4, dtypes=(q.dtype,), device=q.device, unit_last_stride=True, dims=dims)
+    check_tensor("v", v, shape=k.shape, dtypes=(q.dtype,), device=q.device, unit_last_stride=True, dims=dims)
+    if k.shape[0] != b or k.shape[3] != d:
+        raise InputError(f"k: expected shape [{b}, H_kv, Lk, {d}], got {list(k.shape)}")
+    check_head_dim("q", d)
+    return check_gqa(h, k.shape[1])
+
+
+def _mask_args(pm: PrefixMask, q: torch.Tensor) -> tuple:
+    lens = pm.ctx_lens
+    if lens is not None:
+        lens = lens.to(device=q.device, dtype=torch.int64)
+    return lens, pm.ctx_len, pm.causal_offset, pm.ar_buffer, pm.ar_chunked
+
+
+def _keys(q: torch.Tensor, k: torch.Tensor, group: int, pm: PrefixMask) -> dict:
+    return {
+        "LQ_BUCKET": bucket(q.shape[2]),
+        "LK_BUCKET": bucket(k.shape[2]),
+        "GROUP_BUCKET": bucket(group),
+        "MASK": pm.kind,
+        "HAS_CTX_LENS": pm.ctx_lens is not None,
+        "BLOCK_D": head_block(q.shape[3]),
+        "DOT_PRECISION": dot_precision(q.dtype),
+    }
+
+
+def attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pm: PrefixMask, scale: float, group: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward; returns out [B, H, Lq, D] (q.dtype) and lse [B, H, Lq] fp32."""
+    b, h, lq, d = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty((b, h, lq), device=q.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out, lse.fill_(float("-inf"))
+    lens, ctx_len, causal_offset, ar_buffer, ar_chunked = _mask_args(pm, q)
+    keys = _keys(q, k, group, pm)
+    grid = lambda meta: (b * h * triton.cdiv(lq, meta["BLOCK_M"]),)
+    attention_fwd_kernel[grid](
+        q, k, v, out, lse, lens,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        h, group, lq, k.shape[2], d, scale * LOG2E,
+        ctx_len, causal_offset, ar_buffer, ar_chunked,
+        keys["LQ_BUCKET"], keys["LK_BUCKET"], keys["GROUP_BUCKET"],
+        MASK=keys["MASK"], HAS_CTX_LENS=keys["HAS_CTX_LENS"], STORE_LSE=True,
+        BLOCK_D=keys["BLOCK_D"], DOT_PRECISION=keys["DOT_PRECISION"],
+    )
+    return out, lse
+
+
+def attention_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    pm: PrefixMask,
+    scale: float,
+    group: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward; returns dq, dk, dv in the layouts of q, k, v."""
+    b, h, lq, d = q.shape
+    lk = k.shape[2]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if lq == 0 or lk == 0 or b * h == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    block_d = head_block(d)
+    delta = torch.empty((b, h, lq), device=q.device, dtype=torch.float32)
+    pre_block = 64
+    attention_bwd_preprocess_kernel[(b * h * triton.cdiv(lq, pre_block),)](
+        out, do, delta, *out.stride(), *do.stride(), h, lq, d, BLOCK_M=pre_block, BLOCK_D=block_d
+    )
+    lens, ctx_len, causal_offset, ar_buffer, ar_chunked = _mask_args(pm, q)
+    keys = _keys(q, k, group, pm)
+    mask_args = (ctx_len, causal_offset, ar_buffer, ar_chunked)
+    tune = (keys["LQ_BUCKET"], keys["LK_BUCKET"], keys["GROUP_BUCKET"])
+    flags = {
+        "MASK": keys["MASK"],
+        "HAS_CTX_LENS": keys["HAS_CTX_LENS"],
+        "BLOCK_D": block_d,
+        "DOT_PRECISION": keys["DOT_PRECISION"],
+    }
+    dims = (h, group, lq, lk, d, scale, scale * LOG2E)
+    h_kv = k.shape[1]
+    attention_bwd_dkdv_kernel[lambda meta: (b * h_kv * triton.cdiv(lk, meta["BLOCK_N"]),)](
+        q, k, v, do, dk, dv, lse, delta, lens,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        *dims, *mask_args, *tune, **flags,
+    )
+    attention_bwd_dq_kernel[lambda meta: (b * h * triton.cdiv(lq, meta["BLOCK_M"]),)](
+        q, k, v, do, dq, lse, delta, lens,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        *dims, *mask_args, *tune, **flags,
+    )
+    return dq, dk, dv
+
+
+class FlashAttentionFunction(torch.autograd.Function):
+    """Saves q, k, v, out, lse; the LSE output is not differentiable."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, pm: PrefixMask, scale: float, group: int):
+        out, lse = attention_fwd(q, k, v, pm, scale, group)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.pm, ctx.scale, ctx.group = pm, scale, group
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = attention_bwd(do, q, k, v, out, lse, ctx.pm, ctx.scale, ctx.group)
+        return dq, dk, dv, None, None, None
+
+
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask: MaskSpec | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Flash attention forward and backward with a prefix mask.
+
+    q: [B, H, Lq, D]; k, v: [B, H_kv, Lk, D] with H % H_kv == 0 (GQA); any strides with a
+    unit stride on D; D in 16..256; fp16, bf16 or fp32 (fp32 dots follow
+    torch.backends.cuda.matmul.allow_tf32). mask: None, `FullMask`, `ContextTargetMask`
+    (fixed or per-dataset M), `CausalMask` (bottom-right), or `ARTrainingRowMask`:
+
+    ```
+    context-target (M=3)   causal (Lq=2, Lk=4)   AR rows (Nc=1, Nb=2, Nt=2, A=1)
+    ■ ■ ■ · ·              ■ ■ ■ ·               ■ · · · ·
+    ■ ■ ■ · ·              ■ ■ ■ ■               ■ ■ · · ·
+    ■ ■ ■ · ·                                    ■ ■ ■ · ·
+                                                 ■ ■ · · ·
+                                                 ■ ■ ■ · ·
+    ```
+    Returns out [B, H, Lq, D], and with return_lse also lse [B, H, Lq] (fp32, natural log;
+    -inf with out 0 for rows that see no key).
+    """
+    group = _check_inputs(q, k, v)
+    pm = prefix_mask_of(mask, q.shape[2], k.shape[2], q.shape[0])
+    if pm is None:
+        raise InputError(
+            f"mask: expected None, FullMask, ContextTargetMask, CausalMask or ARTrainingRowMask, "
+            f"got {type(mask).__name__} (decode, teacher-forcing and selection masks have their own ops)"
+        )
+    out, lse = FlashAttentionFunction.apply(q, k, v, pm, check_scale(scale, q.shape[3]), group)
+    return (out, lse) if return_lse else out
+
+
+def context_target_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    context_lens: int | torch.Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Registry op: all M+N queries over the first M keys (M an int or int tensor [B]).
+
+    q: [B, H, M+N, D]; k, v: [B, H_kv, Lk, D]. Returns out [B, H, M+N, D], lse [B, H, M+N].
+    """
+    group = _check_inputs(q, k, v)
+    lk = k.shape[2]
+    if context_lens is None:
+        pm = PrefixMask(MASK_CONTEXT, ctx_len=lk)
+    elif isinstance(context_lens, torch.Tensor):
+        check_lengths("context_lens", context_lens, count=k.shape[0], max_len=lk, device=q.device)
+        pm = PrefixMask(MASK_CONTEXT, ctx_lens=context_lens)
+    elif 0 <= int(context_lens) <= lk:
+        pm = PrefixMask(MASK_CONTEXT, ctx_len=int(context_lens))
+    else:
+        raise InputError(f"context_lens: expected an int in [0, {lk}], got {context_lens}")
+    return FlashAttentionFunction.apply(q, k, v, pm, check_scale(scale, q.shape[3]), group)

@@ -1,0 +1,397 @@
+"""Flash attention kernels (forward, backward dK/dV, backward dQ) for prefix masks: none,
+context-target, causal (any alignment) and the AR-TabPFN training row mask.
+
+Layout [B, H, L, D] with any strides; GQA (query head h reads kv head h // GROUP); head dim
+padded to BLOCK_D with masked loads. Per query block the visible keys split into tiles that
+every row sees (run without a mask) and tiles that only some rows see (masked); tiles no row
+sees are never visited. The backward recomputes P from the saved LSE (FlashAttention-2).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from tabattn_triton.ops.common import (
+    finish_softmax,
+    online_softmax_tile,
+    pick_configs,
+    prefix_kv_end,
+)
+
+
+def _fits(c: triton.Config, block_d: int, dot_rows: tuple[str, str]) -> bool:
+    """Keep tiles whose operands fit registers/shared memory at this head dim."""
+    rows = c.kwargs[dot_rows[0]] + 2 * c.kwargs[dot_rows[1]]
+    return rows * block_d <= 256 * 128 * (2 if c.num_warps == 8 else 1)
+
+
+# (BLOCK_M, BLOCK_N, warps, stages); the first entry is the single config used when
+# autotuning is off (it must fit every head dim up to 256).
+FWD_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [
+        (64, 32, 4, 2),
+        (128, 128, 8, 3),
+        (128, 64, 8, 3),
+        (128, 64, 4, 3),
+        (128, 32, 4, 3),
+        (64, 64, 4, 3),
+        (64, 64, 4, 2),
+    ]
+]
+BWD_DKDV_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [
+        (32, 32, 4, 2),
+        (32, 128, 8, 3),
+        (64, 128, 8, 3),
+        (64, 128, 8, 2),
+        (32, 64, 4, 3),
+        (64, 64, 4, 2),
+    ]
+]
+BWD_DQ_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [
+        (32, 32, 4, 2),
+        (128, 32, 8, 3),
+        (128, 64, 8, 3),
+        (128, 64, 8, 2),
+        (64, 64, 4, 2),
+        (64, 32, 4, 3),
+    ]
+]
+AUTOTUNE_KEY = ["LQ_BUCKET", "LK_BUCKET", "BLOCK_D", "MASK", "GROUP_BUCKET", "DOT_PRECISION"]
+
+
+def _prune(dot_rows: tuple[str, str]):
+    def prune(configs, named_args, **kwargs):
+        block_d = named_args.get("BLOCK_D", kwargs.get("BLOCK_D"))
+        kept = [c for c in configs if _fits(c, block_d, dot_rows)]
+        return kept or configs[:1]
+
+    return prune
+
+
+@triton.jit
+def _load_rows(base, offs, stride_l, stride_d, offs_d, row_ok, d_ok):
+    """A [rows, BLOCK_D] tile; out-of-range rows and padded head dims read as 0."""
+    ptrs = base + offs[:, None] * stride_l + offs_d[None, :] * stride_d
+    return tl.load(ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+
+@triton.autotune(
+    configs=pick_configs(FWD_CONFIGS, lambda c: True),
+    key=AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": _prune(("BLOCK_M", "BLOCK_N"))},
+)
+@triton.jit
+def attention_fwd_kernel(
+    Q, K, V, O, LSE, CTX_LENS,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    H, GROUP, Lq, Lk, D, qk_scale,
+    ctx_len, causal_offset, ar_buffer, ar_chunked,
+    LQ_BUCKET, LK_BUCKET, GROUP_BUCKET,
+    MASK: tl.constexpr,
+    HAS_CTX_LENS: tl.constexpr,
+    STORE_LSE: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Grid: (B * H * cdiv(Lq, BLOCK_M),). One program: BLOCK_M query rows of one (b, h)."""
+    pid = tl.program_id(0).to(tl.int64)
+    num_m_blocks = tl.cdiv(Lq, BLOCK_M)
+    bh = pid // num_m_blocks
+    m_block = pid % num_m_blocks
+    b = bh // H
+    h = bh % H
+    h_kv = h // GROUP
+    if HAS_CTX_LENS:
+        ctx_len = tl.load(CTX_LENS + b).to(tl.int32)
+
+    offs_m = (m_block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int32)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < Lq
+    d_ok = offs_d < D
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qm, stride_qd, offs_d, row_ok, d_ok)
+
+    kv_end = prefix_kv_end(offs_m, Lq, Lk, ctx_len, causal_offset, ar_buffer, ar_chunked, MASK)
+    full_end = tl.min(tl.where(row_ok, kv_end, Lk), 0)  # keys every row of the block sees
+    any_end = tl.max(tl.where(row_ok, kv_end, 0), 0)  # keys some row sees
+    full_stop = (full_end // BLOCK_N) * BLOCK_N
+
+    k_base = K + b * stride_kb + h_kv * stride_kh
+    v_base = V + b * stride_vb + h_kv * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    all_rows = offs_n >= 0
+    for start in range(0, full_stop, BLOCK_N):
+        cols = start + offs_n
+        k_t = tl.trans(_load_rows(k_base, cols, stride_kn, stride_kd, offs_d, all_rows, d_ok))
+        v_t = _load_rows(v_base, cols, stride_vn, stride_vd, offs_d, all_rows, d_ok)
+        acc, m_i, l_i = online_softmax_tile(acc, m_i, l_i, q, k_t, v_t, qk_scale, None, False, DOT_PRECISION)
+    for start in range(full_stop, any_end, BLOCK_N):
+        cols = start + offs_n
+        col_ok = cols < Lk
+        k_t = tl.trans(_load_rows(k_base, cols, stride_kn, stride_kd, offs_d, col_ok, d_ok))
+        v_t = _load_rows(v_base, cols, stride_vn, stride_vd, offs_d, col_ok, d_ok)
+        visible = cols[None, :] < kv_end[:, None]
+        acc, m_i, l_i = online_softmax_tile(acc, m_i, l_i, q, k_t, v_t, qk_scale, visible, True, DOT_PRECISION)
+
+    out, lse = finish_softmax(acc, m_i, l_i)
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    if STORE_LSE:
+        tl.store(LSE + bh * Lq + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def attention_bwd_preprocess_kernel(
+    O, DO, DELTA,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    H, Lq, D,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """delta[b, h, m] = sum_d O * dO (fp32), the row term of dS = P * (dP - delta)."""
+    pid = tl.program_id(0).to(tl.int64)
+    num_m_blocks = tl.cdiv(Lq, BLOCK_M)
+    bh = pid // num_m_blocks
+    b = bh // H
+    h = bh % H
+    offs_m = ((pid % num_m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int32)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < Lq
+    d_ok = offs_d < D
+    o = _load_rows(O + b * stride_ob + h * stride_oh, offs_m, stride_om, stride_od, offs_d, row_ok, d_ok)
+    do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, stride_dom, stride_dod, offs_d, row_ok, d_ok)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh * Lq + offs_m, delta, mask=row_ok)
+
+
+@triton.jit
+def _load_row_stats(LSE, DELTA, bh, Lq, offs_m, row_ok):
+    """Saved LSE in log2 units (+inf for rows that saw nothing, so P = 0) and delta."""
+    lse = tl.load(LSE + bh * Lq + offs_m, mask=row_ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
+    return lse, delta
+
+
+@triton.jit
+def _dkdv_tile(
+    dk, dv, k, v, q_base, do_base, LSE, DELTA, bh, m_block, cols,
+    stride_qm, stride_qd, stride_dom, stride_dod,
+    Lq, Lk, ctx_len, causal_offset, ar_buffer, ar_chunked, qk_scale, offs_d, d_ok,
+    MASK: tl.constexpr,
+    MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """Accumulate dK, dV [BLOCK_N, BLOCK_D] of one key block over one block of query rows."""
+    offs_m = (m_block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int32)
+    row_ok = offs_m < Lq
+    q = _load_rows(q_base, offs_m, stride_qm, stride_qd, offs_d, row_ok, d_ok)
+    do = _load_rows(do_base, offs_m, stride_dom, stride_dod, offs_d, row_ok, d_ok)
+    lse, delta = _load_row_stats(LSE, DELTA, bh, Lq, offs_m, row_ok)
+    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
+    p_t = tl.math.exp2(s_t - lse[None, :])
+    if MASKED:
+        kv_end = prefix_kv_end(offs_m, Lq, Lk, ctx_len, causal_offset, ar_buffer, ar_chunked, MASK)
+        p_t = tl.where(cols[:, None] < kv_end[None, :], p_t, 0.0)
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.autotune(
+    configs=pick_configs(BWD_DKDV_CONFIGS, lambda c: True),
+    key=AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": _prune(("BLOCK_N", "BLOCK_M"))},
+)
+@triton.jit
+def attention_bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA, CTX_LENS,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    H, GROUP, Lq, Lk, D, sm_scale, qk_scale,
+    ctx_len, causal_offset, ar_buffer, ar_chunked,
+    LQ_BUCKET, LK_BUCKET, GROUP_BUCKET,
+    MASK: tl.constexpr,
+    HAS_CTX_LENS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Grid: (B * H_kv * cdiv(Lk, BLOCK_N),). One program: one key block of one kv head,
+    summed over the GROUP query heads that read it (no atomics, deterministic)."""
+    pid = tl.program_id(0).to(tl.int64)
+    num_n_blocks = tl.cdiv(Lk, BLOCK_N)
+    bh_kv = pid // num_n_blocks
+    n_block = pid % num_n_blocks
+    H_kv = H // GROUP
+    b = bh_kv // H_kv
+    h_kv = bh_kv % H_kv
+    if HAS_CTX_LENS:
+        ctx_len = tl.load(CTX_LENS + b).to(tl.int32)
+
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    k0 = (n_block * BLOCK_N).to(tl.int32)
+    cols = k0 + tl.arange(0, BLOCK_N)
+    col_ok = cols < Lk
+    k = _load_rows(K + b * stride_kb + h_kv * stride_kh, cols, stride_kn, stride_kd, offs_d, col_ok, d_ok)
+    v = _load_rows(V + b * stride_vb + h_kv * stride_vh, cols, stride_vn, stride_vd, offs_d, col_ok, d_ok)
+
+    # Query blocks that see this key block: [m_lo, m_mid) partly (masked), [m_mid, m_hi) fully.
+    num_m_blocks = tl.cdiv(Lq, BLOCK_M)
+    k1 = tl.minimum(k0 + BLOCK_N, Lk)
+    m_lo = num_m_blocks * 0
+    m_mid = num_m_blocks * 0
+    m_hi = num_m_blocks
+    if MASK == 1 or MASK == 3:  # context keys: seen by all rows; AR buffer keys: by some
+        reach = ctx_len
+        if MASK == 3:
+            reach = ctx_len + ar_buffer
+        if k1 > ctx_len:
+            m_mid = num_m_blocks
+        if k0 >= reach:
+            m_mid = num_m_blocks * 0
+            m_hi = num_m_blocks * 0
+    elif MASK == 2:
+        first_row = tl.maximum(k0 - causal_offset, 0)  # first row that sees key k0
+        full_row = tl.minimum(tl.maximum(k1 - 1 - causal_offset, 0), Lq)  # sees the whole block
+        m_lo = tl.minimum(first_row // BLOCK_M, num_m_blocks)
+        m_mid = tl.maximum(tl.cdiv(full_row, BLOCK_M), m_lo)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for g in range(0, GROUP):
+        h = h_kv * GROUP + g
+        bh = b * H + h
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        for m_block in range(m_lo, m_mid):
+            dk, dv = _dkdv_tile(
+                dk, dv, k, v, q_base, do_base, LSE, DELTA, bh, m_block, cols,
+                stride_qm, stride_qd, stride_dom, stride_dod,
+                Lq, Lk, ctx_len, causal_offset, ar_buffer, ar_chunked, qk_scale, offs_d, d_ok,
+                MASK, True, DOT_PRECISION, BLOCK_M,
+            )
+        for m_block in range(m_mid, m_hi):
+            dk, dv = _dkdv_tile(
+                dk, dv, k, v, q_base, do_base, LSE, DELTA, bh, m_block, cols,
+                stride_qm, stride_qd, stride_dom, stride_dod,
+                Lq, Lk, ctx_len, causal_offset, ar_buffer, ar_chunked, qk_scale, offs_d, d_ok,
+                MASK, False, DOT_PRECISION, BLOCK_M,
+            )
+    store_mask = col_ok[:, None] & d_ok[None, :]
+    dk_ptrs = DK + b * stride_dkb + h_kv * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+    dv_ptrs = DV + b * stride_dvb + h_kv * stride_dvh + cols[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
+    tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=store_mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=store_mask)
+
+
+@triton.jit
+def _dq_tile(
+    dq, q, do, lse, delta, k_base, v_base, start, offs_n, kv_end,
+    stride_kn, stride_kd, stride_vn, stride_vd, Lk, qk_scale, offs_d, d_ok,
+    MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Accumulate dQ [BLOCK_M, BLOCK_D] over one key tile."""
+    cols = start + offs_n
+    col_ok = cols < Lk
+    k = _load_rows(k_base, cols, stride_kn, stride_kd, offs_d, col_ok, d_ok)
+    v = _load_rows(v_base, cols, stride_vn, stride_vd, offs_d, col_ok, d_ok)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    p = tl.math.exp2(s - lse[:, None])
+    if MASKED:
+        p = tl.where(cols[None, :] < kv_end[:, None], p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.autotune(
+    configs=pick_configs(BWD_DQ_CONFIGS, lambda c: True),
+    key=AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": _prune(("BLOCK_M", "BLOCK_N"))},
+)
+@triton.jit
+def attention_bwd_dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA, CTX_LENS,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    H, GROUP, Lq, Lk, D, sm_scale, qk_scale,
+    ctx_len, causal_offset, ar_buffer, ar_chunked,
+    LQ_BUCKET, LK_BUCKET, GROUP_BUCKET,
+    MASK: tl.constexpr,
+    HAS_CTX_LENS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Grid: (B * H * cdiv(Lq, BLOCK_M),). One program: dQ of BLOCK_M rows of one (b, h)."""
+    pid = tl.program_id(0).to(tl.int64)
+    num_m_blocks = tl.cdiv(Lq, BLOCK_M)
+    bh = pid // num_m_blocks
+    m_block = pid % num_m_blocks
+    b = bh // H
+    h = bh % H
+    h_kv = h // GROUP
+    if HAS_CTX_LENS:
+        ctx_len = tl.load(CTX_LENS + b).to(tl.int32)
+
+    offs_m = (m_block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int32)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < Lq
+    d_ok = offs_d < D
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qm, stride_qd, offs_d, row_ok, d_ok)
+    do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, stride_dom, stride_dod, offs_d, row_ok, d_ok)
+    lse, delta = _load_row_stats(LSE, DELTA, bh, Lq, offs_m, row_ok)
+
+    kv_end = prefix_kv_end(offs_m, Lq, Lk, ctx_len, causal_offset, ar_buffer, ar_chunked, MASK)
+    full_end = tl.min(tl.where(row_ok, kv_end, Lk), 0)
+    any_end = tl.max(tl.where(row_ok, kv_end, 0), 0)
+    full_stop = (full_end // BLOCK_N) * BLOCK_N
+
+    k_base = K + b * stride_kb + h_kv * stride_kh
+    v_base = V + b * stride_vb + h_kv * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(0, full_stop, BLOCK_N):
+        dq = _dq_tile(
+            dq, q, do, lse, delta, k_base, v_base, start, offs_n, kv_end,
+            stride_kn, stride_kd, stride_vn, stride_vd, Lk, qk_scale, offs_d, d_ok,
+            False, DOT_PRECISION,
+        )
+    for start in range(full_stop, any_end, BLOCK_N):
+        dq = _dq_tile(
+            dq, q, do, lse, delta, k_base, v_base, start, offs_n, kv_end,
+            stride_kn, stride_kd, stride_vn, stride_vd, Lk, qk_scale, offs_d, d_ok,
+            True, DOT_PRECISION,
+        )
+    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
+    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])

@@ -1,0 +1,145 @@
+"""Building blocks shared by the attention kernels: the prefix-mask rule, the online-softmax
+tile step, autotune helpers and launch checks.
+
+Every mask these kernels run is a *prefix* mask: query row q sees keys `[0, kv_end(q))`.
+That covers no mask, context-target (per-dataset M), causal with any alignment, and the
+AR-TabPFN training row mask (its visible set is one interval per row).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+import triton
+import triton.language as tl
+
+from tabattn_core.checks import InputError
+
+# Mask kinds (constexpr MASK of the kernels).
+MASK_NONE, MASK_CONTEXT, MASK_CAUSAL, MASK_AR_ROWS = 0, 1, 2, 3
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+ENV_AUTOTUNE = "TABATTN_AUTOTUNE"
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def autotune_enabled() -> bool:
+    """TABATTN_AUTOTUNE=0 (or the interpreter) collapses every config list to its first entry."""
+    return os.environ.get(ENV_AUTOTUNE, "1") != "0" and not interpreting()
+
+
+def pick_configs(configs: list[triton.Config], keep: Callable[[triton.Config], bool]) -> list[triton.Config]:
+    """The configs that `keep` accepts, or only the first of them when autotuning is off."""
+    kept = [c for c in configs if keep(c)] or configs[:1]
+    return kept if autotune_enabled() else kept[:1]
+
+
+def bucket(n: int) -> int:
+    """Power-of-two bucket of a length, so autotune keys do not change with every length."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def head_block(head_dim: int) -> int:
+    """Head dims are padded (masked loads) to the next power of two, at least 16."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def check_device(name: str, t: torch.Tensor) -> None:
+    """Kernels need CUDA tensors, or CPU tensors under the interpreter."""
+    if t.device.type == "cuda" or (interpreting() and t.device.type == "cpu"):
+        return
+    raise InputError(
+        f"{name}: expected a CUDA tensor (or CPU with TRITON_INTERPRET=1), got device {t.device}"
+    )
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs follow torch.backends.cuda.matmul.allow_tf32; fp16/bf16 use tensor cores."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+@triton.jit
+def prefix_kv_end(
+    offs_m,
+    Lq,
+    Lk,
+    ctx_len,
+    causal_offset,
+    ar_buffer,
+    ar_chunked,
+    MASK: tl.constexpr,
+):
+    """Per query row, the end of its visible key prefix: row q sees keys [0, end(q)).
+
+    NONE: Lk. CONTEXT: ctx_len (the dataset's M). CAUSAL: q + 1 + causal_offset (Lk - Lq for
+    bottom-right, 0 for top-left), clamped to [0, Lk]. AR_ROWS (rows [ctx | buffer | targets],
+    ctx_len = Nc, ar_buffer = Nb, ar_chunked = A * Nb): context rows Nc, buffer rows q + 1,
+    target j < A*Nb: Nc + (j mod Nb) + 1, other targets Nc.
+    """
+    if MASK == 0:
+        end = tl.zeros_like(offs_m) + Lk
+    elif MASK == 1:
+        end = tl.zeros_like(offs_m) + ctx_len
+    elif MASK == 2:
+        end = tl.minimum(tl.maximum(offs_m + 1 + causal_offset, 0), Lk)
+    else:
+        j = offs_m - ctx_len - ar_buffer
+        chunk_end = ctx_len + j % tl.maximum(ar_buffer, 1) + 1
+        end = tl.where(
+            offs_m < ctx_len,
+            ctx_len,
+            tl.where(j < 0, offs_m + 1, tl.where(j < ar_chunked, chunk_end, ctx_len)),
+        )
+    return end
+
+
+@triton.jit
+def online_softmax_tile(
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_tile,
+    v_tile,
+    qk_scale,
+    visible,
+    MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One key tile of the online softmax (log2 domain).
+
+    q [BM, BD], k_tile [BD, BN] (transposed), v_tile [BN, BD]; m_i, l_i [BM] running max and
+    sum; acc [BM, BD] fp32. `visible` [BM, BN] is used only when MASKED. Rows that have seen
+    no key keep m_i = -inf, l_i = 0, acc = 0 (no NaN).
+    """
+    s = tl.dot(q, k_tile, input_precision=DOT_PRECISION) * qk_scale
+    if MASKED:
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def finish_softmax(acc, m_i, l_i):
+    """Normalise the accumulator; returns (out [BM, BD] fp32, lse [BM] natural log).
+    Rows that saw no key give out 0 and lse -inf."""
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    return out, lse
