@@ -61,6 +61,13 @@ def test_causal_bottom_right(lq, lk, bq, bk):
     check_spec(masks.CausalMask(lq, lk), [[brute.causal(lq, lk)]], bq, bk)
 
 
+@settings(max_examples=20, deadline=None)
+@given(lq=st.integers(0, 12), lk=st.integers(0, 12), bq=BLOCKS, bk=BLOCKS)
+def test_causal_top_left(lq, lk, bq, bk):
+    expected = [[[k <= i for k in range(lk)] for i in range(lq)]]
+    check_spec(masks.CausalMask(lq, lk, align="top_left"), [expected], bq, bk)
+
+
 def test_causal_is_bottom_right_aligned():
     dense = masks.CausalMask(2, 4).dense()[0, 0]
     assert dense.tolist() == [[True, True, True, False], [True, True, True, True]]
@@ -153,6 +160,7 @@ def test_tile_classes_example():
         (lambda: masks.SelectionMask(torch.zeros(1, 2, 1, dtype=torch.int64), block_size=2, kv_len=5), "block_indices"),
         (lambda: masks.SelectionMask(torch.zeros(1, 1, 2, 1, dtype=torch.int64), block_size=0, kv_len=5), "block_size"),
         (lambda: masks.CausalMask(3, 3).tile_classes(0, 4), "block_q"),
+        (lambda: masks.CausalMask(3, 3, align="middle"), "align"),
     ],
 )
 def test_bad_arguments_are_named(make, arg):

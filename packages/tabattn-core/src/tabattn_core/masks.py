@@ -192,21 +192,30 @@ class ContextTargetMask(MaskSpec):
 
 
 class CausalMask(MaskSpec):
-    """Causal, bottom-right aligned: query i sees keys `k <= Lk - Lq + i` (KV-cache rule).
+    """Causal. Bottom-right aligned by default: query i sees keys `k <= Lk - Lq + i` (the
+    KV-cache rule); `align="top_left"` gives torch SDPA's `is_causal` rule `k <= i`.
 
-    With Lq > Lk the first `Lq - Lk` queries see nothing (output 0, LSE -inf).
+    With bottom-right alignment and Lq > Lk the first `Lq - Lk` queries see nothing
+    (output 0, LSE -inf).
 
     ```
-    Lq=2, Lk=4:  ■ ■ ■ ·
-                 ■ ■ ■ ■
+    Lq=2, Lk=4:  bottom_right  ■ ■ ■ ·    top_left  ■ · · ·
+                               ■ ■ ■ ■              ■ ■ · ·
     ```
     """
 
-    def __init__(self, q_len: int, kv_len: int):
+    ALIGNS = ("bottom_right", "top_left")
+
+    def __init__(self, q_len: int, kv_len: int, *, align: str = "bottom_right"):
         self.q_len, self.kv_len = _nonneg("q_len", q_len), _nonneg("kv_len", kv_len)
+        if align not in self.ALIGNS:
+            raise InputError(f"align: expected one of {self.ALIGNS}, got {align!r}")
+        self.align = align
+        # query i sees keys k <= i + offset
+        self.offset = self.kv_len - self.q_len if align == "bottom_right" else 0
 
     def mask_mod(self) -> MaskMod:
-        offset = self.kv_len - self.q_len
+        offset = self.offset
 
         def causal(b, h, q_idx, kv_idx):
             return kv_idx <= q_idx + offset
@@ -215,7 +224,7 @@ class CausalMask(MaskSpec):
 
     def row_intervals(self) -> torch.Tensor:
         q = torch.arange(self.q_len, dtype=torch.int64).view(1, 1, -1)
-        end = (q + self.kv_len - self.q_len + 1).clamp(0, self.kv_len)
+        end = (q + self.offset + 1).clamp(0, self.kv_len)
         return _single_interval(torch.zeros_like(end), end)
 
 

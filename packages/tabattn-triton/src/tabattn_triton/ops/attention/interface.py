@@ -73,7 +73,7 @@ def prefix_mask_of(mask: MaskSpec | None, q_len: int, kv_len: int, batch: int) -
             raise InputError(f"mask: expected context lengths for {batch} datasets, got {lens.numel()}")
         return PrefixMask(MASK_CONTEXT, ctx_lens=lens)
     if isinstance(mask, CausalMask):
-        return PrefixMask(MASK_CAUSAL, causal_offset=kv_len - q_len)
+        return PrefixMask(MASK_CAUSAL, causal_offset=mask.offset)
     if isinstance(mask, ARTrainingRowMask):
         return PrefixMask(
             MASK_AR_ROWS,

@@ -1,0 +1,543 @@
+"""The benchmark machinery: suites, providers, the correctness check, timing and output.
+
+A `Suite` declares its cases (shape dicts), its providers (name -> `Provider`), an input
+factory, the FLOP count, the correctness reference and the baseline provider per mode.
+`run_suite` does, for every case and mode:
+
+1. make the inputs (standard normal, seeded per case);
+2. compute the suite's reference (what a correct provider must return, in fp64);
+3. for every provider: build its callable (`Provider.make(case, inputs)`; raising
+   `Unavailable(reason)` skips it with that reason), run it once, compare every quantity it
+   returns (out, LSE when it has one, dq/dk/dv in fwd+bwd mode) with the reference by
+   `tabattn_core.testing.rel_error` under `REL_TOL[dtype]`; a provider over the bound is
+   reported "failed" and is not timed;
+4. time the providers that passed (`triton.testing.do_bench(..., return_mode="median")` on
+   CUDA, the median of `time.perf_counter` over a few calls on CPU), measure peak memory,
+   and compute the speedup against the suite's baseline provider timed in the same run.
+
+triton is imported only when timing on CUDA, never when this module is imported.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import math
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "MODES",
+    "Check",
+    "Inputs",
+    "Provider",
+    "RunConfig",
+    "Suite",
+    "Unavailable",
+    "collect_header",
+    "get_suite",
+    "markdown_table",
+    "register_suite",
+    "run_suite",
+    "suites",
+]
+
+MODES = ("fwd", "fwd+bwd")
+BWD_FLOP_FACTOR = 2.5  # backward counted as 2.5x the forward (DESIGN.md, performance protocol)
+DEFAULT_WARMUP_MS = 25
+DEFAULT_REP_MS = 100
+DEFAULT_CPU_REPS = 5
+
+
+class Unavailable(Exception):
+    """Raised by `Provider.make` when a provider cannot run a case; the message says why."""
+
+
+# A provider's callable: no arguments, returns (out, lse or None) computed from the inputs
+# it closed over. In fwd+bwd mode the harness calls `out.backward(inputs.grad_out)`.
+ProviderFn = Callable[[], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+@dataclass(frozen=True)
+class Provider:
+    """One implementation to measure. `make(case, inputs)` returns its callable or raises
+    `Unavailable(reason)`."""
+
+    name: str
+    make: Callable[[dict[str, Any], Inputs], ProviderFn]
+    description: str = ""
+
+
+@dataclass
+class Inputs:
+    """One case's inputs: `leaves` are the differentiable tensors (their gradients are
+    checked in fwd+bwd mode, named "d" + key), `grad_out` the upstream gradient of `out`."""
+
+    leaves: dict[str, torch.Tensor]
+    grad_out: torch.Tensor
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def clear_grads(self) -> None:
+        for t in self.leaves.values():
+            t.grad = None
+
+
+@dataclass(frozen=True)
+class Check:
+    """One quantity of the reference: `select(provider_tensor)` picks the part of a
+    provider's full tensor that `expected` (fp64) holds."""
+
+    expected: torch.Tensor
+    select: Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    device: torch.device
+    smoke: bool = False
+    providers: Sequence[str] | None = None  # None: all of the suite's providers
+    reps: int | None = None  # CUDA: do_bench rep budget in ms; CPU: timed calls
+    seed: int = 0
+    command: str = ""
+
+    @property
+    def interpret(self) -> bool:
+        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+    @property
+    def rep_ms(self) -> int:
+        return self.reps if self.reps is not None else DEFAULT_REP_MS
+
+    @property
+    def warmup_ms(self) -> int:
+        return max(DEFAULT_WARMUP_MS, self.rep_ms // 4)
+
+    @property
+    def cpu_reps(self) -> int:
+        return self.reps if self.reps is not None else DEFAULT_CPU_REPS
+
+
+@dataclass(frozen=True)
+class Suite:
+    """What a benchmark measures. All callables receive the `RunConfig` or a case dict."""
+
+    name: str
+    description: str
+    cases: Callable[[RunConfig], list[dict[str, Any]]]
+    providers: dict[str, Provider]
+    make_inputs: Callable[[dict[str, Any], RunConfig, int], Inputs]  # (case, cfg, seed)
+    forward_flops: Callable[[dict[str, Any]], float]
+    reference: Callable[[dict[str, Any], Inputs, str, RunConfig], dict[str, Check]]
+    baseline: Callable[[str, RunConfig], str]  # (mode, cfg) -> provider name
+    dtype: Callable[[RunConfig], torch.dtype]
+    shape_label: Callable[[dict[str, Any]], str]  # row label in the table
+    x_label: Callable[[dict[str, Any]], str]  # x tick of the plot
+    panel_keys: tuple[str, ...] = ()  # case keys that, with the mode, make one plot panel
+    modes: tuple[str, ...] = MODES
+    reference_method: str = ""
+
+
+_SUITES: dict[str, Suite] = {}
+
+
+def register_suite(suite: Suite) -> Suite:
+    _SUITES[suite.name] = suite
+    return suite
+
+
+def suites() -> dict[str, Suite]:
+    import bench.suites  # noqa: F401  (registers the suites)
+
+    return dict(_SUITES)
+
+
+def get_suite(name: str) -> Suite:
+    known = suites()
+    if name not in known:
+        raise KeyError(f"suite: expected one of {sorted(known)}, got {name!r}")
+    return known[name]
+
+
+# ---------------------------------------------------------------------------------------
+# header
+
+
+def _dist_version(*names: str) -> str | None:
+    for name in names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).resolve().parent,
+            check=True,
+        )
+        commit = out.stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def collect_header(suite: Suite, cfg: RunConfig) -> dict[str, Any]:
+    """Where and how the figures were taken."""
+    if cfg.device.type == "cuda":
+        props = torch.cuda.get_device_properties(cfg.device)
+        gpu, capability = props.name, f"{props.major}.{props.minor}"
+    else:
+        gpu, capability = "cpu", "cpu"
+    return {
+        "suite": suite.name,
+        "description": suite.description,
+        "gpu": gpu,
+        "compute_capability": capability,
+        "device": str(cfg.device),
+        "torch": torch.__version__,
+        "triton": _dist_version("triton", "pytorch-triton") or "unavailable",
+        "cuda": torch.version.cuda or "none",
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "git_commit": _git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": cfg.command or shlex.join([sys.executable, *sys.argv]),
+        "smoke": cfg.smoke,
+        "triton_interpret": cfg.interpret,
+        "dtype": str(suite.dtype(cfg)).removeprefix("torch."),
+        "rel_tol": _tolerance(suite.dtype(cfg)),
+        "seed": cfg.seed,
+        "timing": _timing_description(cfg),
+        "flops": f"forward as declared by the suite; fwd+bwd = forward * {1 + BWD_FLOP_FACTOR}",
+        "baselines": {mode: suite.baseline(mode, cfg) for mode in suite.modes},
+        "providers": {name: p.description for name, p in suite.providers.items()},
+        "reference_method": suite.reference_method,
+        "panel_keys": list(suite.panel_keys),
+    }
+
+
+def _timing_description(cfg: RunConfig) -> dict[str, Any]:
+    if cfg.device.type == "cuda":
+        return {
+            "method": "triton.testing.do_bench",
+            "return_mode": "median",
+            "warmup_ms": cfg.warmup_ms,
+            "rep_ms": cfg.rep_ms,
+        }
+    return {"method": "time.perf_counter median", "reps": cfg.cpu_reps, "warmup_calls": 1}
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    from tabattn_core.testing import REL_TOL
+
+    return REL_TOL[dtype]
+
+
+# ---------------------------------------------------------------------------------------
+# running one provider
+
+
+def _step(fn: ProviderFn, inputs: Inputs, mode: str) -> Callable[[], Any]:
+    """The timed call: forward only (no autograd graph), or forward then backward."""
+    if mode == "fwd":
+
+        def forward() -> Any:
+            with torch.no_grad():
+                return fn()
+
+        return forward
+    if mode == "fwd+bwd":
+
+        def forward_backward() -> Any:
+            out, _ = fn()
+            out.backward(inputs.grad_out)
+
+        return forward_backward
+    raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+
+
+def _run_for_check(fn: ProviderFn, inputs: Inputs, mode: str) -> dict[str, torch.Tensor]:
+    inputs.clear_grads()
+    if mode == "fwd":
+        with torch.no_grad():
+            out, lse = fn()
+        got = {"out": out}
+    else:
+        out, lse = fn()
+        out.backward(inputs.grad_out)
+        got = {"out": out.detach()}
+        for name, t in inputs.leaves.items():
+            if t.grad is None:
+                raise RuntimeError(f"no gradient reached input {name!r}")
+            got["d" + name] = t.grad.detach().clone()
+        inputs.clear_grads()
+    if lse is not None:
+        got["lse"] = lse.detach()
+    _sync(inputs)
+    return got
+
+
+def _compare(got: dict[str, torch.Tensor], ref: dict[str, Check]) -> dict[str, float]:
+    """Relative error of every reference quantity the provider returned. `lse` is compared
+    only when the provider has one; every other reference quantity is required."""
+    from tabattn_core.testing import rel_error
+
+    errors = {}
+    for name, check in ref.items():
+        if name not in got:
+            if name == "lse":
+                continue
+            raise RuntimeError(f"provider returned no {name!r}")
+        errors[name] = rel_error(check.select(got[name]), check.expected)
+    return errors
+
+
+def _sync(inputs: Inputs) -> None:
+    if inputs.grad_out.is_cuda:
+        torch.cuda.synchronize(inputs.grad_out.device)
+
+
+def _time(step: Callable[[], Any], inputs: Inputs, mode: str, cfg: RunConfig) -> float:
+    """Median milliseconds per call."""
+    leaves = list(inputs.leaves.values()) if mode == "fwd+bwd" else None
+    if cfg.device.type == "cuda":
+        from triton.testing import do_bench
+
+        return float(
+            do_bench(
+                step,
+                warmup=cfg.warmup_ms,
+                rep=cfg.rep_ms,
+                grad_to_none=leaves,
+                return_mode="median",
+            )
+        )
+    inputs.clear_grads()
+    step()  # warm-up call
+    times = []
+    for _ in range(max(1, cfg.cpu_reps)):
+        inputs.clear_grads()
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    inputs.clear_grads()
+    return statistics.median(times) * 1e3
+
+
+def _peak_mb(step: Callable[[], Any], inputs: Inputs, cfg: RunConfig) -> float | None:
+    """Peak memory allocated by one call above what was allocated before it (CUDA only)."""
+    if cfg.device.type != "cuda":
+        return None
+    inputs.clear_grads()
+    torch.cuda.synchronize(cfg.device)
+    torch.cuda.reset_peak_memory_stats(cfg.device)
+    before = torch.cuda.memory_allocated(cfg.device)
+    step()
+    torch.cuda.synchronize(cfg.device)
+    peak = torch.cuda.max_memory_allocated(cfg.device) - before
+    inputs.clear_grads()
+    return peak / 2**20
+
+
+def _free_memory(cfg: RunConfig) -> None:
+    if cfg.device.type == "cuda":
+        torch.cuda.synchronize(cfg.device)
+        torch.cuda.empty_cache()
+
+
+def _error_text(exc: BaseException, limit: int = 500) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------------------------------
+# running a suite
+
+
+def _selected_providers(suite: Suite, cfg: RunConfig) -> list[Provider]:
+    if cfg.providers is None:
+        return list(suite.providers.values())
+    unknown = sorted(set(cfg.providers) - set(suite.providers))
+    if unknown:
+        raise KeyError(f"providers: expected names among {list(suite.providers)}, got {unknown}")
+    return [p for name, p in suite.providers.items() if name in cfg.providers]
+
+
+def _progress(items: list, desc: str):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is a requirement, but a missing progress bar is no failure
+        return items
+    return tqdm(items, desc=desc, unit="case", file=sys.stderr, dynamic_ncols=True)
+
+
+def run_suite(suite: Suite, cfg: RunConfig) -> dict[str, Any]:
+    """Run every case, mode and provider; returns {"header": ..., "rows": [...]}."""
+    providers = _selected_providers(suite, cfg)
+    dtype = suite.dtype(cfg)
+    tol = _tolerance(dtype)
+    header = collect_header(suite, cfg)
+    rows: list[dict[str, Any]] = []
+    cases = suite.cases(cfg)
+    for index, case in enumerate(_progress(cases, suite.name)):
+        inputs = suite.make_inputs(case, cfg, cfg.seed + index)
+        fns: dict[str, ProviderFn | str] = {}
+        for provider in providers:
+            try:
+                fns[provider.name] = provider.make(case, inputs)
+            except Unavailable as exc:
+                fns[provider.name] = str(exc)
+        for mode in suite.modes:
+            ref = suite.reference(case, inputs, mode, cfg)
+            mode_rows = [
+                _measure(suite, case, mode, provider.name, fns[provider.name], inputs, ref, tol, cfg)
+                for provider in providers
+            ]
+            baseline = suite.baseline(mode, cfg)
+            base_ms = next(
+                (r["ms"] for r in mode_rows if r["provider"] == baseline and r["ms"] is not None),
+                None,
+            )
+            for row in mode_rows:
+                row["baseline"] = baseline
+                if base_ms is not None and row["ms"] is not None:
+                    row["speedup"] = base_ms / row["ms"]
+            rows.extend(mode_rows)
+            del ref
+            _free_memory(cfg)
+        del inputs, fns
+        _free_memory(cfg)
+    return {"header": header, "rows": rows}
+
+
+def _measure(
+    suite: Suite,
+    case: dict[str, Any],
+    mode: str,
+    name: str,
+    fn: ProviderFn | str,
+    inputs: Inputs,
+    ref: dict[str, Check],
+    tol: float,
+    cfg: RunConfig,
+) -> dict[str, Any]:
+    flops = suite.forward_flops(case) * (1 + BWD_FLOP_FACTOR if mode == "fwd+bwd" else 1)
+    row: dict[str, Any] = {
+        "case": dict(case),
+        "shape": suite.shape_label(case),
+        "x": suite.x_label(case),
+        "panel": {key: case[key] for key in suite.panel_keys},
+        "provider": name,
+        "mode": mode,
+        "status": "skipped",
+        "reason": None,
+        "errors": {},
+        "max_error": None,
+        "rel_tol": tol,
+        "ms": None,
+        "tflops": None,
+        "flops": flops,
+        "peak_mb": None,
+        "baseline": None,
+        "speedup": None,
+    }
+    if isinstance(fn, str):
+        row["reason"] = fn
+        return row
+    step = _step(fn, inputs, mode)
+    try:
+        got = _run_for_check(fn, inputs, mode)
+        errors = _compare(got, ref)
+        del got
+    except Exception as exc:  # one provider's failure must not stop the others
+        row.update(status="error", reason=_error_text(exc))
+        inputs.clear_grads()
+        _free_memory(cfg)
+        return row
+    row["errors"] = errors
+    row["max_error"] = max(errors.values()) if errors else None
+    bad = {k: e for k, e in errors.items() if not e <= tol}
+    if bad:
+        worst = ", ".join(f"{k} {e:.3e}" for k, e in bad.items())
+        row.update(status="failed", reason=f"relative error over {tol:.0e}: {worst}; not timed")
+        return row
+    try:
+        ms = _time(step, inputs, mode, cfg)
+        peak = _peak_mb(step, inputs, cfg)
+    except Exception as exc:
+        row.update(status="error", reason="while timing: " + _error_text(exc))
+        inputs.clear_grads()
+        _free_memory(cfg)
+        return row
+    row.update(
+        status="ok",
+        ms=ms,
+        tflops=flops / (ms * 1e-3) / 1e12 if ms > 0 else math.inf,
+        peak_mb=peak,
+    )
+    return row
+
+
+# ---------------------------------------------------------------------------------------
+# reporting
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The rows as a markdown table, then the reasons for rows that were not timed."""
+    lines = [
+        "| shape | mode | provider | status | ms | TFLOP/s | speedup | peak MB | max rel err |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    notes: dict[tuple[str, str, str], list[str]] = {}
+    for r in result["rows"]:
+        speedup = _fmt(r["speedup"], ".2f") + ("x" if r["speedup"] is not None else "")
+        lines.append(
+            f"| {r['shape']} | {r['mode']} | {r['provider']} | {r['status']} | "
+            f"{_fmt(r['ms'], '.4g')} | {_fmt(r['tflops'], '.4g')} | {speedup} | "
+            f"{_fmt(r['peak_mb'], '.1f')} | {_fmt(r['max_error'], '.2e')} |"
+        )
+        if r["status"] != "ok":
+            key = (r["provider"], r["status"], str(r["reason"]))
+            notes.setdefault(key, []).append(f"{r['shape']} {r['mode']}")
+    h = result["header"]
+    out = [
+        f"## {h['suite']} — {h['gpu']} ({h['compute_capability']}), {h['dtype']}, "
+        f"torch {h['torch']}, triton {h['triton']}, commit {h['git_commit'][:12]}",
+        "",
+        f"speedup = baseline ms / provider ms; baselines: {h['baselines']}",
+        "",
+        *lines,
+    ]
+    if notes:
+        out += ["", "Not timed:"]
+        for (provider, status, reason), where in notes.items():
+            out.append(f"- {provider} ({status}; {len(where)} row(s): {', '.join(where)}): {reason}")
+    return "\n".join(out)

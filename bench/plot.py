@@ -1,0 +1,93 @@
+"""One PNG per suite: TFLOP/s per provider against shape, one panel per (panel keys, mode).
+
+Draws from the result dict that `bench.harness.run_suite` returns (the same as the JSON
+file), so a saved result can be drawn again: `python -m bench.plot bench/results/X.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["plot_result"]
+
+
+def _panel_title(panel: dict[str, Any], mode: str) -> str:
+    return ", ".join([*(f"{k}={v}" for k, v in panel.items()), mode])
+
+
+def plot_result(result: dict[str, Any], path: str | Path) -> Path:
+    """Write the suite's plot to `path` (PNG); returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    header, rows = result["header"], result["rows"]
+    panels: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        key = (json.dumps(row["panel"], sort_keys=True), row["mode"])
+        panels.setdefault(key, []).append(row)
+    panel_values = list(dict.fromkeys(k[0] for k in panels))
+    modes = list(dict.fromkeys(k[1] for k in panels))
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    colors = {p: f"C{i % 10}" for i, p in enumerate(providers)}
+
+    nrows, ncols = max(1, len(panel_values)), max(1, len(modes))
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(5.5 * ncols, 4.0 * nrows), squeeze=False, sharey=False
+    )
+    for i, panel in enumerate(panel_values):
+        for j, mode in enumerate(modes):
+            ax = axes[i][j]
+            prows = panels.get((panel, mode), [])
+            xs = list(dict.fromkeys(r["x"] for r in prows))
+            ax.set_title(_panel_title(json.loads(panel), mode), fontsize=10)
+            drawn = False
+            for provider in providers:
+                pts = [
+                    (xs.index(r["x"]), r["tflops"])
+                    for r in prows
+                    if r["provider"] == provider and r["status"] == "ok" and r["tflops"]
+                ]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", color=colors[provider], label=provider)
+                    drawn = True
+            ax.set_xticks(range(len(xs)))
+            ax.set_xticklabels(xs, fontsize=7)
+            ax.set_ylabel("TFLOP/s")
+            ax.set_ylim(bottom=0)
+            ax.grid(alpha=0.3)
+            if drawn:
+                ax.legend(fontsize=8)
+            else:
+                ax.text(0.5, 0.5, "no timed rows", ha="center", va="center", transform=ax.transAxes)
+    fig.suptitle(
+        f"{header['suite']} — {header['gpu']} ({header['compute_capability']}), {header['dtype']}, "
+        f"torch {header['torch']}, triton {header['triton']}, {header['git_commit'][:12]}, "
+        f"{header['date'][:10]}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        print("usage: python -m bench.plot RESULT.json [...]  (writes RESULT.png beside it)")
+        return 2
+    for name in args:
+        src = Path(name)
+        print(plot_result(json.loads(src.read_text()), src.with_suffix(".png")))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,310 @@
+"""Suite `context_target`: every query row (M context + N target) over the M context keys.
+
+q [B, H, M+N, D], k/v [B, H, M, D], bf16, H=8, D in {64, 128}. Since k/v hold exactly the M
+context rows, no key is masked: plain (unmasked) SDPA and FlexAttention compute the same
+function as the context-target op, so they are fair baselines.
+
+Correctness: every provider is compared with an fp64 recomputation in plain torch of one
+head (batch 0, head 0) from the same bf16 q, k, v and upstream gradient: out, LSE and dq on
+a seeded random subset of up to 256 query rows (always with the first and last row), and,
+in fwd+bwd mode, dk and dv of that head on all keys (accumulated over query chunks).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from typing import Any
+
+import torch
+
+from bench.harness import Check, Inputs, Provider, RunConfig, Suite, Unavailable, register_suite
+
+H = 8
+HEAD_DIMS = (64, 128)
+SIZES = ((16, 1024, 512), (8, 4096, 1024), (4, 10000, 1000), (2, 20000, 2000), (1, 50000, 5000))
+SMOKE_H = 2
+SMOKE_HEAD_DIMS = (16, 32)
+SMOKE_SIZES = ((1, 40, 24), (2, 33, 7))
+REFERENCE_MAX_SCORES = 2e9  # skip the dense reference provider above B*H*(M+N)*M scores
+CHECK_ROWS = 256
+CHECK_CHUNK_ELEMENTS = 2**26  # fp64 score elements per query chunk of the gradient check
+
+
+def _cases(cfg: RunConfig) -> list[dict[str, Any]]:
+    heads, dims, sizes = (
+        (SMOKE_H, SMOKE_HEAD_DIMS, SMOKE_SIZES) if cfg.smoke else (H, HEAD_DIMS, SIZES)
+    )
+    return [
+        {"B": b, "H": heads, "M": m, "N": n, "D": d} for d in dims for (b, m, n) in sizes
+    ]
+
+
+def _dtype(cfg: RunConfig) -> torch.dtype:
+    # The smoke run on CPU uses fp32 (the Triton interpreter has no bf16).
+    return torch.float32 if cfg.smoke and cfg.device.type == "cpu" else torch.bfloat16
+
+
+def _make_inputs(case: dict[str, Any], cfg: RunConfig, seed: int) -> Inputs:
+    b, h, m, n, d = case["B"], case["H"], case["M"], case["N"], case["D"]
+    gen = torch.Generator(device=cfg.device).manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        t = torch.randn(*shape, generator=gen, device=cfg.device, dtype=torch.float32)
+        return t.to(_dtype(cfg))
+
+    q, k, v = randn(b, h, m + n, d), randn(b, h, m, d), randn(b, h, m, d)
+    grad_out = randn(b, h, m + n, d)
+    leaves = {name: t.requires_grad_(True) for name, t in (("q", q), ("k", k), ("v", v))}
+    return Inputs(leaves=leaves, grad_out=grad_out, extra={"scale": d**-0.5})
+
+
+def _forward_flops(case: dict[str, Any]) -> float:
+    # 4 * B * H * Lq * Lk_visible * D with Lq = M + N and M visible keys per query.
+    return 4.0 * case["B"] * case["H"] * (case["M"] + case["N"]) * case["M"] * case["D"]
+
+
+def _shape_label(case: dict[str, Any]) -> str:
+    return f"B{case['B']} H{case['H']} M{case['M']} N{case['N']} D{case['D']}"
+
+
+def _x_label(case: dict[str, Any]) -> str:
+    return f"B{case['B']}\nM{case['M']}\nN{case['N']}"
+
+
+def _baseline(mode: str, cfg: RunConfig) -> str:
+    if cfg.device.type == "cpu":
+        return "reference"
+    return "sdpa-cudnn" if mode == "fwd" else "sdpa-flash"
+
+
+# ---------------------------------------------------------------------------------------
+# correctness reference: one head in fp64
+
+
+def _check_rows(lq: int, seed: int) -> torch.Tensor:
+    if lq <= CHECK_ROWS:
+        return torch.arange(lq)
+    gen = torch.Generator().manual_seed(seed)
+    picked = torch.randperm(lq - 2, generator=gen)[: CHECK_ROWS - 2] + 1
+    return torch.cat([torch.tensor([0, lq - 1]), picked]).sort().values
+
+
+def _reference(case: dict[str, Any], inputs: Inputs, mode: str, cfg: RunConfig) -> dict[str, Check]:
+    scale = inputs.extra["scale"]
+    q, k, v = (inputs.leaves[n].detach()[0, 0].to(torch.float64) for n in ("q", "k", "v"))
+    do = inputs.grad_out[0, 0].to(torch.float64)
+    rows = _check_rows(q.shape[0], cfg.seed).to(q.device)
+
+    s = (q[rows] @ k.T) * scale
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse[:, None])
+    out = p @ v
+
+    def at_rows(t: torch.Tensor) -> torch.Tensor:
+        return t[0, 0].index_select(0, rows.to(t.device))
+
+    def head(t: torch.Tensor) -> torch.Tensor:
+        return t[0, 0]
+
+    checks = {"out": Check(out, at_rows), "lse": Check(lse, at_rows)}
+    if mode == "fwd":
+        return checks
+    delta = (do[rows] * out).sum(-1)
+    ds = p * ((do[rows] @ v.T) - delta[:, None])
+    checks["dq"] = Check((ds @ k) * scale, at_rows)
+    del s, p, ds
+    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    chunk = max(1, CHECK_CHUNK_ELEMENTS // max(1, k.shape[0]))
+    for start in range(0, q.shape[0], chunk):
+        qi, doi = q[start : start + chunk], do[start : start + chunk]
+        si = (qi @ k.T) * scale
+        pi = torch.exp(si - torch.logsumexp(si, dim=-1, keepdim=True))
+        del si
+        deltai = (doi * (pi @ v)).sum(-1, keepdim=True)
+        dv += pi.T @ doi
+        dk += ((pi * ((doi @ v.T) - deltai)).T @ qi) * scale
+        del pi
+    checks["dk"] = Check(dk, head)
+    checks["dv"] = Check(dv, head)
+    return checks
+
+
+# ---------------------------------------------------------------------------------------
+# providers
+
+
+def _qkv(inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return inputs.leaves["q"], inputs.leaves["k"], inputs.leaves["v"]
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _need_gpu_or_interpreter(q: torch.Tensor, what: str) -> None:
+    if q.is_cuda:
+        return
+    if not _interpret():
+        raise Unavailable(f"{what} needs a CUDA GPU, or TRITON_INTERPRET=1 on CPU")
+    if q.dtype == torch.bfloat16:
+        raise Unavailable(f"{what}: the Triton interpreter has no bfloat16")
+
+
+@functools.cache
+def _tabattn_entry(device: str) -> tuple[str, Any]:
+    """The Triton kernel: tabattn_triton.ops.attention.flash_attention, else the registry's
+    "triton" backend. Imported on first use; raises Unavailable with both import errors."""
+    try:
+        module = importlib.import_module("tabattn_triton.ops.attention")
+        return "flash_attention", module.flash_attention
+    except Exception as exc:
+        first = f"tabattn_triton.ops.attention.flash_attention: {type(exc).__name__}: {exc}"
+    try:
+        from tabattn_core.registry import registry
+
+        backend = registry.choose("triton", device=device, op="context_target_attention")
+        return "registry", backend.backend.ops["context_target_attention"]
+    except Exception as exc:
+        second = f"registry backend 'triton': {type(exc).__name__}: {exc}"
+    raise Unavailable(f"{first}; {second}")
+
+
+def _as_pair(result: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(result, tuple):
+        return result[0], (result[1] if len(result) > 1 else None)
+    return result, None
+
+
+def _make_tabattn(case: dict[str, Any], inputs: Inputs):
+    q, k, v = _qkv(inputs)
+    _need_gpu_or_interpreter(q, "tabattn (Triton)")
+    kind, entry = _tabattn_entry(q.device.type)
+    m, scale = case["M"], inputs.extra["scale"]
+    if kind == "flash_attention":
+        from tabattn_core.masks import ContextTargetMask
+
+        mask = ContextTargetMask(q.shape[-2], k.shape[-2], m)
+        return lambda: _as_pair(entry(q, k, v, mask=mask, scale=scale, return_lse=True))
+    return lambda: _as_pair(entry(q, k, v, context_lens=m, scale=scale))
+
+
+def _make_sdpa(backend_name: str):
+    def make(case: dict[str, Any], inputs: Inputs):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.nn.functional import scaled_dot_product_attention
+
+        q, k, v = _qkv(inputs)
+        if not q.is_cuda:
+            raise Unavailable(f"SDPA {backend_name} needs a CUDA GPU")
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            raise Unavailable(f"SDPA {backend_name} needs fp16/bf16, got {q.dtype}")
+        backend = getattr(SDPBackend, backend_name)
+        scale = inputs.extra["scale"]
+
+        def fn():
+            with sdpa_kernel(backend):
+                return scaled_dot_product_attention(q, k, v, scale=scale), None
+
+        return fn
+
+    return make
+
+
+@functools.cache
+def _compiled_flex():
+    import torch._dynamo.config as dynamo_config
+    from torch.nn.attention import flex_attention as flex_module
+
+    # One compiled graph per (shape, mode): lift the recompile limit so that no case falls
+    # back to the (dense, memory-hungry) eager path.
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(64, getattr(dynamo_config, name)))
+    aux_request = getattr(flex_module, "AuxRequest", None)
+    flex = flex_module.flex_attention
+
+    if aux_request is not None:
+
+        def with_lse(q, k, v, scale):
+            out, aux = flex(q, k, v, scale=scale, return_aux=aux_request(lse=True))
+            return out, aux.lse
+
+    else:
+
+        def with_lse(q, k, v, scale):
+            return flex(q, k, v, scale=scale, return_lse=True)
+
+    return torch.compile(with_lse, dynamic=False)
+
+
+def _make_flex(case: dict[str, Any], inputs: Inputs):
+    q, k, v = _qkv(inputs)
+    if not q.is_cuda:
+        raise Unavailable("flex: measured on CUDA only (its CPU compile path is slow and not a target)")
+    compiled, scale = _compiled_flex(), inputs.extra["scale"]
+    return lambda: compiled(q, k, v, scale)
+
+
+def _make_reference(case: dict[str, Any], inputs: Inputs):
+    from tabattn_core import reference
+
+    q, k, v = _qkv(inputs)
+    scores = case["B"] * case["H"] * (case["M"] + case["N"]) * case["M"]
+    if scores > REFERENCE_MAX_SCORES:
+        raise Unavailable(
+            f"reference skipped: B*H*(M+N)*M = {scores:.3g} > {REFERENCE_MAX_SCORES:.0g} "
+            f"(dense fp32 scores alone would take {scores * 4 / 2**30:.1f} GiB)"
+        )
+    m, scale = case["M"], inputs.extra["scale"]
+    return lambda: reference.context_target_attention(q, k, v, context_lens=m, scale=scale)
+
+
+SUITE = register_suite(
+    Suite(
+        name="context_target",
+        description=(
+            "context-target attention: q [B, H, M+N, D] over k/v [B, H, M, D] (all M keys "
+            "visible), H=8, D in {64, 128}, bf16"
+        ),
+        cases=_cases,
+        providers={
+            "tabattn": Provider(
+                "tabattn",
+                _make_tabattn,
+                "tabattn_triton.ops.attention.flash_attention with ContextTargetMask "
+                "(fallback: registry backend 'triton')",
+            ),
+            "sdpa-cudnn": Provider(
+                "sdpa-cudnn", _make_sdpa("CUDNN_ATTENTION"), "SDPA, cuDNN backend, no mask"
+            ),
+            "sdpa-flash": Provider(
+                "sdpa-flash", _make_sdpa("FLASH_ATTENTION"), "SDPA, flash backend, no mask"
+            ),
+            "flex": Provider(
+                "flex", _make_flex, "torch.compile(flex_attention), no block mask, with LSE"
+            ),
+            "reference": Provider(
+                "reference",
+                _make_reference,
+                "tabattn_core.reference.context_target_attention (dense, fp32 softmax)",
+            ),
+        },
+        make_inputs=_make_inputs,
+        forward_flops=_forward_flops,
+        reference=_reference,
+        baseline=_baseline,
+        dtype=_dtype,
+        shape_label=_shape_label,
+        x_label=_x_label,
+        panel_keys=("D",),
+        reference_method=(
+            "fp64 recomputation in plain torch of batch 0, head 0 from the same q, k, v and "
+            f"upstream gradient: out, lse and dq on up to {CHECK_ROWS} seeded random query "
+            "rows (first and last row included); dk and dv of that head on all keys "
+            "(fwd+bwd). Error = ||x - ref|| / ||ref|| (tabattn_core.testing.rel_error), "
+            "bound REL_TOL[dtype]."
+        ),
+    )
+)

@@ -1,0 +1,3 @@
+from tabpfn_infer.cli import main
+
+raise SystemExit(main())
