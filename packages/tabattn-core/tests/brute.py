@@ -73,7 +73,11 @@ def tiles(dense, lq, lk, bq, bk):
     for i in range(nq):
         row = []
         for j in range(nk):
-            vals = [dense[q][k] for q in range(i * bq, min(lq, (i + 1) * bq)) for k in range(j * bk, min(lk, (j + 1) * bk))]
+            vals = [
+                dense[q][k]
+                for q in range(i * bq, min(lq, (i + 1) * bq))
+                for k in range(j * bk, min(lk, (j + 1) * bk))
+            ]
             row.append(0 if not any(vals) else 2 if all(vals) else 1)
         out.append(row)
     return out

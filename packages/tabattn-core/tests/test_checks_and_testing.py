@@ -14,22 +14,50 @@ from tabattn_core.checks import InputError
     "call, message",
     [
         (lambda: checks.check_tensor("q", [1.0]), "q: expected a torch.Tensor, got list"),
-        (lambda: checks.check_tensor("q", torch.zeros(2, 3), ndim=4, dims="[B, H, L, D]"),
-         r"q: expected 4 dims \[B, H, L, D\], got 2 dims with shape \(2, 3\)"),
-        (lambda: checks.check_tensor("k", torch.zeros(2, 3), shape=(2, 4)), r"k: expected shape \[2, 4\], got \[2, 3\]"),
-        (lambda: checks.check_tensor("k", torch.zeros(2, 3), shape=(None, 4)), r"k: expected shape \[\*, 4\]"),
-        (lambda: checks.check_tensor("v", torch.zeros(2), dtypes=(torch.float16, torch.bfloat16)),
-         "v: expected dtype float16 or bfloat16, got torch.float32"),
-        (lambda: checks.check_tensor("v", torch.zeros(2), device=torch.device("meta")), "v: expected device meta, got cpu"),
-        (lambda: checks.check_tensor("q", torch.zeros(4, 4).t(), unit_last_stride=True),
-         r"q: expected stride 1 on the last \(head\) dim, got strides \(1, 4\)"),
-        (lambda: checks.check_head_dim("q", 300), r"q: expected head dim D in \[16, 256\], got 300"),
+        (
+            lambda: checks.check_tensor("q", torch.zeros(2, 3), ndim=4, dims="[B, H, L, D]"),
+            r"q: expected 4 dims \[B, H, L, D\], got 2 dims with shape \(2, 3\)",
+        ),
+        (
+            lambda: checks.check_tensor("k", torch.zeros(2, 3), shape=(2, 4)),
+            r"k: expected shape \[2, 4\], got \[2, 3\]",
+        ),
+        (
+            lambda: checks.check_tensor("k", torch.zeros(2, 3), shape=(None, 4)),
+            r"k: expected shape \[\*, 4\]",
+        ),
+        (
+            lambda: checks.check_tensor(
+                "v", torch.zeros(2), dtypes=(torch.float16, torch.bfloat16)
+            ),
+            "v: expected dtype float16 or bfloat16, got torch.float32",
+        ),
+        (
+            lambda: checks.check_tensor("v", torch.zeros(2), device=torch.device("meta")),
+            "v: expected device meta, got cpu",
+        ),
+        (
+            lambda: checks.check_tensor("q", torch.zeros(4, 4).t(), unit_last_stride=True),
+            r"q: expected stride 1 on the last \(head\) dim, got strides \(1, 4\)",
+        ),
+        (
+            lambda: checks.check_head_dim("q", 300),
+            r"q: expected head dim D in \[16, 256\], got 300",
+        ),
         (lambda: checks.check_gqa(6, 4), "k: expected a head count dividing q's 6 heads"),
-        (lambda: checks.check_lengths("context_lens", torch.tensor([1, 9]), count=2, max_len=5),
-         r"context_lens: expected values in \[0, 5\], got min 1 max 9"),
-        (lambda: checks.check_lengths("context_lens", torch.tensor([1]), count=2, max_len=5), "context_lens: expected shape"),
+        (
+            lambda: checks.check_lengths("context_lens", torch.tensor([1, 9]), count=2, max_len=5),
+            r"context_lens: expected values in \[0, 5\], got min 1 max 9",
+        ),
+        (
+            lambda: checks.check_lengths("context_lens", torch.tensor([1]), count=2, max_len=5),
+            "context_lens: expected shape",
+        ),
         (lambda: checks.check_scale(float("inf"), 64), "scale: expected a finite positive float"),
-        (lambda: checks.check_same_device(a=torch.zeros(1), b=torch.zeros(1, device="meta")), "b: expected device cpu"),
+        (
+            lambda: checks.check_same_device(a=torch.zeros(1), b=torch.zeros(1, device="meta")),
+            "b: expected device cpu",
+        ),
     ],
 )
 def test_check_messages(call, message):
@@ -39,7 +67,12 @@ def test_check_messages(call, message):
 
 def test_checks_pass_good_input():
     t = torch.zeros(2, 3, 4)
-    assert checks.check_tensor("q", t, ndim=3, shape=(2, None, 4), dtypes=(torch.float32,), device="cpu") is t
+    assert (
+        checks.check_tensor(
+            "q", t, ndim=3, shape=(2, None, 4), dtypes=(torch.float32,), device="cpu"
+        )
+        is t
+    )
     assert checks.check_gqa(8, 2) == 4
     assert checks.check_scale(None, 64) == 0.125
     assert issubclass(InputError, ValueError)
@@ -54,7 +87,9 @@ def test_rel_error_and_bounds():
     testing.assert_rel_close(noisy, ref, dtype=torch.float16)
     with pytest.raises(AssertionError, match="relative error"):
         testing.assert_rel_close(noisy, ref, dtype=torch.float32)
-    assert testing.REL_TOL[torch.float32] < testing.REL_TOL["tf32"] < testing.REL_TOL[torch.bfloat16]
+    assert (
+        testing.REL_TOL[torch.float32] < testing.REL_TOL["tf32"] < testing.REL_TOL[torch.bfloat16]
+    )
 
 
 def test_nan_poisoned_empty_poisons_and_restores():

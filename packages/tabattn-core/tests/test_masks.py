@@ -75,7 +75,14 @@ def test_causal_is_bottom_right_aligned():
 
 
 @settings(max_examples=40, deadline=None)
-@given(lq=st.integers(1, 4), t=st.integers(0, 9), cap=st.integers(0, 7), data=st.data(), bq=BLOCKS, bk=BLOCKS)
+@given(
+    lq=st.integers(1, 4),
+    t=st.integers(0, 9),
+    cap=st.integers(0, 7),
+    data=st.data(),
+    bq=BLOCKS,
+    bk=BLOCKS,
+)
 def test_buffer_decode(lq, t, cap, data, bq, bk):
     nb = data.draw(st.integers(1, 3))
     lens = data.draw(st.lists(st.integers(0, cap), min_size=nb, max_size=nb))
@@ -102,7 +109,14 @@ def test_teacher_forcing(nt, cap, data, bq, bk):
 
 
 @settings(max_examples=40, deadline=None)
-@given(nc=st.integers(0, 6), nb=st.integers(0, 4), nt=st.integers(0, 12), data=st.data(), bq=BLOCKS, bk=BLOCKS)
+@given(
+    nc=st.integers(0, 6),
+    nb=st.integers(0, 4),
+    nt=st.integers(0, 12),
+    data=st.data(),
+    bq=BLOCKS,
+    bk=BLOCKS,
+)
 def test_ar_training_rows(nc, nb, nt, data, bq, bk):
     a = data.draw(st.one_of(st.none(), st.integers(0, 4)))
     spec = masks.ARTrainingRowMask(nc, nb, nt, attending_chunks=a)
@@ -123,19 +137,31 @@ def test_ar_training_rows_peer_config():
 
 @settings(max_examples=40, deadline=None)
 @given(
-    lq=st.integers(0, 7), lk=st.integers(0, 17), bs=st.integers(1, 5), is_causal=st.booleans(),
-    data=st.data(), bq=BLOCKS, bk=BLOCKS,
+    lq=st.integers(0, 7),
+    lk=st.integers(0, 17),
+    bs=st.integers(1, 5),
+    is_causal=st.booleans(),
+    data=st.data(),
+    bq=BLOCKS,
+    bk=BLOCKS,
 )
 def test_selection(lq, lk, bs, is_causal, data, bq, bk):
     nblocks = -(-lk // bs)
-    nb, ng, nsel = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 3)), data.draw(st.integers(1, 4))
+    nb, ng, nsel = (
+        data.draw(st.integers(1, 2)),
+        data.draw(st.integers(1, 3)),
+        data.draw(st.integers(1, 4)),
+    )
     idx = data.draw(
-        st.lists(st.integers(-1, nblocks - 1), min_size=nb * ng * lq * nsel, max_size=nb * ng * lq * nsel)
+        st.lists(
+            st.integers(-1, nblocks - 1), min_size=nb * ng * lq * nsel, max_size=nb * ng * lq * nsel
+        )
     )
     ind = torch.tensor(idx, dtype=torch.int64).view(nb, ng, lq, nsel)
     spec = masks.SelectionMask(ind, block_size=bs, kv_len=lk, causal=is_causal, heads_per_group=2)
     expected = [
-        [brute.selection(ind[b, g].tolist(), bs, lk, is_causal) for g in range(ng)] for b in range(nb)
+        [brute.selection(ind[b, g].tolist(), bs, lk, is_causal) for g in range(ng)]
+        for b in range(nb)
     ]
     if lk == 0:
         expected = [[[[] for _ in range(lq)] for _ in range(ng)] for _ in range(nb)]
@@ -156,9 +182,24 @@ def test_tile_classes_example():
         (lambda: masks.BufferDecodeMask(2, 3, 1, row_rule="sideways"), "row_rule"),
         (lambda: masks.BufferDecodeMask(2, 3, 1, row_rule=("causal",)), "row_rule"),
         (lambda: masks.BufferDecodeMask(1, 1, 4, context_capacity=2), "context_lens"),
-        (lambda: masks.SelectionMask(torch.zeros(1, 1, 2, 1, dtype=torch.int64) + 3, block_size=2, kv_len=5), "block_indices"),
-        (lambda: masks.SelectionMask(torch.zeros(1, 2, 1, dtype=torch.int64), block_size=2, kv_len=5), "block_indices"),
-        (lambda: masks.SelectionMask(torch.zeros(1, 1, 2, 1, dtype=torch.int64), block_size=0, kv_len=5), "block_size"),
+        (
+            lambda: masks.SelectionMask(
+                torch.zeros(1, 1, 2, 1, dtype=torch.int64) + 3, block_size=2, kv_len=5
+            ),
+            "block_indices",
+        ),
+        (
+            lambda: masks.SelectionMask(
+                torch.zeros(1, 2, 1, dtype=torch.int64), block_size=2, kv_len=5
+            ),
+            "block_indices",
+        ),
+        (
+            lambda: masks.SelectionMask(
+                torch.zeros(1, 1, 2, 1, dtype=torch.int64), block_size=0, kv_len=5
+            ),
+            "block_size",
+        ),
         (lambda: masks.CausalMask(3, 3).tile_classes(0, 4), "block_q"),
         (lambda: masks.CausalMask(3, 3, align="middle"), "align"),
     ],

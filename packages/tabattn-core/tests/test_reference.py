@@ -24,7 +24,9 @@ def brute_batched(q, k, v, visible_of, scale):
     lse = torch.zeros(q.shape[:-1], dtype=torch.float64)
     for b in range(q.shape[0]):
         for h in range(q.shape[1]):
-            out[b, h], lse[b, h] = brute.attention(q[b, h], k[b, h // group], v[b, h // group], visible_of(b, h), scale)
+            out[b, h], lse[b, h] = brute.attention(
+                q[b, h], k[b, h // group], v[b, h // group], visible_of(b, h), scale
+            )
     return out, lse
 
 
@@ -36,8 +38,14 @@ def check(out, lse, want_out, want_lse, dtype):
 
 @SETTINGS
 @given(
-    b=st.integers(1, 3), hkv=st.integers(1, 2), group=st.integers(1, 3), lq=st.integers(1, 9),
-    lk=st.integers(0, 9), d=HEAD_DIMS, data=st.data(), dtype=st.sampled_from([torch.float64, torch.float32]),
+    b=st.integers(1, 3),
+    hkv=st.integers(1, 2),
+    group=st.integers(1, 3),
+    lq=st.integers(1, 9),
+    lk=st.integers(0, 9),
+    d=HEAD_DIMS,
+    data=st.data(),
+    dtype=st.sampled_from([torch.float64, torch.float32]),
 )
 def test_context_target_attention(b, hkv, group, lq, lk, d, data, dtype):
     lens = data.draw(st.lists(st.integers(0, lk), min_size=b, max_size=b))
@@ -49,9 +57,18 @@ def test_context_target_attention(b, hkv, group, lq, lk, d, data, dtype):
 
 
 @SETTINGS
-@given(b=st.integers(1, 2), h=st.integers(1, 3), lq=st.integers(1, 9), lk=st.integers(0, 9), d=HEAD_DIMS)
+@given(
+    b=st.integers(1, 2),
+    h=st.integers(1, 3),
+    lq=st.integers(1, 9),
+    lk=st.integers(0, 9),
+    d=HEAD_DIMS,
+)
 def test_attention_with_causal_spec(b, h, lq, lk, d):
-    q, k, v = torch.randn(b, h, lq, d, dtype=torch.float64), *torch.randn(2, b, h, lk, d, dtype=torch.float64)
+    q, k, v = (
+        torch.randn(b, h, lq, d, dtype=torch.float64),
+        *torch.randn(2, b, h, lk, d, dtype=torch.float64),
+    )
     scale = 0.3
     out, lse = reference.attention(q, k, v, mask=masks.CausalMask(lq, lk), scale=scale)
     check(out, lse, *brute_batched(q, k, v, lambda *_: brute.causal(lq, lk), scale), torch.float64)
@@ -102,15 +119,28 @@ def brute_ctx_buf(q, k_ctx, v_ctx, k_buf, v_buf, t, visible_of):
         for si in range(s):
             k = torch.cat([k_ctx[gi], k_buf[gi, si, :, :t]], 1).unsqueeze(0)
             v = torch.cat([v_ctx[gi], v_buf[gi, si, :, :t]], 1).unsqueeze(0)
-            o, l_ = brute_batched(q[gi, si].unsqueeze(0), k, v, lambda b, h: visible_of(gi), q.shape[-1] ** -0.5)
+            o, l_ = brute_batched(
+                q[gi, si].unsqueeze(0),
+                k,
+                v,
+                lambda b, h, gi=gi: visible_of(gi),
+                q.shape[-1] ** -0.5,
+            )
             out[gi, si], lse[gi, si] = o[0], l_[0]
     return out, lse
 
 
 @SETTINGS
 @given(
-    g=st.integers(1, 2), s=st.integers(1, 3), hkv=st.integers(1, 2), group=st.integers(1, 2),
-    lq=st.integers(1, 3), nc=st.integers(0, 6), t=st.integers(0, 5), d=HEAD_DIMS, data=st.data(),
+    g=st.integers(1, 2),
+    s=st.integers(1, 3),
+    hkv=st.integers(1, 2),
+    group=st.integers(1, 2),
+    lq=st.integers(1, 3),
+    nc=st.integers(0, 6),
+    t=st.integers(0, 5),
+    d=HEAD_DIMS,
+    data=st.data(),
 )
 def test_shared_context_attention(g, s, hkv, group, lq, nc, t, d, data):
     lens = data.draw(st.lists(st.integers(0, nc), min_size=g, max_size=g))
@@ -136,8 +166,14 @@ def test_shared_context_without_buffer():
 
 @SETTINGS
 @given(
-    g=st.integers(1, 2), s=st.integers(1, 2), hkv=st.integers(1, 2), group=st.integers(1, 2),
-    nt=st.integers(1, 5), nc=st.integers(0, 6), d=HEAD_DIMS, data=st.data(),
+    g=st.integers(1, 2),
+    s=st.integers(1, 2),
+    hkv=st.integers(1, 2),
+    group=st.integers(1, 2),
+    nt=st.integers(1, 5),
+    nc=st.integers(0, 6),
+    d=HEAD_DIMS,
+    data=st.data(),
 )
 def test_teacher_forcing_attention(g, s, hkv, group, nt, nc, d, data):
     lens = data.draw(st.lists(st.integers(0, nc), min_size=g, max_size=g))
@@ -164,8 +200,13 @@ def test_teacher_forcing_equals_stepwise_decode():
 
 @SETTINGS
 @given(
-    nseq=st.integers(1, 3), hkv=st.integers(1, 2), group=st.sampled_from([1, 2, 4]), bs=st.integers(1, 4),
-    is_causal=st.booleans(), d=HEAD_DIMS, data=st.data(),
+    nseq=st.integers(1, 3),
+    hkv=st.integers(1, 2),
+    group=st.sampled_from([1, 2, 4]),
+    bs=st.integers(1, 4),
+    is_causal=st.booleans(),
+    d=HEAD_DIMS,
+    data=st.data(),
 )
 def test_selection_attention_varlen(nseq, hkv, group, bs, is_causal, d, data):
     lqs = data.draw(st.lists(st.integers(0, 5), min_size=nseq, max_size=nseq))
@@ -179,13 +220,22 @@ def test_selection_attention_varlen(nseq, hkv, group, bs, is_causal, d, data):
     for lq, lk in zip(lqs, lks, strict=True):
         nblocks = -(-lk // bs)
         for _ in range(lq):
-            picks = data.draw(st.lists(st.integers(-1, nblocks - 1), min_size=hkv * nsel, max_size=hkv * nsel))
+            picks = data.draw(
+                st.lists(st.integers(-1, nblocks - 1), min_size=hkv * nsel, max_size=hkv * nsel)
+            )
             idx[row] = torch.tensor(picks).view(hkv, nsel)
             row += 1
     cu_q = torch.tensor([0, *torch.tensor(lqs).cumsum(0).tolist()])
     cu_k = torch.tensor([0, *torch.tensor(lks).cumsum(0).tolist()])
     out, lse = reference.selection_attention(
-        q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, block_indices=idx, block_size=bs, causal=is_causal
+        q,
+        k,
+        v,
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+        block_indices=idx,
+        block_size=bs,
+        causal=is_causal,
     )
     want_out = torch.zeros_like(q)
     want_lse = torch.zeros(q.shape[1], tq, dtype=torch.float64)
@@ -194,7 +244,13 @@ def test_selection_attention_varlen(nseq, hkv, group, bs, is_causal, d, data):
         for h in range(q.shape[1]):
             blocks = idx[q0 : q0 + lq, h // group].tolist()
             vis = brute.selection(blocks, bs, lk, is_causal) if lk else [[] for _ in range(lq)]
-            o, l_ = brute.attention(q[q0 : q0 + lq, h], k[k0 : k0 + lk, h // group], v[k0 : k0 + lk, h // group], vis, d**-0.5)
+            o, l_ = brute.attention(
+                q[q0 : q0 + lq, h],
+                k[k0 : k0 + lk, h // group],
+                v[k0 : k0 + lk, h // group],
+                vis,
+                d**-0.5,
+            )
             want_out[q0 : q0 + lq, h], want_lse[h, q0 : q0 + lq] = o, l_
     check(out, lse, want_out, want_lse, torch.float64)
 
@@ -284,7 +340,10 @@ Q, K, V = torch.randn(1, 4, 3, 32), torch.randn(1, 2, 5, 32), torch.randn(1, 2, 
         (lambda: reference.attention(Q, K, V, mask=masks.CausalMask(3, 4)), "mask"),
         (lambda: reference.attention(Q, K, V, mask=torch.ones(2, 2, dtype=torch.bool)), "mask"),
         (lambda: reference.context_target_attention(Q, K, V, context_lens=6), "context_lens"),
-        (lambda: reference.context_target_attention(Q, K, V, context_lens=torch.tensor([1, 2])), "context_lens"),
+        (
+            lambda: reference.context_target_attention(Q, K, V, context_lens=torch.tensor([1, 2])),
+            "context_lens",
+        ),
     ],
 )
 def test_attention_bad_input_names_argument(call, arg):
@@ -299,10 +358,28 @@ def test_shared_context_bad_input_names_argument():
         (lambda: reference.shared_context_attention(q[0], k_ctx, v_ctx), "q"),
         (lambda: reference.shared_context_attention(q, k_ctx[:1], v_ctx[:1]), "k_ctx"),
         (lambda: reference.shared_context_attention(q, k_ctx, v_ctx, buffer_len=2), "k_buf"),
-        (lambda: reference.shared_context_attention(q, k_ctx, v_ctx, k_buf, v_buf, buffer_len=4), "k_buf"),
-        (lambda: reference.shared_context_attention(q, k_ctx, v_ctx, k_buf[:, :2], v_buf[:, :2], buffer_len=1), "k_buf"),
-        (lambda: reference.shared_context_attention(q, k_ctx, v_ctx, k_buf, v_buf, buffer_len=-1), "buffer_len"),
-        (lambda: reference.shared_context_attention(q, k_ctx, v_ctx, context_lens=torch.tensor([5, 1])), "context_lens"),
+        (
+            lambda: reference.shared_context_attention(q, k_ctx, v_ctx, k_buf, v_buf, buffer_len=4),
+            "k_buf",
+        ),
+        (
+            lambda: reference.shared_context_attention(
+                q, k_ctx, v_ctx, k_buf[:, :2], v_buf[:, :2], buffer_len=1
+            ),
+            "k_buf",
+        ),
+        (
+            lambda: reference.shared_context_attention(
+                q, k_ctx, v_ctx, k_buf, v_buf, buffer_len=-1
+            ),
+            "buffer_len",
+        ),
+        (
+            lambda: reference.shared_context_attention(
+                q, k_ctx, v_ctx, context_lens=torch.tensor([5, 1])
+            ),
+            "context_lens",
+        ),
         (lambda: reference.teacher_forcing_attention(q4, k_ctx, v_ctx, k_buf, v_buf), "k_buf"),
         (lambda: reference.teacher_forcing_attention(q, k_ctx, v_ctx, k_buf, v_buf), "q"),
     ]
@@ -314,7 +391,12 @@ def test_shared_context_bad_input_names_argument():
 def test_selection_bad_input_names_argument():
     q, k, v = torch.randn(4, 2, 32), torch.randn(6, 1, 32), torch.randn(6, 1, 32)
     idx = torch.zeros(4, 1, 2, dtype=torch.int64)
-    ok = {"cu_seqlens_q": torch.tensor([0, 4]), "cu_seqlens_k": torch.tensor([0, 6]), "block_indices": idx, "block_size": 2}
+    ok = {
+        "cu_seqlens_q": torch.tensor([0, 4]),
+        "cu_seqlens_k": torch.tensor([0, 6]),
+        "block_indices": idx,
+        "block_size": 2,
+    }
     reference.selection_attention(q, k, v, **ok)
     for key, bad in [
         ("cu_seqlens_q", torch.tensor([0, 3])),

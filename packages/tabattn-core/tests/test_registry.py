@@ -69,7 +69,10 @@ def test_named_and_forced_backends(fresh, monkeypatch):
     [
         (lambda r: r.choose("nope", device="cpu"), "backend: expected 'auto' or one of"),
         (lambda r: r.choose("gpuonly", device="cpu"), "cannot run on cpu: needs cuda"),
-        (lambda r: r.choose("fast", device="cpu", op="merge_states"), "does not implement op 'merge_states'"),
+        (
+            lambda r: r.choose("fast", device="cpu", op="merge_states"),
+            "does not implement op 'merge_states'",
+        ),
         (lambda r: r.choose("auto", device="cpu", op="flash"), "op: expected one of"),
         (lambda r: r.register_backend(Backend("x", 1, {"flash": print})), "backend.ops"),
     ],
@@ -111,8 +114,12 @@ def test_known_module_found_from_source(monkeypatch):
     module = types.ModuleType("tabattn_fake_src")
     module.register = lambda reg: reg.register_backend(fake("fromsource", 3))
     monkeypatch.setitem(sys.modules, "tabattn_fake_src", module)
-    monkeypatch.setattr(sys.modules["tabattn_core.registry"], "KNOWN_BACKEND_MODULES", ("tabattn_fake_src",))
-    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: importlib.metadata.EntryPoints([]))
+    monkeypatch.setattr(
+        sys.modules["tabattn_core.registry"], "KNOWN_BACKEND_MODULES", ("tabattn_fake_src",)
+    )
+    monkeypatch.setattr(
+        importlib.metadata, "entry_points", lambda group: importlib.metadata.EntryPoints([])
+    )
     module.__spec__ = importlib.machinery.ModuleSpec("tabattn_fake_src", None)
     reg = Registry()
     assert [b.name for b in reg.backends()] == ["fromsource"]

@@ -1,14 +1,17 @@
 """Test setup for tabattn-triton.
 
-On CPU the kernels run under the Triton interpreter: nox sets ``TRITON_INTERPRET=1``
-before Python starts (Triton reads it at import time). Tests that need a real GPU carry
-``@pytest.mark.gpu`` and are skipped here when no CUDA device is present.
+On CPU the kernels run under the Triton interpreter: nox sets `TRITON_INTERPRET=1` before
+Python starts (Triton reads it at import time). Tests that need a real GPU carry
+`@pytest.mark.gpu` and are skipped when no CUDA device is present. Every test runs with a
+fixed seed and NaN-filled `torch.empty` outputs, so unwritten elements fail.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+
+from tabattn_core.testing import nan_poisoned_empty
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -18,3 +21,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_poison():
+    torch.manual_seed(42)
+    with nan_poisoned_empty():
+        yield

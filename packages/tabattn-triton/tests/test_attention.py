@@ -83,7 +83,9 @@ def test_fp16(shape, mask_name):
     compare(q, k, v, MASKS[mask_name](shape), torch.float16)
 
 
-@pytest.mark.parametrize("nc, nb, nt, chunks", [(5, 3, 12, None), (0, 4, 9, 1), (7, 0, 5, None), (3, 4, 16, 2)])
+@pytest.mark.parametrize(
+    "nc, nb, nt, chunks", [(5, 3, 12, None), (0, 4, 9, 1), (7, 0, 5, None), (3, 4, 16, 2)]
+)
 def test_ar_training_rows(nc, nb, nt, chunks):
     r = nc + nb + nt
     q, k, v = make_inputs(AttentionShape(2, 2, 1, r, r, 32), torch.float32)
@@ -99,7 +101,9 @@ def test_strided_blhd_layout_and_scale():
 
 def test_empty_context_gives_zero_and_minus_inf():
     q, k, v = make_inputs(AttentionShape(2, 2, 2, 5, 8, 32), torch.float32)
-    out, lse = flash_attention(q, k, v, mask=masks.ContextTargetMask(5, 8, torch.tensor([0, 3])), return_lse=True)
+    out, lse = flash_attention(
+        q, k, v, mask=masks.ContextTargetMask(5, 8, torch.tensor([0, 3])), return_lse=True
+    )
     assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.isneginf(lse[0]).all()
     assert torch.isfinite(lse[1]).all()
     out.sum().backward()
@@ -120,7 +124,9 @@ def test_registry_op_context_target():
     q, k, v = make_inputs(shape, torch.float32)
     lens = torch.tensor([17, 4, 0], device=DEVICE)
     out, lse = context_target_attention(q, k, v, context_lens=lens)
-    ref_out, ref_lse = reference.context_target_attention(q.double(), k.double(), v.double(), context_lens=lens.cpu())
+    ref_out, ref_lse = reference.context_target_attention(
+        q.double(), k.double(), v.double(), context_lens=lens.cpu()
+    )
     tol = torch.float32 if DEVICE == "cpu" else "tf32"
     assert_rel_close(out, ref_out, dtype=tol)
     assert_rel_close(lse, ref_lse, dtype=tol)
@@ -151,7 +157,12 @@ def test_many_batch_heads_beyond_grid_limit():
         (lambda q, k, v: flash_attention(q, k, v, mask=masks.TeacherForcingMask(3, 2)), "mask"),
         (lambda q, k, v: flash_attention(q, k, v, scale=0.0), "scale"),
         (lambda q, k, v: context_target_attention(q, k, v, context_lens=9), "context_lens"),
-        (lambda q, k, v: context_target_attention(q, k, v, context_lens=torch.tensor([1, 9], device=q.device)), "context_lens"),
+        (
+            lambda q, k, v: context_target_attention(
+                q, k, v, context_lens=torch.tensor([1, 9], device=q.device)
+            ),
+            "context_lens",
+        ),
     ],
 )
 def test_bad_input_rejected_before_launch(call, arg):
@@ -171,14 +182,30 @@ def test_cpu_tensors_rejected_without_interpreter(monkeypatch):
 # ---- GPU: bf16 / fp16 at real sizes ---------------------------------------------------
 
 GPU_CASES = [
-    ("context-tnp", AttentionShape(4, 8, 8, 1500, 1000, 64), lambda s: masks.ContextTargetMask(s.Lq, s.Lk, 1000)),
-    ("context-d128", AttentionShape(2, 8, 8, 2500, 2000, 128), lambda s: masks.ContextTargetMask(s.Lq, s.Lk, 2000)),
-    ("per-dataset", AttentionShape(3, 8, 8, 1200, 1000, 64), lambda s: masks.ContextTargetMask(s.Lq, s.Lk, torch.tensor([1000, 17, 640]))),
+    (
+        "context-tnp",
+        AttentionShape(4, 8, 8, 1500, 1000, 64),
+        lambda s: masks.ContextTargetMask(s.Lq, s.Lk, 1000),
+    ),
+    (
+        "context-d128",
+        AttentionShape(2, 8, 8, 2500, 2000, 128),
+        lambda s: masks.ContextTargetMask(s.Lq, s.Lk, 2000),
+    ),
+    (
+        "per-dataset",
+        AttentionShape(3, 8, 8, 1200, 1000, 64),
+        lambda s: masks.ContextTargetMask(s.Lq, s.Lk, torch.tensor([1000, 17, 640])),
+    ),
     ("causal", AttentionShape(2, 8, 2, 1024, 1024, 64), lambda s: masks.CausalMask(s.Lq, s.Lk)),
     ("causal-d80", AttentionShape(2, 4, 4, 777, 1100, 80), lambda s: masks.CausalMask(s.Lq, s.Lk)),
     ("none-d96", AttentionShape(1, 6, 3, 513, 900, 96), lambda s: None),
     ("none-d256", AttentionShape(1, 4, 4, 300, 500, 256), lambda s: None),
-    ("ar-rows", AttentionShape(4, 4, 4, 64 + 32 + 512, 64 + 32 + 512, 32), lambda s: masks.ARTrainingRowMask(64, 32, 512)),
+    (
+        "ar-rows",
+        AttentionShape(4, 4, 4, 64 + 32 + 512, 64 + 32 + 512, 32),
+        lambda s: masks.ARTrainingRowMask(64, 32, 512),
+    ),
 ]
 
 

@@ -32,7 +32,9 @@ def default_problems(device: torch.device, dtype: torch.dtype) -> dict[str, tupl
     k_ctx, v_ctx = randn(g, h_kv, nc, d), randn(g, h_kv, nc, d)
     k_buf, v_buf = randn(g, s, h_kv, t + 3, d), randn(g, s, h_kv, t + 3, d)
     tq, tk, bs = 9, 40, 8
-    sel = torch.randint(-1, 2, (tq, h_kv, 3), generator=gen).to(device)  # both sequences have >= 2 blocks
+    sel = torch.randint(-1, 2, (tq, h_kv, 3), generator=gen).to(
+        device
+    )  # both sequences have >= 2 blocks
     k_logits = 5
     return {
         "attention": ((q, k, v), {}),
@@ -55,7 +57,10 @@ def default_problems(device: torch.device, dtype: torch.dtype) -> dict[str, tupl
                 "causal": True,
             },
         ),
-        "merge_states": ((randn(3, 7, d), randn(3, 7).float(), randn(3, 7, d), randn(3, 7).float()), {}),
+        "merge_states": (
+            (randn(3, 7, d), randn(3, 7).float(), randn(3, 7, d), randn(3, 7).float()),
+            {},
+        ),
         "gmm_nll": (
             (randn(64), randn(64, k_logits), randn(64, k_logits), randn(64, k_logits).abs() + 0.1),
             {},
@@ -99,7 +104,9 @@ def check_ops(device: torch.device, backend: str, dtype: torch.dtype) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tabattn", description=__doc__)
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)"
+    )
     parser.add_argument("--backend", default="auto", help="auto or a backend name (default auto)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     args = parser.parse_args(argv)
@@ -119,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nbackends (highest priority first), on {device}:")
     for b in registry.backends():
         avail, why = b.available(device)
-        print(f"  {b.name:8s} priority {b.priority:3d}  {'available' if avail else 'unavailable'}: {why}")
+        print(
+            f"  {b.name:8s} priority {b.priority:3d}  {'available' if avail else 'unavailable'}: {why}"
+        )
         print(f"           ops: {', '.join(sorted(b.ops)) or '(none yet)'}")
     for name, err in registry.load_errors.items():
         print(f"  {name}: failed to load: {err}")

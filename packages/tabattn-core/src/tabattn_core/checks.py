@@ -56,12 +56,12 @@ def check_tensor(
         raise InputError(
             f"{name}: expected {ndim} dims{layout}, got {t.dim()} dims with shape {tuple(t.shape)}"
         )
-    if shape is not None:
-        if t.dim() != len(shape) or any(
-            s is not None and s != a for s, a in zip(shape, t.shape, strict=False)
-        ):
-            want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
-            raise InputError(f"{name}: expected shape {want}{layout}, got {list(t.shape)}")
+    if shape is not None and (
+        t.dim() != len(shape)
+        or any(s is not None and s != a for s, a in zip(shape, t.shape, strict=False))
+    ):
+        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+        raise InputError(f"{name}: expected shape {want}{layout}, got {list(t.shape)}")
     if dtypes is not None:
         dtypes = tuple(dtypes)
         if t.dtype not in dtypes:
@@ -81,11 +81,15 @@ def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
     first_name, first = items[0]
     for n, t in items[1:]:
         if t.device != first.device:
-            raise InputError(f"{n}: expected device {first.device} (as {first_name}), got {t.device}")
+            raise InputError(
+                f"{n}: expected device {first.device} (as {first_name}), got {t.device}"
+            )
     return first.device
 
 
-def check_head_dim(name: str, head_dim: int, *, lo: int = MIN_HEAD_DIM, hi: int = MAX_HEAD_DIM) -> None:
+def check_head_dim(
+    name: str, head_dim: int, *, lo: int = MIN_HEAD_DIM, hi: int = MAX_HEAD_DIM
+) -> None:
     """Head dim D must lie in [lo, hi] (non-powers of two are fine)."""
     if not lo <= head_dim <= hi:
         raise InputError(f"{name}: expected head dim D in [{lo}, {hi}], got {head_dim}")

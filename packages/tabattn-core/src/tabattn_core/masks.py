@@ -101,7 +101,9 @@ class MaskSpec:
         return t.to(q_idx.device) if t.device != q_idx.device else t
 
 
-def classify_tiles(intervals: torch.Tensor, kv_len: int, block_q: int, block_k: int) -> torch.Tensor:
+def classify_tiles(
+    intervals: torch.Tensor, kv_len: int, block_q: int, block_k: int
+) -> torch.Tensor:
     """Classify tiles from row intervals `[nb, nh, Lq, I, 2]` (see `MaskSpec.row_intervals`).
 
     A tile is EMPTY when none of its rows sees any of its keys, FULL when every row sees every
@@ -433,7 +435,10 @@ class SelectionMask(MaskSpec):
         heads_per_group: int = 1,
     ):
         check_tensor(
-            "block_indices", block_indices, ndim=4, dtypes=(torch.int32, torch.int64),
+            "block_indices",
+            block_indices,
+            ndim=4,
+            dtypes=(torch.int32, torch.int64),
             dims="[B, G, Lq, n_sel]",
         )
         if block_size < 1:
@@ -455,7 +460,9 @@ class SelectionMask(MaskSpec):
     def selected_blocks(self) -> torch.Tensor:
         """Boolean `[B, G, Lq, num_blocks]`: which blocks each query row selected."""
         sel = torch.zeros(*self.block_indices.shape[:3], self.num_blocks + 1, dtype=torch.bool)
-        sel.scatter_(-1, torch.where(self.block_indices < 0, self.num_blocks, self.block_indices), True)
+        sel.scatter_(
+            -1, torch.where(self.block_indices < 0, self.num_blocks, self.block_indices), True
+        )
         return sel[..., : self.num_blocks]
 
     def mask_mod(self) -> MaskMod:

@@ -44,10 +44,16 @@ __all__ = [
 
 
 def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+    return (
+        torch.float64
+        if any(t is not None and t.dtype == torch.float64 for t in tensors)
+        else torch.float32
+    )
 
 
-def softmax_with_lse(scores: torch.Tensor, visible: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def softmax_with_lse(
+    scores: torch.Tensor, visible: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked softmax over the last axis, safe for rows that see nothing.
 
     scores: [..., Lk] (already scaled); visible: bool broadcastable to scores, or None.
@@ -101,7 +107,9 @@ def _visible_from_spec(mask: MaskSpec, q: torch.Tensor, k: torch.Tensor) -> torc
     if mask.num_groups > 1:
         per_group = q.shape[1] // mask.num_groups
         if per_group * mask.num_groups != q.shape[1]:
-            raise InputError(f"mask: expected head groups dividing H={q.shape[1]}, got {mask.num_groups}")
+            raise InputError(
+                f"mask: expected head groups dividing H={q.shape[1]}, got {mask.num_groups}"
+            )
         dense = dense.repeat_interleave(per_group, dim=1)
     return dense
 
@@ -215,23 +223,40 @@ def _check_context_buffer(
     check_tensor("q", q, ndim=5, dtypes=FLOAT_DTYPES, dims="[G, S, H, Lq, D]")
     g, s, h, _, d = q.shape
     check_head_dim("q", d)
-    check_tensor("k_ctx", k_ctx, ndim=4, dtypes=(q.dtype,), device=q.device, dims="[G, H_kv, Nc, D]")
-    check_tensor("v_ctx", v_ctx, shape=k_ctx.shape, dtypes=(q.dtype,), device=q.device, dims="[G, H_kv, Nc, D]")
+    check_tensor(
+        "k_ctx", k_ctx, ndim=4, dtypes=(q.dtype,), device=q.device, dims="[G, H_kv, Nc, D]"
+    )
+    check_tensor(
+        "v_ctx",
+        v_ctx,
+        shape=k_ctx.shape,
+        dtypes=(q.dtype,),
+        device=q.device,
+        dims="[G, H_kv, Nc, D]",
+    )
     if k_ctx.shape[0] != g or k_ctx.shape[-1] != d:
         raise InputError(f"k_ctx: expected shape [{g}, H_kv, Nc, {d}], got {list(k_ctx.shape)}")
     check_gqa(h, k_ctx.shape[1], kv_name="k_ctx")
     if k_buf is None or v_buf is None:
         if min_buffer:
-            raise InputError(f"k_buf, v_buf: expected tensors holding at least {min_buffer} rows, got None")
+            raise InputError(
+                f"k_buf, v_buf: expected tensors holding at least {min_buffer} rows, got None"
+            )
     else:
         dims = "[G, S, H_kv, T_cap, D]"
         check_tensor("k_buf", k_buf, ndim=5, dtypes=(q.dtype,), device=q.device, dims=dims)
-        check_tensor("v_buf", v_buf, shape=k_buf.shape, dtypes=(q.dtype,), device=q.device, dims=dims)
+        check_tensor(
+            "v_buf", v_buf, shape=k_buf.shape, dtypes=(q.dtype,), device=q.device, dims=dims
+        )
         want = [g, s, k_ctx.shape[1], None, d]
         if any(w is not None and w != a for w, a in zip(want, k_buf.shape, strict=True)):
-            raise InputError(f"k_buf: expected shape [{g}, {s}, {k_ctx.shape[1]}, T_cap, {d}], got {list(k_buf.shape)}")
+            raise InputError(
+                f"k_buf: expected shape [{g}, {s}, {k_ctx.shape[1]}, T_cap, {d}], got {list(k_buf.shape)}"
+            )
         if k_buf.shape[3] < min_buffer:
-            raise InputError(f"k_buf: expected capacity T_cap >= {buf_len_name}={min_buffer}, got {k_buf.shape[3]}")
+            raise InputError(
+                f"k_buf: expected capacity T_cap >= {buf_len_name}={min_buffer}, got {k_buf.shape[3]}"
+            )
     nc = k_ctx.shape[2]
     if context_lens is None:
         return nc
@@ -268,12 +293,21 @@ def shared_context_attention(
     if int(buffer_len) != buffer_len or buffer_len < 0:
         raise InputError(f"buffer_len: expected a non-negative int, got {buffer_len!r}")
     lens = _check_context_buffer(
-        q, k_ctx, v_ctx, k_buf, v_buf, context_lens, buf_len_name="buffer_len", min_buffer=buffer_len
+        q,
+        k_ctx,
+        v_ctx,
+        k_buf,
+        v_buf,
+        context_lens,
+        buf_len_name="buffer_len",
+        min_buffer=buffer_len,
     )
     mask = BufferDecodeMask(
         q.shape[3], buffer_len, lens, context_capacity=k_ctx.shape[2], row_rule=row_rule
     )
-    return _context_buffer_attention(q, k_ctx, v_ctx, k_buf, v_buf, mask, check_scale(scale, q.shape[-1]))
+    return _context_buffer_attention(
+        q, k_ctx, v_ctx, k_buf, v_buf, mask, check_scale(scale, q.shape[-1])
+    )
 
 
 def teacher_forcing_attention(
@@ -301,13 +335,19 @@ def teacher_forcing_attention(
         q, k_ctx, v_ctx, k_buf, v_buf, context_lens, buf_len_name="Nt", min_buffer=nt
     )
     if k_buf.shape[3] != nt:
-        raise InputError(f"k_buf: expected Nt={nt} rows on dim 3 (q has 2*Nt rows), got {k_buf.shape[3]}")
+        raise InputError(
+            f"k_buf: expected Nt={nt} rows on dim 3 (q has 2*Nt rows), got {k_buf.shape[3]}"
+        )
     mask = TeacherForcingMask(nt, lens, context_capacity=k_ctx.shape[2])
-    return _context_buffer_attention(q, k_ctx, v_ctx, k_buf, v_buf, mask, check_scale(scale, q.shape[-1]))
+    return _context_buffer_attention(
+        q, k_ctx, v_ctx, k_buf, v_buf, mask, check_scale(scale, q.shape[-1])
+    )
 
 
 def _check_cu_seqlens(name: str, cu: object, total: int, device: torch.device) -> torch.Tensor:
-    t = check_tensor(name, cu, ndim=1, dtypes=(torch.int32, torch.int64), device=device, dims="[B+1]")
+    t = check_tensor(
+        name, cu, ndim=1, dtypes=(torch.int32, torch.int64), device=device, dims="[B+1]"
+    )
     if t.numel() < 1 or int(t[0]) != 0 or int(t[-1]) != total or bool((t[1:] < t[:-1]).any()):
         raise InputError(
             f"{name}: expected non-decreasing offsets from 0 to {total}, got {t.tolist()[:8]}"
@@ -344,8 +384,12 @@ def selection_attention(
         raise InputError(f"k: expected head dim {q.shape[-1]} (as q), got {k.shape[-1]}")
     group = check_gqa(q.shape[1], k.shape[1])
     check_tensor(
-        "block_indices", block_indices, ndim=3, dtypes=(torch.int32, torch.int64),
-        device=q.device, dims="[Tq, H_kv, n_sel]",
+        "block_indices",
+        block_indices,
+        ndim=3,
+        dtypes=(torch.int32, torch.int64),
+        device=q.device,
+        dims="[Tq, H_kv, n_sel]",
     )
     if tuple(block_indices.shape[:2]) != (q.shape[0], k.shape[1]):
         raise InputError(
@@ -354,7 +398,9 @@ def selection_attention(
     cq = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
     ck = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
     if cq.numel() != ck.numel():
-        raise InputError(f"cu_seqlens_k: expected {cq.numel()} offsets (as cu_seqlens_q), got {ck.numel()}")
+        raise InputError(
+            f"cu_seqlens_k: expected {cq.numel()} offsets (as cu_seqlens_q), got {ck.numel()}"
+        )
     out = torch.zeros_like(q)
     lse = q.new_full((q.shape[1], q.shape[0]), float("-inf"), dtype=_compute_dtype(q))
     for b in range(cq.numel() - 1):
@@ -363,7 +409,10 @@ def selection_attention(
             continue
         mask = SelectionMask(
             block_indices[q0:q1].permute(1, 0, 2).unsqueeze(0).cpu(),
-            block_size=block_size, kv_len=k1 - k0, causal=causal, heads_per_group=group,
+            block_size=block_size,
+            kv_len=k1 - k0,
+            causal=causal,
+            heads_per_group=group,
         )
         qs, ks, vs = (t.transpose(0, 1).unsqueeze(0) for t in (q[q0:q1], k[k0:k1], v[k0:k1]))
         o, l_ = attention(qs, ks, vs, mask=mask, scale=scale)

@@ -179,7 +179,9 @@ class Registry:
                     reason += f" (skipped: {'; '.join(skipped)})"
                 return BackendChoice(backend, reason)
             skipped.append(f"{backend.name}: {why if not ok else f'no {op}'}")
-        raise InputError(f"backend: no backend can run {op or 'ops'} on {dev} ({'; '.join(skipped)})")
+        raise InputError(
+            f"backend: no backend can run {op or 'ops'} on {dev} ({'; '.join(skipped)})"
+        )
 
     def get_backend(
         self, name: str = "auto", *, device: torch.device | str | None = None, op: str | None = None

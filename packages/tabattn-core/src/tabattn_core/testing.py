@@ -109,12 +109,17 @@ def random_qkv(
     layout="blhd" returns the same logical tensors as transposed views of [B, L, H, D]
     storage (non-contiguous strides), as models that keep heads inner produce.
     """
+
     def make(heads: int, length: int) -> torch.Tensor:
         if layout == "blhd":
-            t = torch.randn(shape.B, length, heads, shape.D, generator=generator, dtype=torch.float32)
+            t = torch.randn(
+                shape.B, length, heads, shape.D, generator=generator, dtype=torch.float32
+            )
             t = t.to(device=device, dtype=dtype).transpose(1, 2)
         elif layout == "bhld":
-            t = torch.randn(shape.B, heads, length, shape.D, generator=generator, dtype=torch.float32)
+            t = torch.randn(
+                shape.B, heads, length, shape.D, generator=generator, dtype=torch.float32
+            )
             t = t.to(device=device, dtype=dtype)
         else:
             raise ValueError(f"layout: expected 'bhld' or 'blhd', got {layout!r}")
@@ -134,7 +139,11 @@ def poison_nan(t: torch.Tensor) -> torch.Tensor:
 def nan_poisoned_empty() -> Iterator[None]:
     """Within the block, torch.empty / torch.empty_like / Tensor.new_empty return NaN-filled
     floating tensors, so any output element a kernel forgets to write fails the test."""
-    real_empty, real_empty_like, real_new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
+    real_empty, real_empty_like, real_new_empty = (
+        torch.empty,
+        torch.empty_like,
+        torch.Tensor.new_empty,
+    )
 
     def empty(*args, **kwargs):
         return poison_nan(real_empty(*args, **kwargs))

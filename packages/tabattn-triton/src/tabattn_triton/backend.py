@@ -1,16 +1,58 @@
-"""Entry point of the ``triton`` backend (group ``tabattn.backends``)."""
+"""Entry point of the `triton` backend (group `tabattn.backends`)."""
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+
+import torch
+
+from tabattn_core import reference
+from tabattn_core.masks import MaskSpec
+from tabattn_core.registry import Backend, Registry
+
+log = logging.getLogger("tabattn")
+_said: set[str] = set()
+
+PRIORITY = 10
 
 
-def register(registry: Any) -> None:
-    """Register this package's Triton kernels with tabattn-core's op registry.
+def available(device: torch.device) -> tuple[bool, str]:
+    """CUDA devices; CPU only under the Triton interpreter (TRITON_INTERPRET=1)."""
+    from tabattn_triton.ops.common import interpreting
 
-    Called by tabattn-core when it loads the ``tabattn.backends`` entry points. Release
-    0.1.0 ships no kernels, so this registers nothing and returns; kernels arrive in later
-    releases. It never raises, so a machine with this package installed keeps working on
-    the reference backend.
-    """
-    del registry  # nothing to register yet
+    if device.type == "cuda":
+        return True, "Triton kernels on CUDA"
+    if device.type == "cpu" and interpreting():
+        return True, "Triton interpreter on CPU (TRITON_INTERPRET=1)"
+    return False, f"Triton kernels need a CUDA device, got {device.type}"
+
+
+def attention(q, k, v, *, mask: MaskSpec | torch.Tensor | None = None, scale=None):
+    """Registry op "attention": the kernel for prefix masks, the reference for the rest
+    (saying once why)."""
+    from tabattn_triton.ops.attention import flash_attention, prefix_mask_of
+
+    if not isinstance(mask, torch.Tensor):
+        pm = prefix_mask_of(mask, q.shape[-2], k.shape[-2], q.shape[0]) if q.dim() == 4 else None
+        if pm is not None:
+            return flash_attention(q, k, v, mask=mask, scale=scale, return_lse=True)
+    why = f"mask {type(mask).__name__} is not a prefix mask"
+    if why not in _said:
+        _said.add(why)
+        log.warning("tabattn triton backend: attention runs the PyTorch reference: %s", why)
+    return reference.attention(q, k, v, mask=mask, scale=scale)
+
+
+def register(registry: Registry) -> None:
+    """Register the Triton kernels with tabattn-core's op registry."""
+    from tabattn_triton.ops.attention import context_target_attention
+
+    registry.register_backend(
+        Backend(
+            name="triton",
+            priority=PRIORITY,
+            ops={"attention": attention, "context_target_attention": context_target_attention},
+            available=available,
+            description="Triton kernels (tabattn-triton)",
+        )
+    )

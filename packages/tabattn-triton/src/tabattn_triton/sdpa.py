@@ -81,8 +81,14 @@ def scaled_dot_product_attention(
             log.warning("tabattn sdpa: torch fallback: %s", reason)
         kwargs = {"enable_gqa": enable_gqa} if enable_gqa else {}
         return F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-            scale=scale, **kwargs,
+            query,
+            key,
+            value,
+            attn_mask=attn_mask,
+            dropout_p=dropout_p,
+            is_causal=is_causal,
+            scale=scale,
+            **kwargs,
         )
     mask = CausalMask(query.shape[2], key.shape[2], align="top_left") if is_causal else None
     return flash_attention(query, key, value, mask=mask, scale=scale)

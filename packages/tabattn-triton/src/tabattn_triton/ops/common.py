@@ -36,7 +36,9 @@ def autotune_enabled() -> bool:
     return os.environ.get(ENV_AUTOTUNE, "1") != "0" and not interpreting()
 
 
-def pick_configs(configs: list[triton.Config], keep: Callable[[triton.Config], bool]) -> list[triton.Config]:
+def pick_configs(
+    configs: list[triton.Config], keep: Callable[[triton.Config], bool]
+) -> list[triton.Config]:
     """The configs that `keep` accepts, or only the first of them when autotuning is off."""
     kept = [c for c in configs if keep(c)] or configs[:1]
     return kept if autotune_enabled() else kept[:1]

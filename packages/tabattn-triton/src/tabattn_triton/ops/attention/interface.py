@@ -13,7 +13,6 @@ import torch
 import triton
 
 from tabattn_core.checks import (
-    FLOAT_DTYPES,
     InputError,
     check_gqa,
     check_head_dim,
@@ -70,7 +69,9 @@ def prefix_mask_of(mask: MaskSpec | None, q_len: int, kv_len: int, batch: int) -
         if lens.numel() == 1:
             return PrefixMask(MASK_CONTEXT, ctx_len=int(lens[0]))
         if lens.numel() != batch:
-            raise InputError(f"mask: expected context lengths for {batch} datasets, got {lens.numel()}")
+            raise InputError(
+                f"mask: expected context lengths for {batch} datasets, got {lens.numel()}"
+            )
         return PrefixMask(MASK_CONTEXT, ctx_lens=lens)
     if isinstance(mask, CausalMask):
         return PrefixMask(MASK_CAUSAL, causal_offset=mask.offset)
@@ -90,8 +91,12 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
     check_device("q", q)
     b, h, _, d = q.shape
     dims = "[B, H_kv, Lk, D]"
-    check_tensor("k", k, ndim=4, dtypes=(q.dtype,), device=q.device, unit_last_stride=True, dims=dims)
-    check_tensor("v", v, shape=k.shape, dtypes=(q.dtype,), device=q.device, unit_last_stride=True, dims=dims)
+    check_tensor(
+        "k", k, ndim=4, dtypes=(q.dtype,), device=q.device, unit_last_stride=True, dims=dims
+    )
+    check_tensor(
+        "v", v, shape=k.shape, dtypes=(q.dtype,), device=q.device, unit_last_stride=True, dims=dims
+    )
     if k.shape[0] != b or k.shape[3] != d:
         raise InputError(f"k: expected shape [{b}, H_kv, Lk, {d}], got {list(k.shape)}")
     check_head_dim("q", d)
@@ -130,13 +135,34 @@ def attention_fwd(
     keys = _keys(q, k, group, pm)
     grid = lambda meta: (b * h * triton.cdiv(lq, meta["BLOCK_M"]),)
     attention_fwd_kernel[grid](
-        q, k, v, out, lse, lens,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        h, group, lq, k.shape[2], d, scale * LOG2E,
-        ctx_len, causal_offset, ar_buffer, ar_chunked,
-        keys["LQ_BUCKET"], keys["LK_BUCKET"], keys["GROUP_BUCKET"],
-        MASK=keys["MASK"], HAS_CTX_LENS=keys["HAS_CTX_LENS"], STORE_LSE=True,
-        BLOCK_D=keys["BLOCK_D"], DOT_PRECISION=keys["DOT_PRECISION"],
+        q,
+        k,
+        v,
+        out,
+        lse,
+        lens,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.stride(),
+        h,
+        group,
+        lq,
+        k.shape[2],
+        d,
+        scale * LOG2E,
+        ctx_len,
+        causal_offset,
+        ar_buffer,
+        ar_chunked,
+        keys["LQ_BUCKET"],
+        keys["LK_BUCKET"],
+        keys["GROUP_BUCKET"],
+        MASK=keys["MASK"],
+        HAS_CTX_LENS=keys["HAS_CTX_LENS"],
+        STORE_LSE=True,
+        BLOCK_D=keys["BLOCK_D"],
+        DOT_PRECISION=keys["DOT_PRECISION"],
     )
     return out, lse
 
@@ -179,14 +205,44 @@ def attention_bwd(
     dims = (h, group, lq, lk, d, scale, scale * LOG2E)
     h_kv = k.shape[1]
     attention_bwd_dkdv_kernel[lambda meta: (b * h_kv * triton.cdiv(lk, meta["BLOCK_N"]),)](
-        q, k, v, do, dk, dv, lse, delta, lens,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        *dims, *mask_args, *tune, **flags,
+        q,
+        k,
+        v,
+        do,
+        dk,
+        dv,
+        lse,
+        delta,
+        lens,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *do.stride(),
+        *dk.stride(),
+        *dv.stride(),
+        *dims,
+        *mask_args,
+        *tune,
+        **flags,
     )
     attention_bwd_dq_kernel[lambda meta: (b * h * triton.cdiv(lq, meta["BLOCK_M"]),)](
-        q, k, v, do, dq, lse, delta, lens,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        *dims, *mask_args, *tune, **flags,
+        q,
+        k,
+        v,
+        do,
+        dq,
+        lse,
+        delta,
+        lens,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *do.stride(),
+        *dq.stride(),
+        *dims,
+        *mask_args,
+        *tune,
+        **flags,
     )
     return dq, dk, dv
 

@@ -88,14 +88,41 @@ def _load_rows(base, offs, stride_l, stride_d, offs_d, row_ok, d_ok):
 )
 @triton.jit
 def attention_fwd_kernel(
-    Q, K, V, O, LSE, CTX_LENS,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_om, stride_od,
-    H, GROUP, Lq, Lk, D, qk_scale,
-    ctx_len, causal_offset, ar_buffer, ar_chunked,
-    LQ_BUCKET, LK_BUCKET, GROUP_BUCKET,
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    CTX_LENS,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_od,
+    H,
+    GROUP,
+    Lq,
+    Lk,
+    D,
+    qk_scale,
+    ctx_len,
+    causal_offset,
+    ar_buffer,
+    ar_chunked,
+    LQ_BUCKET,
+    LK_BUCKET,
+    GROUP_BUCKET,
     MASK: tl.constexpr,
     HAS_CTX_LENS: tl.constexpr,
     STORE_LSE: tl.constexpr,
@@ -120,7 +147,9 @@ def attention_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < Lq
     d_ok = offs_d < D
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qm, stride_qd, offs_d, row_ok, d_ok)
+    q = _load_rows(
+        Q + b * stride_qb + h * stride_qh, offs_m, stride_qm, stride_qd, offs_d, row_ok, d_ok
+    )
 
     kv_end = prefix_kv_end(offs_m, Lq, Lk, ctx_len, causal_offset, ar_buffer, ar_chunked, MASK)
     full_end = tl.min(tl.where(row_ok, kv_end, Lk), 0)  # keys every row of the block sees
@@ -137,17 +166,27 @@ def attention_fwd_kernel(
         cols = start + offs_n
         k_t = tl.trans(_load_rows(k_base, cols, stride_kn, stride_kd, offs_d, all_rows, d_ok))
         v_t = _load_rows(v_base, cols, stride_vn, stride_vd, offs_d, all_rows, d_ok)
-        acc, m_i, l_i = online_softmax_tile(acc, m_i, l_i, q, k_t, v_t, qk_scale, None, False, DOT_PRECISION)
+        acc, m_i, l_i = online_softmax_tile(
+            acc, m_i, l_i, q, k_t, v_t, qk_scale, None, False, DOT_PRECISION
+        )
     for start in range(full_stop, any_end, BLOCK_N):
         cols = start + offs_n
         col_ok = cols < Lk
         k_t = tl.trans(_load_rows(k_base, cols, stride_kn, stride_kd, offs_d, col_ok, d_ok))
         v_t = _load_rows(v_base, cols, stride_vn, stride_vd, offs_d, col_ok, d_ok)
         visible = cols[None, :] < kv_end[:, None]
-        acc, m_i, l_i = online_softmax_tile(acc, m_i, l_i, q, k_t, v_t, qk_scale, visible, True, DOT_PRECISION)
+        acc, m_i, l_i = online_softmax_tile(
+            acc, m_i, l_i, q, k_t, v_t, qk_scale, visible, True, DOT_PRECISION
+        )
 
     out, lse = finish_softmax(acc, m_i, l_i)
-    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    o_ptrs = (
+        O
+        + b * stride_ob
+        + h * stride_oh
+        + offs_m[:, None] * stride_om
+        + offs_d[None, :] * stride_od
+    )
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     if STORE_LSE:
         tl.store(LSE + bh * Lq + offs_m, lse, mask=row_ok)
@@ -155,10 +194,20 @@ def attention_fwd_kernel(
 
 @triton.jit
 def attention_bwd_preprocess_kernel(
-    O, DO, DELTA,
-    stride_ob, stride_oh, stride_om, stride_od,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    H, Lq, D,
+    O,
+    DO,
+    DELTA,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_od,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dod,
+    H,
+    Lq,
+    D,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -172,8 +221,12 @@ def attention_bwd_preprocess_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < Lq
     d_ok = offs_d < D
-    o = _load_rows(O + b * stride_ob + h * stride_oh, offs_m, stride_om, stride_od, offs_d, row_ok, d_ok)
-    do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, stride_dom, stride_dod, offs_d, row_ok, d_ok)
+    o = _load_rows(
+        O + b * stride_ob + h * stride_oh, offs_m, stride_om, stride_od, offs_d, row_ok, d_ok
+    )
+    do = _load_rows(
+        DO + b * stride_dob + h * stride_doh, offs_m, stride_dom, stride_dod, offs_d, row_ok, d_ok
+    )
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + bh * Lq + offs_m, delta, mask=row_ok)
 
@@ -189,9 +242,30 @@ def _load_row_stats(LSE, DELTA, bh, Lq, offs_m, row_ok):
 
 @triton.jit
 def _dkdv_tile(
-    dk, dv, k, v, q_base, do_base, LSE, DELTA, bh, m_block, cols,
-    stride_qm, stride_qd, stride_dom, stride_dod,
-    Lq, Lk, ctx_len, causal_offset, ar_buffer, ar_chunked, qk_scale, offs_d, d_ok,
+    dk,
+    dv,
+    k,
+    v,
+    q_base,
+    do_base,
+    LSE,
+    DELTA,
+    bh,
+    m_block,
+    cols,
+    stride_qm,
+    stride_qd,
+    stride_dom,
+    stride_dod,
+    Lq,
+    Lk,
+    ctx_len,
+    causal_offset,
+    ar_buffer,
+    ar_chunked,
+    qk_scale,
+    offs_d,
+    d_ok,
     MASK: tl.constexpr,
     MASKED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -222,16 +296,53 @@ def _dkdv_tile(
 )
 @triton.jit
 def attention_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, CTX_LENS,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    H, GROUP, Lq, Lk, D, sm_scale, qk_scale,
-    ctx_len, causal_offset, ar_buffer, ar_chunked,
-    LQ_BUCKET, LK_BUCKET, GROUP_BUCKET,
+    Q,
+    K,
+    V,
+    DO,
+    DK,
+    DV,
+    LSE,
+    DELTA,
+    CTX_LENS,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dod,
+    stride_dkb,
+    stride_dkh,
+    stride_dkn,
+    stride_dkd,
+    stride_dvb,
+    stride_dvh,
+    stride_dvn,
+    stride_dvd,
+    H,
+    GROUP,
+    Lq,
+    Lk,
+    D,
+    sm_scale,
+    qk_scale,
+    ctx_len,
+    causal_offset,
+    ar_buffer,
+    ar_chunked,
+    LQ_BUCKET,
+    LK_BUCKET,
+    GROUP_BUCKET,
     MASK: tl.constexpr,
     HAS_CTX_LENS: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -256,8 +367,12 @@ def attention_bwd_dkdv_kernel(
     k0 = (n_block * BLOCK_N).to(tl.int32)
     cols = k0 + tl.arange(0, BLOCK_N)
     col_ok = cols < Lk
-    k = _load_rows(K + b * stride_kb + h_kv * stride_kh, cols, stride_kn, stride_kd, offs_d, col_ok, d_ok)
-    v = _load_rows(V + b * stride_vb + h_kv * stride_vh, cols, stride_vn, stride_vd, offs_d, col_ok, d_ok)
+    k = _load_rows(
+        K + b * stride_kb + h_kv * stride_kh, cols, stride_kn, stride_kd, offs_d, col_ok, d_ok
+    )
+    v = _load_rows(
+        V + b * stride_vb + h_kv * stride_vh, cols, stride_vn, stride_vd, offs_d, col_ok, d_ok
+    )
 
     # Query blocks that see this key block: [m_lo, m_mid) partly (masked), [m_mid, m_hi) fully.
     num_m_blocks = tl.cdiv(Lq, BLOCK_M)
@@ -289,29 +404,105 @@ def attention_bwd_dkdv_kernel(
         do_base = DO + b * stride_dob + h * stride_doh
         for m_block in range(m_lo, m_mid):
             dk, dv = _dkdv_tile(
-                dk, dv, k, v, q_base, do_base, LSE, DELTA, bh, m_block, cols,
-                stride_qm, stride_qd, stride_dom, stride_dod,
-                Lq, Lk, ctx_len, causal_offset, ar_buffer, ar_chunked, qk_scale, offs_d, d_ok,
-                MASK, True, DOT_PRECISION, BLOCK_M,
+                dk,
+                dv,
+                k,
+                v,
+                q_base,
+                do_base,
+                LSE,
+                DELTA,
+                bh,
+                m_block,
+                cols,
+                stride_qm,
+                stride_qd,
+                stride_dom,
+                stride_dod,
+                Lq,
+                Lk,
+                ctx_len,
+                causal_offset,
+                ar_buffer,
+                ar_chunked,
+                qk_scale,
+                offs_d,
+                d_ok,
+                MASK,
+                True,
+                DOT_PRECISION,
+                BLOCK_M,
             )
         for m_block in range(m_mid, m_hi):
             dk, dv = _dkdv_tile(
-                dk, dv, k, v, q_base, do_base, LSE, DELTA, bh, m_block, cols,
-                stride_qm, stride_qd, stride_dom, stride_dod,
-                Lq, Lk, ctx_len, causal_offset, ar_buffer, ar_chunked, qk_scale, offs_d, d_ok,
-                MASK, False, DOT_PRECISION, BLOCK_M,
+                dk,
+                dv,
+                k,
+                v,
+                q_base,
+                do_base,
+                LSE,
+                DELTA,
+                bh,
+                m_block,
+                cols,
+                stride_qm,
+                stride_qd,
+                stride_dom,
+                stride_dod,
+                Lq,
+                Lk,
+                ctx_len,
+                causal_offset,
+                ar_buffer,
+                ar_chunked,
+                qk_scale,
+                offs_d,
+                d_ok,
+                MASK,
+                False,
+                DOT_PRECISION,
+                BLOCK_M,
             )
     store_mask = col_ok[:, None] & d_ok[None, :]
-    dk_ptrs = DK + b * stride_dkb + h_kv * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
-    dv_ptrs = DV + b * stride_dvb + h_kv * stride_dvh + cols[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
+    dk_ptrs = (
+        DK
+        + b * stride_dkb
+        + h_kv * stride_dkh
+        + cols[:, None] * stride_dkn
+        + offs_d[None, :] * stride_dkd
+    )
+    dv_ptrs = (
+        DV
+        + b * stride_dvb
+        + h_kv * stride_dvh
+        + cols[:, None] * stride_dvn
+        + offs_d[None, :] * stride_dvd
+    )
     tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=store_mask)
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=store_mask)
 
 
 @triton.jit
 def _dq_tile(
-    dq, q, do, lse, delta, k_base, v_base, start, offs_n, kv_end,
-    stride_kn, stride_kd, stride_vn, stride_vd, Lk, qk_scale, offs_d, d_ok,
+    dq,
+    q,
+    do,
+    lse,
+    delta,
+    k_base,
+    v_base,
+    start,
+    offs_n,
+    kv_end,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    Lk,
+    qk_scale,
+    offs_d,
+    d_ok,
     MASKED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -337,15 +528,48 @@ def _dq_tile(
 )
 @triton.jit
 def attention_bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, CTX_LENS,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    H, GROUP, Lq, Lk, D, sm_scale, qk_scale,
-    ctx_len, causal_offset, ar_buffer, ar_chunked,
-    LQ_BUCKET, LK_BUCKET, GROUP_BUCKET,
+    Q,
+    K,
+    V,
+    DO,
+    DQ,
+    LSE,
+    DELTA,
+    CTX_LENS,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dod,
+    stride_dqb,
+    stride_dqh,
+    stride_dqm,
+    stride_dqd,
+    H,
+    GROUP,
+    Lq,
+    Lk,
+    D,
+    sm_scale,
+    qk_scale,
+    ctx_len,
+    causal_offset,
+    ar_buffer,
+    ar_chunked,
+    LQ_BUCKET,
+    LK_BUCKET,
+    GROUP_BUCKET,
     MASK: tl.constexpr,
     HAS_CTX_LENS: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -369,8 +593,12 @@ def attention_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < Lq
     d_ok = offs_d < D
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qm, stride_qd, offs_d, row_ok, d_ok)
-    do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, stride_dom, stride_dod, offs_d, row_ok, d_ok)
+    q = _load_rows(
+        Q + b * stride_qb + h * stride_qh, offs_m, stride_qm, stride_qd, offs_d, row_ok, d_ok
+    )
+    do = _load_rows(
+        DO + b * stride_dob + h * stride_doh, offs_m, stride_dom, stride_dod, offs_d, row_ok, d_ok
+    )
     lse, delta = _load_row_stats(LSE, DELTA, bh, Lq, offs_m, row_ok)
 
     kv_end = prefix_kv_end(offs_m, Lq, Lk, ctx_len, causal_offset, ar_buffer, ar_chunked, MASK)
@@ -383,15 +611,55 @@ def attention_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, full_stop, BLOCK_N):
         dq = _dq_tile(
-            dq, q, do, lse, delta, k_base, v_base, start, offs_n, kv_end,
-            stride_kn, stride_kd, stride_vn, stride_vd, Lk, qk_scale, offs_d, d_ok,
-            False, DOT_PRECISION,
+            dq,
+            q,
+            do,
+            lse,
+            delta,
+            k_base,
+            v_base,
+            start,
+            offs_n,
+            kv_end,
+            stride_kn,
+            stride_kd,
+            stride_vn,
+            stride_vd,
+            Lk,
+            qk_scale,
+            offs_d,
+            d_ok,
+            False,
+            DOT_PRECISION,
         )
     for start in range(full_stop, any_end, BLOCK_N):
         dq = _dq_tile(
-            dq, q, do, lse, delta, k_base, v_base, start, offs_n, kv_end,
-            stride_kn, stride_kd, stride_vn, stride_vd, Lk, qk_scale, offs_d, d_ok,
-            True, DOT_PRECISION,
+            dq,
+            q,
+            do,
+            lse,
+            delta,
+            k_base,
+            v_base,
+            start,
+            offs_n,
+            kv_end,
+            stride_kn,
+            stride_kd,
+            stride_vn,
+            stride_vd,
+            Lk,
+            qk_scale,
+            offs_d,
+            d_ok,
+            True,
+            DOT_PRECISION,
         )
-    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
+    dq_ptrs = (
+        DQ
+        + b * stride_dqb
+        + h * stride_dqh
+        + offs_m[:, None] * stride_dqm
+        + offs_d[None, :] * stride_dqd
+    )
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
