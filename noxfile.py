@@ -78,8 +78,8 @@ def tests(session: nox.Session, package: str) -> None:
 
 @nox.session
 def integration(session: nox.Session) -> None:
-    """All packages installed together: cross-package tests."""
-    _sync(session, "--all-packages")
+    """All packages installed together: cross-package tests (the bench smoke run included)."""
+    _sync(session, "--all-packages", "--group", "bench")
     session.run(
         "pytest",
         "tests-integration",
@@ -233,3 +233,10 @@ def gpu(session: nox.Session, arch: str) -> None:
         *session.posargs,
         env={"TRITON_INTERPRET": "0"},
     )
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """A benchmark suite on this machine's GPU: `nox -s bench -- context_target --out DIR`."""
+    _sync(session, "--all-packages", "--group", "bench")
+    session.run("python", "-m", "bench", *(session.posargs or ["--help"]))

@@ -49,7 +49,8 @@ def _parser(suite_names: list[str]) -> argparse.ArgumentParser:
         help=(
             "timing budget: on CUDA do_bench's rep in ms (default "
             f"{harness.DEFAULT_REP_MS}; warm-up max({harness.DEFAULT_WARMUP_MS}, reps/4) ms); "
-            f"on CPU the number of timed calls (default {harness.DEFAULT_CPU_REPS})"
+            f"on CPU the number of timed calls (default {harness.DEFAULT_CPU_REPS}, "
+            f"{harness.SMOKE_CPU_REPS} with --smoke)"
         ),
     )
     p.add_argument(
@@ -93,13 +94,17 @@ def main(argv: list[str] | None = None) -> int:
     bad = 0
     for name in sorted(known) if args.suite == "all" else [args.suite]:
         suite = known[name]
+        json_path = out / f"{name}.json"
+
+        def save(result, json_path=json_path):
+            json_path.write_text(json.dumps(_json_safe(result), indent=1) + "\n")
+
         try:
-            result = harness.run_suite(suite, cfg)
+            result = harness.run_suite(suite, cfg, on_case=save)
         except KeyError as exc:  # unknown provider names
             print(f"error: {exc.args[0]}", file=sys.stderr)
             return 2
-        json_path = out / f"{name}.json"
-        json_path.write_text(json.dumps(_json_safe(result), indent=1) + "\n")
+        save(result)
         png_path = plot_result(result, out / f"{name}.png")
         print(harness.markdown_table(result))
         print(f"\nwrote {json_path} and {png_path}")

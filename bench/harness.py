@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,7 @@ BWD_FLOP_FACTOR = 2.5  # backward counted as 2.5x the forward (DESIGN.md, perfor
 DEFAULT_WARMUP_MS = 25
 DEFAULT_REP_MS = 100
 DEFAULT_CPU_REPS = 5
+SMOKE_CPU_REPS = 3
 
 
 class Unavailable(Exception):
@@ -125,7 +127,9 @@ class RunConfig:
 
     @property
     def cpu_reps(self) -> int:
-        return self.reps if self.reps is not None else DEFAULT_CPU_REPS
+        if self.reps is not None:
+            return self.reps
+        return SMOKE_CPU_REPS if self.smoke else DEFAULT_CPU_REPS
 
 
 @dataclass(frozen=True)
@@ -182,6 +186,9 @@ def _dist_version(*names: str) -> str | None:
     return None
 
 
+COMMIT_ENV = "BENCH_GIT_COMMIT"  # used where the tree has no .git (e.g. the device machine)
+
+
 def _git_commit() -> str:
     try:
         out = subprocess.run(
@@ -202,7 +209,7 @@ def _git_commit() -> str:
         ).stdout.strip()
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return os.environ.get(COMMIT_ENV) or "unknown"
 
 
 def collect_header(suite: Suite, cfg: RunConfig) -> dict[str, Any]:
@@ -395,8 +402,15 @@ def _progress(items: list, desc: str):
     return tqdm(items, desc=desc, unit="case", file=sys.stderr, dynamic_ncols=True)
 
 
-def run_suite(suite: Suite, cfg: RunConfig) -> dict[str, Any]:
-    """Run every case, mode and provider; returns {"header": ..., "rows": [...]}."""
+def run_suite(
+    suite: Suite,
+    cfg: RunConfig,
+    on_case: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run every case, mode and provider; returns {"header": ..., "rows": [...]}.
+
+    `on_case(partial_result)` is called after each case (e.g. to save partial results
+    before a wall-clock limit cuts the run short)."""
     providers = _selected_providers(suite, cfg)
     dtype = suite.dtype(cfg)
     tol = _tolerance(dtype)
@@ -414,7 +428,9 @@ def run_suite(suite: Suite, cfg: RunConfig) -> dict[str, Any]:
         for mode in suite.modes:
             ref = suite.reference(case, inputs, mode, cfg)
             mode_rows = [
-                _measure(suite, case, mode, provider.name, fns[provider.name], inputs, ref, tol, cfg)
+                _measure(
+                    suite, case, mode, provider.name, fns[provider.name], inputs, ref, tol, cfg
+                )
                 for provider in providers
             ]
             baseline = suite.baseline(mode, cfg)
@@ -431,7 +447,9 @@ def run_suite(suite: Suite, cfg: RunConfig) -> dict[str, Any]:
             _free_memory(cfg)
         del inputs, fns
         _free_memory(cfg)
-    return {"header": header, "rows": rows}
+        if on_case is not None:
+            on_case({"header": header, "rows": rows, "complete": index + 1 == len(cases)})
+    return {"header": header, "rows": rows, "complete": True}
 
 
 def _measure(
@@ -518,7 +536,7 @@ def markdown_table(result: dict[str, Any]) -> str:
     ]
     notes: dict[tuple[str, str, str], list[str]] = {}
     for r in result["rows"]:
-        speedup = _fmt(r["speedup"], ".2f") + ("x" if r["speedup"] is not None else "")
+        speedup = _fmt(r["speedup"], ".3g") + ("x" if r["speedup"] is not None else "")
         lines.append(
             f"| {r['shape']} | {r['mode']} | {r['provider']} | {r['status']} | "
             f"{_fmt(r['ms'], '.4g')} | {_fmt(r['tflops'], '.4g')} | {speedup} | "
@@ -538,6 +556,8 @@ def markdown_table(result: dict[str, Any]) -> str:
     ]
     if notes:
         out += ["", "Not timed:"]
+        per_provider = Counter(r["provider"] for r in result["rows"])
         for (provider, status, reason), where in notes.items():
-            out.append(f"- {provider} ({status}; {len(where)} row(s): {', '.join(where)}): {reason}")
+            at = "all rows" if len(where) == per_provider[provider] else ", ".join(where)
+            out.append(f"- {provider} ({status}; {at}): {reason}")
     return "\n".join(out)

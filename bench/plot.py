@@ -53,7 +53,9 @@ def plot_result(result: dict[str, Any], path: str | Path) -> Path:
                     if r["provider"] == provider and r["status"] == "ok" and r["tflops"]
                 ]
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", color=colors[provider], label=provider)
+                    ax.plot(
+                        *zip(*pts, strict=True), marker="o", color=colors[provider], label=provider
+                    )
                     drawn = True
             ax.set_xticks(range(len(xs)))
             ax.set_xticklabels(xs, fontsize=7)

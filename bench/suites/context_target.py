@@ -36,9 +36,7 @@ def _cases(cfg: RunConfig) -> list[dict[str, Any]]:
     heads, dims, sizes = (
         (SMOKE_H, SMOKE_HEAD_DIMS, SMOKE_SIZES) if cfg.smoke else (H, HEAD_DIMS, SIZES)
     )
-    return [
-        {"B": b, "H": heads, "M": m, "N": n, "D": d} for d in dims for (b, m, n) in sizes
-    ]
+    return [{"B": b, "H": heads, "M": m, "N": n, "D": d} for d in dims for (b, m, n) in sizes]
 
 
 def _dtype(cfg: RunConfig) -> torch.dtype:
@@ -242,7 +240,9 @@ def _compiled_flex():
 def _make_flex(case: dict[str, Any], inputs: Inputs):
     q, k, v = _qkv(inputs)
     if not q.is_cuda:
-        raise Unavailable("flex: measured on CUDA only (its CPU compile path is slow and not a target)")
+        raise Unavailable(
+            "flex: measured on CUDA only (its CPU compile path is slow and not a target)"
+        )
     compiled, scale = _compiled_flex(), inputs.extra["scale"]
     return lambda: compiled(q, k, v, scale)
 
