@@ -124,15 +124,15 @@ def online_softmax_tile(
     sum; acc [BM, BD] fp32. `visible` [BM, BN] is used only when MASKED. Rows that have seen
     no key keep m_i = -inf, l_i = 0, acc = 0 (no NaN).
     """
-    s = tl.dot(q, k_tile, input_precision=DOT_PRECISION)
+    s = tl.dot(q, k_tile, input_precision=DOT_PRECISION) * qk_scale
     if MASKED:
         s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s * qk_scale - m_safe[:, None])  # one FMA per score
+    p = tl.math.exp2(s - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v_tile.dtype), v_tile, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
 

@@ -279,15 +279,15 @@ def _dkdv_tile(
     q = _load_rows(q_base, offs_m, stride_qm, stride_qd, offs_d, row_ok, d_ok)
     do = _load_rows(do_base, offs_m, stride_dom, stride_dod, offs_d, row_ok, d_ok)
     lse, delta = _load_row_stats(LSE, DELTA, bh, Lq, offs_m, row_ok)
-    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
-    p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
+    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
+    p_t = tl.math.exp2(s_t - lse[None, :])
     if MASKED:
         kv_end = prefix_kv_end(offs_m, Lq, Lk, ctx_len, causal_offset, ar_buffer, ar_chunked, MASK)
         p_t = tl.where(cols[:, None] < kv_end[None, :], p_t, 0.0)
-    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
-    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -513,13 +513,13 @@ def _dq_tile(
     col_ok = cols < Lk
     k = _load_rows(k_base, cols, stride_kn, stride_kd, offs_d, col_ok, d_ok)
     v = _load_rows(v_base, cols, stride_vn, stride_vd, offs_d, col_ok, d_ok)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    p = tl.math.exp2(s * qk_scale - lse[:, None])
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    p = tl.math.exp2(s - lse[:, None])
     if MASKED:
         p = tl.where(cols[None, :] < kv_end[:, None], p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
-    dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     return dq
 
 
