@@ -255,6 +255,44 @@ def test_selection_attention_varlen(nseq, hkv, group, bs, is_causal, d, data):
     check(out, lse, want_out, want_lse, torch.float64)
 
 
+@SETTINGS
+@given(
+    nseq=st.integers(1, 4),
+    hkv=st.integers(1, 2),
+    group=st.integers(1, 3),
+    is_causal=st.booleans(),
+    d=HEAD_DIMS,
+    data=st.data(),
+)
+def test_varlen_attention(nseq, hkv, group, is_causal, d, data):
+    lqs = data.draw(st.lists(st.integers(0, 6), min_size=nseq, max_size=nseq))
+    lks = data.draw(st.lists(st.integers(0, 7), min_size=nseq, max_size=nseq))
+    q = torch.randn(sum(lqs), hkv * group, d, dtype=torch.float64)
+    k, v = torch.randn(2, sum(lks), hkv, d, dtype=torch.float64)
+    cu_q = torch.tensor([0, *torch.tensor(lqs).cumsum(0).tolist()])
+    cu_k = torch.tensor([0, *torch.tensor(lks).cumsum(0).tolist()])
+    out, lse = reference.varlen_attention(
+        q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=is_causal
+    )
+    want_out, want_lse = (
+        torch.zeros_like(q),
+        torch.zeros(q.shape[1], q.shape[0], dtype=torch.float64),
+    )
+    for i, (lq, lk) in enumerate(zip(lqs, lks, strict=True)):
+        q0, k0 = int(cu_q[i]), int(cu_k[i])
+        vis = brute.causal(lq, lk) if is_causal else [[True] * lk for _ in range(lq)]
+        for h in range(q.shape[1]):
+            o, l_ = brute.attention(
+                q[q0 : q0 + lq, h],
+                k[k0 : k0 + lk, h // group],
+                v[k0 : k0 + lk, h // group],
+                vis,
+                d**-0.5,
+            )
+            want_out[q0 : q0 + lq, h], want_lse[h, q0 : q0 + lq] = o, l_
+    check(out, lse, want_out, want_lse, torch.float64)
+
+
 def test_rows_that_see_nothing_are_zero_with_finite_gradients():
     q = torch.randn(1, 2, 4, 16, dtype=torch.float64, requires_grad=True)
     k, v = (torch.randn(1, 2, 2, 16, dtype=torch.float64, requires_grad=True) for _ in range(2))

@@ -12,7 +12,11 @@ import torch
 from tabattn_core import masks, reference
 from tabattn_core.checks import InputError
 from tabattn_core.testing import AttentionShape, assert_rel_close, rel_error
-from tabattn_triton.ops.attention import context_target_attention, flash_attention
+from tabattn_triton.ops.attention import (
+    context_target_attention,
+    flash_attention,
+    varlen_attention,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -132,6 +136,60 @@ def test_registry_op_context_target():
     assert_rel_close(lse, ref_lse, dtype=tol)
 
 
+def compare_varlen(lqs, lks, h, h_kv, d, causal, dtype):
+    """Packed sequences (some empty) against the per-sequence fp64 reference."""
+    q = torch.randn(sum(lqs), h, d, device=DEVICE, dtype=dtype, requires_grad=True)
+    k, v = (
+        torch.randn(sum(lks), h_kv, d, device=DEVICE, dtype=dtype, requires_grad=True)
+        for _ in range(2)
+    )
+    cu_q = torch.tensor([0, *torch.tensor(lqs).cumsum(0).tolist()], device=DEVICE)
+    cu_k = torch.tensor(
+        [0, *torch.tensor(lks).cumsum(0).tolist()], device=DEVICE, dtype=torch.int32
+    )
+    out, lse = varlen_attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=causal)
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref_out, ref_lse = reference.varlen_attention(
+        q64, k64, v64, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=causal
+    )
+    ref_grads = torch.autograd.grad(ref_out, (q64, k64, v64), do.double())
+    tol = dtype if dtype != torch.float32 or DEVICE == "cpu" else "tf32"
+    assert_rel_close(out, ref_out, dtype=tol, name="out")
+    assert_rel_close(lse, ref_lse, dtype=tol, name="lse")
+    for name, g, rg in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True):
+        assert_rel_close(g, rg, tol=2 * _bound(tol), name=name)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_packed_sequences(causal):
+    compare_varlen(
+        [5, 0, 17, 33], [7, 3, 0, 40], h=4, h_kv=2, d=48, causal=causal, dtype=torch.float32
+    )
+
+
+def test_varlen_bad_offsets_named():
+    q, k = torch.randn(6, 2, 32, device=DEVICE), torch.randn(5, 2, 32, device=DEVICE)
+    good = torch.tensor([0, 6], device=DEVICE)
+    with pytest.raises(InputError, match="cu_seqlens_k"):
+        varlen_attention(
+            q, k, k, cu_seqlens_q=good, cu_seqlens_k=torch.tensor([0, 4], device=DEVICE)
+        )
+    with pytest.raises(InputError, match="cu_seqlens_q"):
+        varlen_attention(
+            q, k, k, cu_seqlens_q=torch.tensor([0, 7, 6], device=DEVICE), cu_seqlens_k=good
+        )
+    with pytest.raises(InputError, match="cu_seqlens_k: expected 3 offsets"):
+        varlen_attention(
+            q,
+            k,
+            k,
+            cu_seqlens_q=torch.tensor([0, 2, 6], device=DEVICE),
+            cu_seqlens_k=torch.tensor([0, 5], device=DEVICE),
+        )
+
+
 def test_many_batch_heads_beyond_grid_limit():
     """B*H*blocks past the 65535 limit of CUDA grid dims y/z: the grid is one-dimensional."""
     b = 33000 if DEVICE == "cuda" else 3
@@ -215,6 +273,17 @@ GPU_CASES = [
 def test_gpu_real_sizes(name, shape, mask, dtype):
     q, k, v = make_inputs(shape, dtype)
     compare(q, k, v, mask(shape), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_varlen_datasets_of_different_sizes(causal):
+    """Context-target batch of datasets with different (M, N): each sequence's queries are
+    its M+N rows, its keys its M context rows."""
+    ms, ns = [1000, 37, 4000, 0, 513], [500, 11, 1000, 64, 700]
+    compare_varlen(
+        [m + n for m, n in zip(ms, ns, strict=True)], ms, 8, 2, 64, causal, torch.bfloat16
+    )
 
 
 @pytest.mark.gpu

@@ -32,6 +32,7 @@ from tabattn_core.reference import (
     selection_attention,
     shared_context_attention,
     teacher_forcing_attention,
+    varlen_attention,
 )
 from tabattn_core.registry import OPS, Backend, get_backend, get_op, registry
 
@@ -65,5 +66,6 @@ __all__ = [
     "selection_attention",
     "shared_context_attention",
     "teacher_forcing_attention",
+    "varlen_attention",
     "__version__",
 ]

@@ -47,6 +47,14 @@ def default_problems(device: torch.device, dtype: torch.dtype) -> dict[str, tupl
             (randn(g, s, h, 2 * nt, d), k_ctx, v_ctx, k_buf[:, :, :, :nt], v_buf[:, :, :, :nt]),
             {"context_lens": lens},
         ),
+        "varlen_attention": (
+            (randn(tq, h, d), randn(tk, h_kv, d), randn(tk, h_kv, d)),
+            {
+                "cu_seqlens_q": torch.tensor([0, 4, tq], device=device),
+                "cu_seqlens_k": torch.tensor([0, 24, tk], device=device),
+                "causal": True,
+            },
+        ),
         "selection_attention": (
             (randn(tq, h, d), randn(tk, h_kv, d), randn(tk, h_kv, d)),
             {

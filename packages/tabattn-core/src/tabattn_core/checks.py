@@ -9,6 +9,7 @@ import torch
 
 __all__ = [
     "InputError",
+    "check_cu_seqlens",
     "check_head_dim",
     "check_gqa",
     "check_lengths",
@@ -127,3 +128,26 @@ def check_scale(scale: float | None, head_dim: int) -> float:
     if not (s > 0 and s != float("inf")):
         raise InputError(f"scale: expected a finite positive float, got {scale}")
     return s
+
+
+def check_cu_seqlens(name: str, cu: object, *, total: int, device: torch.device) -> torch.Tensor:
+    """Offsets of packed sequences: int [B+1], non-decreasing from 0 to `total`.
+
+    Returns them as an int64 CPU tensor (one device-to-host copy).
+    """
+    t = check_tensor(
+        name, cu, ndim=1, dtypes=(torch.int32, torch.int64), device=device, dims="[B+1]"
+    )
+    host = t.to(device="cpu", dtype=torch.int64)
+    if (
+        host.numel() < 1
+        or int(host[0]) != 0
+        or int(host[-1]) != total
+        or bool((host[1:] < host[:-1]).any())
+    ):
+        shown = host.tolist()
+        raise InputError(
+            f"{name}: expected non-decreasing offsets from 0 to {total}, got {shown[:8]}"
+            + ("..." if len(shown) > 8 else "")
+        )
+    return host

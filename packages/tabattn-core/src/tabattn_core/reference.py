@@ -16,6 +16,7 @@ import torch
 from tabattn_core.checks import (
     FLOAT_DTYPES,
     InputError,
+    check_cu_seqlens,
     check_gqa,
     check_head_dim,
     check_lengths,
@@ -25,6 +26,7 @@ from tabattn_core.checks import (
 )
 from tabattn_core.masks import (
     BufferDecodeMask,
+    CausalMask,
     ContextBufferMask,
     ContextTargetMask,
     MaskSpec,
@@ -40,6 +42,7 @@ __all__ = [
     "shared_context_attention",
     "softmax_with_lse",
     "teacher_forcing_attention",
+    "varlen_attention",
 ]
 
 
@@ -344,16 +347,55 @@ def teacher_forcing_attention(
     )
 
 
-def _check_cu_seqlens(name: str, cu: object, total: int, device: torch.device) -> torch.Tensor:
-    t = check_tensor(
-        name, cu, ndim=1, dtypes=(torch.int32, torch.int64), device=device, dims="[B+1]"
-    )
-    if t.numel() < 1 or int(t[0]) != 0 or int(t[-1]) != total or bool((t[1:] < t[:-1]).any()):
+def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, q_dims: str, kv_dims: str):
+    """Checks for packed varlen q [Tq, H, D], k/v [Tk, H_kv, D]; returns (group, cq, ck)."""
+    check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES, dims=q_dims)
+    check_tensor("k", k, ndim=3, dtypes=(q.dtype,), device=q.device, dims=kv_dims)
+    check_tensor("v", v, shape=k.shape, dtypes=(q.dtype,), device=q.device, dims=kv_dims)
+    check_head_dim("q", q.shape[-1])
+    if k.shape[-1] != q.shape[-1]:
+        raise InputError(f"k: expected head dim {q.shape[-1]} (as q), got {k.shape[-1]}")
+    group = check_gqa(q.shape[1], k.shape[1])
+    cq = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total=q.shape[0], device=q.device)
+    ck = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, total=k.shape[0], device=q.device)
+    if cq.numel() != ck.numel():
         raise InputError(
-            f"{name}: expected non-decreasing offsets from 0 to {total}, got {t.tolist()[:8]}"
-            + ("..." if t.numel() > 8 else "")
+            f"cu_seqlens_k: expected {cq.numel()} offsets (as cu_seqlens_q), got {ck.numel()}"
         )
-    return t.to(torch.int64).cpu()
+    return group, cq, ck
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    causal: bool = False,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over varlen sequences packed end to end (no padding), e.g. datasets of
+    different sizes in one context-target batch: sequence b's queries attend to its keys only.
+
+    q: [Tq, H, D]; k, v: [Tk, H_kv, D]; cu_seqlens_q / cu_seqlens_k: int [B+1] offsets;
+    causal: bottom-right aligned within each sequence. Returns out [Tq, H, D], lse [H, Tq].
+    """
+    _, cq, ck = _check_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, q_dims="[Tq, H, D]", kv_dims="[Tk, H_kv, D]"
+    )
+    out = torch.zeros_like(q)
+    lse = q.new_full((q.shape[1], q.shape[0]), float("-inf"), dtype=_compute_dtype(q))
+    for b in range(cq.numel() - 1):
+        q0, q1, k0, k1 = int(cq[b]), int(cq[b + 1]), int(ck[b]), int(ck[b + 1])
+        if q1 == q0:
+            continue
+        qs, ks, vs = (t.transpose(0, 1).unsqueeze(0) for t in (q[q0:q1], k[k0:k1], v[k0:k1]))
+        mask = CausalMask(q1 - q0, k1 - k0) if causal else None
+        o, l_ = attention(qs, ks, vs, mask=mask, scale=scale)
+        out[q0:q1] = o[0].transpose(0, 1)
+        lse[:, q0:q1] = l_[0]
+    return out, lse
 
 
 def selection_attention(
@@ -376,13 +418,9 @@ def selection_attention(
     query heads of a group; causal clamps row i of an Lq x Lk sequence to keys
     `<= Lk - Lq + i`. Returns out [Tq, H, D], lse [H, Tq] (the varlen LSE layout).
     """
-    check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES, dims="[Tq, H, D]")
-    check_tensor("k", k, ndim=3, dtypes=(q.dtype,), device=q.device, dims="[Tk, H_kv, D]")
-    check_tensor("v", v, shape=k.shape, dtypes=(q.dtype,), device=q.device, dims="[Tk, H_kv, D]")
-    check_head_dim("q", q.shape[-1])
-    if k.shape[-1] != q.shape[-1]:
-        raise InputError(f"k: expected head dim {q.shape[-1]} (as q), got {k.shape[-1]}")
-    group = check_gqa(q.shape[1], k.shape[1])
+    group, cq, ck = _check_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, q_dims="[Tq, H, D]", kv_dims="[Tk, H_kv, D]"
+    )
     check_tensor(
         "block_indices",
         block_indices,
@@ -393,13 +431,8 @@ def selection_attention(
     )
     if tuple(block_indices.shape[:2]) != (q.shape[0], k.shape[1]):
         raise InputError(
-            f"block_indices: expected shape [{q.shape[0]}, {k.shape[1]}, n_sel], got {list(block_indices.shape)}"
-        )
-    cq = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
-    ck = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
-    if cq.numel() != ck.numel():
-        raise InputError(
-            f"cu_seqlens_k: expected {cq.numel()} offsets (as cu_seqlens_q), got {ck.numel()}"
+            f"block_indices: expected shape [{q.shape[0]}, {k.shape[1]}, n_sel], "
+            f"got {list(block_indices.shape)}"
         )
     out = torch.zeros_like(q)
     lse = q.new_full((q.shape[1], q.shape[0]), float("-inf"), dtype=_compute_dtype(q))

@@ -49,6 +49,9 @@ OPS: dict[str, str] = {
     "teacher_forcing_attention": (
         "(q, k_ctx, v_ctx, k_buf, v_buf, *, context_lens=None, scale=None) -> (out, lse)"
     ),
+    "varlen_attention": (
+        "(q, k, v, *, cu_seqlens_q, cu_seqlens_k, causal=False, scale=None) -> (out, lse)"
+    ),
     "selection_attention": (
         "(q, k, v, *, cu_seqlens_q, cu_seqlens_k, block_indices, block_size, causal=False, "
         "scale=None) -> (out, lse)"
@@ -215,6 +218,7 @@ def _torch_backend() -> Backend:
             "context_target_attention": reference.context_target_attention,
             "shared_context_attention": reference.shared_context_attention,
             "teacher_forcing_attention": reference.teacher_forcing_attention,
+            "varlen_attention": reference.varlen_attention,
             "selection_attention": reference.selection_attention,
             "merge_states": reference.merge_states,
             "gmm_nll": gmm.gmm_nll,

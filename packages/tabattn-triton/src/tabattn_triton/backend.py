@@ -45,13 +45,17 @@ def attention(q, k, v, *, mask: MaskSpec | torch.Tensor | None = None, scale=Non
 
 def register(registry: Registry) -> None:
     """Register the Triton kernels with tabattn-core's op registry."""
-    from tabattn_triton.ops.attention import context_target_attention
+    from tabattn_triton.ops.attention import context_target_attention, varlen_attention
 
     registry.register_backend(
         Backend(
             name="triton",
             priority=PRIORITY,
-            ops={"attention": attention, "context_target_attention": context_target_attention},
+            ops={
+                "attention": attention,
+                "context_target_attention": context_target_attention,
+                "varlen_attention": varlen_attention,
+            },
             available=available,
             description="Triton kernels (tabattn-triton)",
         )

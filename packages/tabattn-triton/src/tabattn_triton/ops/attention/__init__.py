@@ -4,6 +4,7 @@ from tabattn_triton.ops.attention.interface import (
     context_target_attention,
     flash_attention,
     prefix_mask_of,
+    varlen_attention,
 )
 
-__all__ = ["context_target_attention", "flash_attention", "prefix_mask_of"]
+__all__ = ["context_target_attention", "flash_attention", "prefix_mask_of", "varlen_attention"]

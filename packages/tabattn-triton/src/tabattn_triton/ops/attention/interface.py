@@ -14,6 +14,7 @@ import triton
 
 from tabattn_core.checks import (
     InputError,
+    check_cu_seqlens,
     check_gqa,
     check_head_dim,
     check_lengths,
@@ -103,67 +104,63 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
     return check_gqa(h, k.shape[1])
 
 
-def _mask_args(pm: PrefixMask, q: torch.Tensor) -> tuple:
-    lens = pm.ctx_lens
-    if lens is not None:
-        lens = lens.to(device=q.device, dtype=torch.int64)
-    return lens, pm.ctx_len, pm.causal_offset, pm.ar_buffer, pm.ar_chunked
+@dataclass(frozen=True)
+class Varlen:
+    """Packed sequences: int64 offsets [B+1] of queries and keys, and the longest of each."""
+
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
 
 
-def _keys(q: torch.Tensor, k: torch.Tensor, group: int, pm: PrefixMask) -> dict:
-    return {
-        "LQ_BUCKET": bucket(q.shape[2]),
-        "LK_BUCKET": bucket(k.shape[2]),
-        "GROUP_BUCKET": bucket(group),
+def _launch_args(
+    q: torch.Tensor, k: torch.Tensor, group: int, pm: PrefixMask, varlen: Varlen | None
+):
+    """Grid sizes, the kernels' shared runtime arguments and their constexpr flags."""
+    if varlen is None:
+        batch, lq, lk, cu_q, cu_k = q.shape[0], q.shape[2], k.shape[2], None, None
+    else:
+        batch, lq, lk = varlen.cu_seqlens_q.numel() - 1, varlen.max_seqlen_q, varlen.max_seqlen_k
+        cu_q, cu_k = varlen.cu_seqlens_q, varlen.cu_seqlens_k
+    lens = None if pm.ctx_lens is None else pm.ctx_lens.to(device=q.device, dtype=torch.int64)
+    pointers = (lens, cu_q, cu_k)
+    runtime = (pm.ctx_len, pm.causal_offset, pm.ar_buffer, pm.ar_chunked, q.shape[2])
+    tune = (bucket(lq), bucket(lk), bucket(group))
+    flags = {
         "MASK": pm.kind,
-        "HAS_CTX_LENS": pm.ctx_lens is not None,
+        "HAS_CTX_LENS": lens is not None,
+        "IS_VARLEN": varlen is not None,
         "BLOCK_D": head_block(q.shape[3]),
         "DOT_PRECISION": dot_precision(q.dtype),
     }
+    return batch, lq, lk, pointers, runtime, tune, flags
 
 
 def attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pm: PrefixMask, scale: float, group: int
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pm: PrefixMask,
+    scale: float,
+    group: int,
+    varlen: Varlen | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward; returns out [B, H, Lq, D] (q.dtype) and lse [B, H, Lq] fp32."""
-    b, h, lq, d = q.shape
+    """Launch the forward; returns out [B, H, Lq, D] (q.dtype) and lse [B, H, Lq] fp32
+    (with varlen: q is [1, H, Tq, D] and lse [1, H, Tq])."""
+    h, d = q.shape[1], q.shape[3]
     out = torch.empty_like(q)
-    lse = torch.empty((b, h, lq), device=q.device, dtype=torch.float32)
+    lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
-    lens, ctx_len, causal_offset, ar_buffer, ar_chunked = _mask_args(pm, q)
-    keys = _keys(q, k, group, pm)
-    grid = lambda meta: (b * h * triton.cdiv(lq, meta["BLOCK_M"]),)
+    batch, lq, lk, pointers, runtime, tune, flags = _launch_args(q, k, group, pm, varlen)
+    grid = lambda meta: (batch * h * triton.cdiv(lq, meta["BLOCK_M"]),)
     attention_fwd_kernel[grid](
-        q,
-        k,
-        v,
-        out,
-        lse,
-        lens,
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *out.stride(),
-        h,
-        group,
-        lq,
-        k.shape[2],
-        d,
-        scale * LOG2E,
-        ctx_len,
-        causal_offset,
-        ar_buffer,
-        ar_chunked,
-        keys["LQ_BUCKET"],
-        keys["LK_BUCKET"],
-        keys["GROUP_BUCKET"],
-        MASK=keys["MASK"],
-        HAS_CTX_LENS=keys["HAS_CTX_LENS"],
-        STORE_LSE=True,
-        BLOCK_D=keys["BLOCK_D"],
-        DOT_PRECISION=keys["DOT_PRECISION"],
-    )
+        q, k, v, out, lse, *pointers,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        h, group, lq, lk, d, scale * LOG2E, *runtime, *tune,
+        STORE_LSE=True, **flags,
+    )  # fmt: skip
     return out, lse
 
 
@@ -177,73 +174,34 @@ def attention_bwd(
     pm: PrefixMask,
     scale: float,
     group: int,
+    varlen: Varlen | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward; returns dq, dk, dv in the layouts of q, k, v."""
-    b, h, lq, d = q.shape
-    lk = k.shape[2]
+    b, h, rows, d = q.shape
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    if lq == 0 or lk == 0 or b * h == 0:
+    if rows == 0 or k.shape[2] == 0 or b * h == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     if do.stride(-1) != 1:
         do = do.contiguous()
-    block_d = head_block(d)
-    delta = torch.empty((b, h, lq), device=q.device, dtype=torch.float32)
+    batch, lq, lk, pointers, runtime, tune, flags = _launch_args(q, k, group, pm, varlen)
+    delta = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
     pre_block = 64
-    attention_bwd_preprocess_kernel[(b * h * triton.cdiv(lq, pre_block),)](
-        out, do, delta, *out.stride(), *do.stride(), h, lq, d, BLOCK_M=pre_block, BLOCK_D=block_d
-    )
-    lens, ctx_len, causal_offset, ar_buffer, ar_chunked = _mask_args(pm, q)
-    keys = _keys(q, k, group, pm)
-    mask_args = (ctx_len, causal_offset, ar_buffer, ar_chunked)
-    tune = (keys["LQ_BUCKET"], keys["LK_BUCKET"], keys["GROUP_BUCKET"])
-    flags = {
-        "MASK": keys["MASK"],
-        "HAS_CTX_LENS": keys["HAS_CTX_LENS"],
-        "BLOCK_D": block_d,
-        "DOT_PRECISION": keys["DOT_PRECISION"],
-    }
+    attention_bwd_preprocess_kernel[(b * h * triton.cdiv(rows, pre_block),)](
+        out, do, delta, *out.stride(), *do.stride(), h, rows, d,
+        BLOCK_M=pre_block, BLOCK_D=flags["BLOCK_D"],
+    )  # fmt: skip
     dims = (h, group, lq, lk, d, scale, scale * LOG2E)
     h_kv = k.shape[1]
-    attention_bwd_dkdv_kernel[lambda meta: (b * h_kv * triton.cdiv(lk, meta["BLOCK_N"]),)](
-        q,
-        k,
-        v,
-        do,
-        dk,
-        dv,
-        lse,
-        delta,
-        lens,
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *do.stride(),
-        *dk.stride(),
-        *dv.stride(),
-        *dims,
-        *mask_args,
-        *tune,
-        **flags,
-    )
-    attention_bwd_dq_kernel[lambda meta: (b * h * triton.cdiv(lq, meta["BLOCK_M"]),)](
-        q,
-        k,
-        v,
-        do,
-        dq,
-        lse,
-        delta,
-        lens,
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *do.stride(),
-        *dq.stride(),
-        *dims,
-        *mask_args,
-        *tune,
-        **flags,
-    )
+    attention_bwd_dkdv_kernel[lambda meta: (batch * h_kv * triton.cdiv(lk, meta["BLOCK_N"]),)](
+        q, k, v, do, dk, dv, lse, delta, *pointers,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        *dims, *runtime, *tune, **flags,
+    )  # fmt: skip
+    attention_bwd_dq_kernel[lambda meta: (batch * h * triton.cdiv(lq, meta["BLOCK_M"]),)](
+        q, k, v, do, dq, lse, delta, *pointers,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        *dims, *runtime, *tune, **flags,
+    )  # fmt: skip
     return dq, dk, dv
 
 
@@ -251,18 +209,18 @@ class FlashAttentionFunction(torch.autograd.Function):
     """Saves q, k, v, out, lse; the LSE output is not differentiable."""
 
     @staticmethod
-    def forward(ctx, q, k, v, pm: PrefixMask, scale: float, group: int):
-        out, lse = attention_fwd(q, k, v, pm, scale, group)
+    def forward(ctx, q, k, v, pm: PrefixMask, scale: float, group: int, varlen: Varlen | None):
+        out, lse = attention_fwd(q, k, v, pm, scale, group, varlen)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.pm, ctx.scale, ctx.group = pm, scale, group
+        ctx.pm, ctx.scale, ctx.group, ctx.varlen = pm, scale, group, varlen
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, do, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = attention_bwd(do, q, k, v, out, lse, ctx.pm, ctx.scale, ctx.group)
-        return dq, dk, dv, None, None, None
+        dq, dk, dv = attention_bwd(do, q, k, v, out, lse, ctx.pm, ctx.scale, ctx.group, ctx.varlen)
+        return dq, dk, dv, None, None, None, None
 
 
 def flash_attention(
@@ -299,7 +257,9 @@ def flash_attention(
             f"mask: expected None, FullMask, ContextTargetMask, CausalMask or ARTrainingRowMask, "
             f"got {type(mask).__name__} (decode, teacher-forcing and selection masks have their own ops)"
         )
-    out, lse = FlashAttentionFunction.apply(q, k, v, pm, check_scale(scale, q.shape[3]), group)
+    out, lse = FlashAttentionFunction.apply(
+        q, k, v, pm, check_scale(scale, q.shape[3]), group, None
+    )
     return (out, lse) if return_lse else out
 
 
@@ -326,4 +286,42 @@ def context_target_attention(
         pm = PrefixMask(MASK_CONTEXT, ctx_len=int(context_lens))
     else:
         raise InputError(f"context_lens: expected an int in [0, {lk}], got {context_lens}")
-    return FlashAttentionFunction.apply(q, k, v, pm, check_scale(scale, q.shape[3]), group)
+    return FlashAttentionFunction.apply(q, k, v, pm, check_scale(scale, q.shape[3]), group, None)
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    causal: bool = False,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Registry op: attention over sequences packed end to end (e.g. datasets with different
+    context sizes, each sequence's targets over its own context rows), forward and backward.
+
+    q: [Tq, H, D]; k, v: [Tk, H_kv, D] (any strides, unit stride on D); cu_seqlens_q /
+    cu_seqlens_k: int32/int64 [B+1] offsets on q's device; causal: bottom-right aligned per
+    sequence. The offsets are validated on the host (one small device-to-host copy).
+    Returns out [Tq, H, D], lse [H, Tq] (fp32, natural log).
+    """
+    check_tensor("q", q, ndim=3, dims="[Tq, H, D]")
+    check_tensor("k", k, ndim=3, dims="[Tk, H_kv, D]")
+    check_tensor("v", v, ndim=3, dims="[Tk, H_kv, D]")
+    q4, k4, v4 = (t.permute(1, 0, 2).unsqueeze(0) for t in (q, k, v))
+    group = _check_inputs(q4, k4, v4)
+    cu_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total=q.shape[0], device=q.device)
+    cu_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, total=k.shape[0], device=q.device)
+    if cu_q.numel() != cu_k.numel():
+        raise InputError(
+            f"cu_seqlens_k: expected {cu_q.numel()} offsets (as cu_seqlens_q), got {cu_k.numel()}"
+        )
+    longest_q, longest_k = (int(cu.diff().max()) if cu.numel() > 1 else 0 for cu in (cu_q, cu_k))
+    varlen = Varlen(cu_q.to(q.device), cu_k.to(q.device), longest_q, longest_k)
+    pm = PrefixMask(MASK_CAUSAL) if causal else PrefixMask()
+    out, lse = FlashAttentionFunction.apply(
+        q4, k4, v4, pm, check_scale(scale, q.shape[2]), group, varlen
+    )
+    return out[0].transpose(0, 1), lse[0]

@@ -83,6 +83,21 @@ def _load_rows(base, offs, stride_l, stride_d, offs_d, row_ok, d_ok):
     return tl.load(ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
 
+@triton.jit
+def _sequence(CU_Q, CU_K, b, Lq, Lk, causal_offset, IS_VARLEN: tl.constexpr):
+    """(tensor batch index, first query row, first key row, Lq, Lk, causal offset) of
+    sequence b: a batch entry, or with IS_VARLEN a packed sequence of cu_seqlens offsets
+    (its causal mask bottom-right aligned)."""
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b)
+        k_start = tl.load(CU_K + b)
+        seq_q = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
+        seq_k = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
+        return b * 0, q_start, k_start, seq_q, seq_k, seq_k - seq_q
+    else:
+        return b, 0, 0, Lq, Lk, causal_offset
+
+
 @triton.autotune(
     configs=pick_configs(FWD_CONFIGS, lambda c: True),
     key=AUTOTUNE_KEY,
@@ -96,6 +111,8 @@ def attention_fwd_kernel(
     O,
     LSE,
     CTX_LENS,
+    CU_Q,
+    CU_K,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -122,11 +139,13 @@ def attention_fwd_kernel(
     causal_offset,
     ar_buffer,
     ar_chunked,
+    lse_len,
     LQ_BUCKET,
     LK_BUCKET,
     GROUP_BUCKET,
     MASK: tl.constexpr,
     HAS_CTX_LENS: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
     STORE_LSE: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -143,6 +162,9 @@ def attention_fwd_kernel(
     h_kv = h // GROUP
     if HAS_CTX_LENS:
         ctx_len = tl.load(CTX_LENS + b).to(tl.int32)
+    tb, q_start, k_start, Lq, Lk, causal_offset = _sequence(
+        CU_Q, CU_K, b, Lq, Lk, causal_offset, IS_VARLEN
+    )
 
     offs_m = (m_block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int32)
     offs_n = tl.arange(0, BLOCK_N)
@@ -150,7 +172,13 @@ def attention_fwd_kernel(
     row_ok = offs_m < Lq
     d_ok = offs_d < D
     q = _load_rows(
-        Q + b * stride_qb + h * stride_qh, offs_m, stride_qm, stride_qd, offs_d, row_ok, d_ok
+        Q + tb * stride_qb + h * stride_qh + q_start * stride_qm,
+        offs_m,
+        stride_qm,
+        stride_qd,
+        offs_d,
+        row_ok,
+        d_ok,
     )
 
     kv_end = prefix_kv_end(offs_m, Lq, Lk, ctx_len, causal_offset, ar_buffer, ar_chunked, MASK)
@@ -158,8 +186,8 @@ def attention_fwd_kernel(
     any_end = tl.max(tl.where(row_ok, kv_end, 0), 0)  # keys some row sees
     full_stop = (full_end // BLOCK_N) * BLOCK_N
 
-    k_base = K + b * stride_kb + h_kv * stride_kh
-    v_base = V + b * stride_vb + h_kv * stride_vh
+    k_base = K + tb * stride_kb + h_kv * stride_kh + k_start * stride_kn
+    v_base = V + tb * stride_vb + h_kv * stride_vh + k_start * stride_vn
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -184,14 +212,14 @@ def attention_fwd_kernel(
     out, lse = finish_softmax(acc, m_i, l_i)
     o_ptrs = (
         O
-        + b * stride_ob
+        + tb * stride_ob
         + h * stride_oh
-        + offs_m[:, None] * stride_om
+        + (q_start + offs_m[:, None]) * stride_om
         + offs_d[None, :] * stride_od
     )
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     if STORE_LSE:
-        tl.store(LSE + bh * Lq + offs_m, lse, mask=row_ok)
+        tl.store(LSE + (tb * H + h) * lse_len + q_start + offs_m, lse, mask=row_ok)
 
 
 @triton.jit
@@ -234,11 +262,11 @@ def attention_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _load_row_stats(LSE, DELTA, bh, Lq, offs_m, row_ok):
+def _load_row_stats(LSE, DELTA, stat_row, offs_m, row_ok):
     """Saved LSE in log2 units (+inf for rows that saw nothing, so P = 0) and delta."""
-    lse = tl.load(LSE + bh * Lq + offs_m, mask=row_ok, other=float("inf"))
+    lse = tl.load(LSE + stat_row + offs_m, mask=row_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-    delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + stat_row + offs_m, mask=row_ok, other=0.0)
     return lse, delta
 
 
@@ -252,7 +280,7 @@ def _dkdv_tile(
     do_base,
     LSE,
     DELTA,
-    bh,
+    stat_row,
     m_block,
     cols,
     stride_qm,
@@ -278,7 +306,7 @@ def _dkdv_tile(
     row_ok = offs_m < Lq
     q = _load_rows(q_base, offs_m, stride_qm, stride_qd, offs_d, row_ok, d_ok)
     do = _load_rows(do_base, offs_m, stride_dom, stride_dod, offs_d, row_ok, d_ok)
-    lse, delta = _load_row_stats(LSE, DELTA, bh, Lq, offs_m, row_ok)
+    lse, delta = _load_row_stats(LSE, DELTA, stat_row, offs_m, row_ok)
     s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
     p_t = tl.math.exp2(s_t - lse[None, :])
     if MASKED:
@@ -307,6 +335,8 @@ def attention_bwd_dkdv_kernel(
     LSE,
     DELTA,
     CTX_LENS,
+    CU_Q,
+    CU_K,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -342,11 +372,13 @@ def attention_bwd_dkdv_kernel(
     causal_offset,
     ar_buffer,
     ar_chunked,
+    lse_len,
     LQ_BUCKET,
     LK_BUCKET,
     GROUP_BUCKET,
     MASK: tl.constexpr,
     HAS_CTX_LENS: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -363,18 +395,19 @@ def attention_bwd_dkdv_kernel(
     h_kv = bh_kv % H_kv
     if HAS_CTX_LENS:
         ctx_len = tl.load(CTX_LENS + b).to(tl.int32)
+    tb, q_start, k_start, Lq, Lk, causal_offset = _sequence(
+        CU_Q, CU_K, b, Lq, Lk, causal_offset, IS_VARLEN
+    )
 
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     k0 = (n_block * BLOCK_N).to(tl.int32)
     cols = k0 + tl.arange(0, BLOCK_N)
     col_ok = cols < Lk
-    k = _load_rows(
-        K + b * stride_kb + h_kv * stride_kh, cols, stride_kn, stride_kd, offs_d, col_ok, d_ok
-    )
-    v = _load_rows(
-        V + b * stride_vb + h_kv * stride_vh, cols, stride_vn, stride_vd, offs_d, col_ok, d_ok
-    )
+    k_base = K + tb * stride_kb + h_kv * stride_kh + k_start * stride_kn
+    v_base = V + tb * stride_vb + h_kv * stride_vh + k_start * stride_vn
+    k = _load_rows(k_base, cols, stride_kn, stride_kd, offs_d, col_ok, d_ok)
+    v = _load_rows(v_base, cols, stride_vn, stride_vd, offs_d, col_ok, d_ok)
 
     # Query blocks that see this key block: [m_lo, m_mid) partly (masked), [m_mid, m_hi) fully.
     num_m_blocks = tl.cdiv(Lq, BLOCK_M)
@@ -401,9 +434,9 @@ def attention_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for g in range(0, GROUP):
         h = h_kv * GROUP + g
-        bh = b * H + h
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_dob + h * stride_doh
+        stat_row = (tb * H + h) * lse_len + q_start
+        q_base = Q + tb * stride_qb + h * stride_qh + q_start * stride_qm
+        do_base = DO + tb * stride_dob + h * stride_doh + q_start * stride_dom
         for m_block in range(m_lo, m_mid):
             dk, dv = _dkdv_tile(
                 dk,
@@ -414,7 +447,7 @@ def attention_bwd_dkdv_kernel(
                 do_base,
                 LSE,
                 DELTA,
-                bh,
+                stat_row,
                 m_block,
                 cols,
                 stride_qm,
@@ -445,7 +478,7 @@ def attention_bwd_dkdv_kernel(
                 do_base,
                 LSE,
                 DELTA,
-                bh,
+                stat_row,
                 m_block,
                 cols,
                 stride_qm,
@@ -469,16 +502,16 @@ def attention_bwd_dkdv_kernel(
     store_mask = col_ok[:, None] & d_ok[None, :]
     dk_ptrs = (
         DK
-        + b * stride_dkb
+        + tb * stride_dkb
         + h_kv * stride_dkh
-        + cols[:, None] * stride_dkn
+        + (k_start + cols[:, None]) * stride_dkn
         + offs_d[None, :] * stride_dkd
     )
     dv_ptrs = (
         DV
-        + b * stride_dvb
+        + tb * stride_dvb
         + h_kv * stride_dvh
-        + cols[:, None] * stride_dvn
+        + (k_start + cols[:, None]) * stride_dvn
         + offs_d[None, :] * stride_dvd
     )
     tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=store_mask)
@@ -538,6 +571,8 @@ def attention_bwd_dq_kernel(
     LSE,
     DELTA,
     CTX_LENS,
+    CU_Q,
+    CU_K,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -569,11 +604,13 @@ def attention_bwd_dq_kernel(
     causal_offset,
     ar_buffer,
     ar_chunked,
+    lse_len,
     LQ_BUCKET,
     LK_BUCKET,
     GROUP_BUCKET,
     MASK: tl.constexpr,
     HAS_CTX_LENS: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -589,6 +626,9 @@ def attention_bwd_dq_kernel(
     h_kv = h // GROUP
     if HAS_CTX_LENS:
         ctx_len = tl.load(CTX_LENS + b).to(tl.int32)
+    tb, q_start, k_start, Lq, Lk, causal_offset = _sequence(
+        CU_Q, CU_K, b, Lq, Lk, causal_offset, IS_VARLEN
+    )
 
     offs_m = (m_block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int32)
     offs_n = tl.arange(0, BLOCK_N)
@@ -596,20 +636,32 @@ def attention_bwd_dq_kernel(
     row_ok = offs_m < Lq
     d_ok = offs_d < D
     q = _load_rows(
-        Q + b * stride_qb + h * stride_qh, offs_m, stride_qm, stride_qd, offs_d, row_ok, d_ok
+        Q + tb * stride_qb + h * stride_qh + q_start * stride_qm,
+        offs_m,
+        stride_qm,
+        stride_qd,
+        offs_d,
+        row_ok,
+        d_ok,
     )
     do = _load_rows(
-        DO + b * stride_dob + h * stride_doh, offs_m, stride_dom, stride_dod, offs_d, row_ok, d_ok
+        DO + tb * stride_dob + h * stride_doh + q_start * stride_dom,
+        offs_m,
+        stride_dom,
+        stride_dod,
+        offs_d,
+        row_ok,
+        d_ok,
     )
-    lse, delta = _load_row_stats(LSE, DELTA, bh, Lq, offs_m, row_ok)
+    lse, delta = _load_row_stats(LSE, DELTA, (tb * H + h) * lse_len + q_start, offs_m, row_ok)
 
     kv_end = prefix_kv_end(offs_m, Lq, Lk, ctx_len, causal_offset, ar_buffer, ar_chunked, MASK)
     full_end = tl.min(tl.where(row_ok, kv_end, Lk), 0)
     any_end = tl.max(tl.where(row_ok, kv_end, 0), 0)
     full_stop = (full_end // BLOCK_N) * BLOCK_N
 
-    k_base = K + b * stride_kb + h_kv * stride_kh
-    v_base = V + b * stride_vb + h_kv * stride_vh
+    k_base = K + tb * stride_kb + h_kv * stride_kh + k_start * stride_kn
+    v_base = V + tb * stride_vb + h_kv * stride_vh + k_start * stride_vn
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, full_stop, BLOCK_N):
         dq = _dq_tile(
@@ -659,9 +711,9 @@ def attention_bwd_dq_kernel(
         )
     dq_ptrs = (
         DQ
-        + b * stride_dqb
+        + tb * stride_dqb
         + h * stride_dqh
-        + offs_m[:, None] * stride_dqm
+        + (q_start + offs_m[:, None]) * stride_dqm
         + offs_d[None, :] * stride_dqd
     )
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
