@@ -71,6 +71,13 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 @triton.jit
+def load_rows(base, offs, stride_l, stride_d, offs_d, row_ok, d_ok):
+    """A [rows, BLOCK_D] tile; out-of-range rows and padded head dims read as 0."""
+    ptrs = base + offs[:, None] * stride_l + offs_d[None, :] * stride_d
+    return tl.load(ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+
+@triton.jit
 def prefix_kv_end(
     offs_m,
     Lq,

@@ -14,6 +14,7 @@ import triton.language as tl
 
 from tabattn_triton.ops.common import (
     finish_softmax,
+    load_rows,
     online_softmax_tile,
     pick_configs,
     prefix_kv_end,
@@ -74,13 +75,6 @@ def _prune(dot_rows: tuple[str, str]):
         return kept or configs[:1]
 
     return prune
-
-
-@triton.jit
-def _load_rows(base, offs, stride_l, stride_d, offs_d, row_ok, d_ok):
-    """A [rows, BLOCK_D] tile; out-of-range rows and padded head dims read as 0."""
-    ptrs = base + offs[:, None] * stride_l + offs_d[None, :] * stride_d
-    return tl.load(ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
 
 @triton.jit
@@ -171,7 +165,7 @@ def attention_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < Lq
     d_ok = offs_d < D
-    q = _load_rows(
+    q = load_rows(
         Q + tb * stride_qb + h * stride_qh + q_start * stride_qm,
         offs_m,
         stride_qm,
@@ -194,16 +188,16 @@ def attention_fwd_kernel(
     all_rows = offs_n >= 0
     for start in range(0, full_stop, BLOCK_N):
         cols = start + offs_n
-        k_t = tl.trans(_load_rows(k_base, cols, stride_kn, stride_kd, offs_d, all_rows, d_ok))
-        v_t = _load_rows(v_base, cols, stride_vn, stride_vd, offs_d, all_rows, d_ok)
+        k_t = tl.trans(load_rows(k_base, cols, stride_kn, stride_kd, offs_d, all_rows, d_ok))
+        v_t = load_rows(v_base, cols, stride_vn, stride_vd, offs_d, all_rows, d_ok)
         acc, m_i, l_i = online_softmax_tile(
             acc, m_i, l_i, q, k_t, v_t, qk_scale, None, False, DOT_PRECISION
         )
     for start in range(full_stop, any_end, BLOCK_N):
         cols = start + offs_n
         col_ok = cols < Lk
-        k_t = tl.trans(_load_rows(k_base, cols, stride_kn, stride_kd, offs_d, col_ok, d_ok))
-        v_t = _load_rows(v_base, cols, stride_vn, stride_vd, offs_d, col_ok, d_ok)
+        k_t = tl.trans(load_rows(k_base, cols, stride_kn, stride_kd, offs_d, col_ok, d_ok))
+        v_t = load_rows(v_base, cols, stride_vn, stride_vd, offs_d, col_ok, d_ok)
         visible = cols[None, :] < kv_end[:, None]
         acc, m_i, l_i = online_softmax_tile(
             acc, m_i, l_i, q, k_t, v_t, qk_scale, visible, True, DOT_PRECISION
@@ -251,10 +245,10 @@ def attention_bwd_preprocess_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < Lq
     d_ok = offs_d < D
-    o = _load_rows(
+    o = load_rows(
         O + b * stride_ob + h * stride_oh, offs_m, stride_om, stride_od, offs_d, row_ok, d_ok
     )
-    do = _load_rows(
+    do = load_rows(
         DO + b * stride_dob + h * stride_doh, offs_m, stride_dom, stride_dod, offs_d, row_ok, d_ok
     )
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
@@ -304,8 +298,8 @@ def _dkdv_tile(
     """Accumulate dK, dV [BLOCK_N, BLOCK_D] of one key block over one block of query rows."""
     offs_m = (m_block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int32)
     row_ok = offs_m < Lq
-    q = _load_rows(q_base, offs_m, stride_qm, stride_qd, offs_d, row_ok, d_ok)
-    do = _load_rows(do_base, offs_m, stride_dom, stride_dod, offs_d, row_ok, d_ok)
+    q = load_rows(q_base, offs_m, stride_qm, stride_qd, offs_d, row_ok, d_ok)
+    do = load_rows(do_base, offs_m, stride_dom, stride_dod, offs_d, row_ok, d_ok)
     lse, delta = _load_row_stats(LSE, DELTA, stat_row, offs_m, row_ok)
     s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
     p_t = tl.math.exp2(s_t - lse[None, :])
@@ -406,8 +400,8 @@ def attention_bwd_dkdv_kernel(
     col_ok = cols < Lk
     k_base = K + tb * stride_kb + h_kv * stride_kh + k_start * stride_kn
     v_base = V + tb * stride_vb + h_kv * stride_vh + k_start * stride_vn
-    k = _load_rows(k_base, cols, stride_kn, stride_kd, offs_d, col_ok, d_ok)
-    v = _load_rows(v_base, cols, stride_vn, stride_vd, offs_d, col_ok, d_ok)
+    k = load_rows(k_base, cols, stride_kn, stride_kd, offs_d, col_ok, d_ok)
+    v = load_rows(v_base, cols, stride_vn, stride_vd, offs_d, col_ok, d_ok)
 
     # Query blocks that see this key block: [m_lo, m_mid) partly (masked), [m_mid, m_hi) fully.
     num_m_blocks = tl.cdiv(Lq, BLOCK_M)
@@ -544,8 +538,8 @@ def _dq_tile(
     """Accumulate dQ [BLOCK_M, BLOCK_D] over one key tile."""
     cols = start + offs_n
     col_ok = cols < Lk
-    k = _load_rows(k_base, cols, stride_kn, stride_kd, offs_d, col_ok, d_ok)
-    v = _load_rows(v_base, cols, stride_vn, stride_vd, offs_d, col_ok, d_ok)
+    k = load_rows(k_base, cols, stride_kn, stride_kd, offs_d, col_ok, d_ok)
+    v = load_rows(v_base, cols, stride_vn, stride_vd, offs_d, col_ok, d_ok)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     p = tl.math.exp2(s - lse[:, None])
     if MASKED:
@@ -635,7 +629,7 @@ def attention_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < Lq
     d_ok = offs_d < D
-    q = _load_rows(
+    q = load_rows(
         Q + tb * stride_qb + h * stride_qh + q_start * stride_qm,
         offs_m,
         stride_qm,
@@ -644,7 +638,7 @@ def attention_bwd_dq_kernel(
         row_ok,
         d_ok,
     )
-    do = _load_rows(
+    do = load_rows(
         DO + tb * stride_dob + h * stride_doh + q_start * stride_dom,
         offs_m,
         stride_dom,

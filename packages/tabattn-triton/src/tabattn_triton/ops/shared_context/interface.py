@@ -1,0 +1,260 @@
+"""Shared-context attention for joint sampling: launchers -> public functions.
+
+`shared_context_attention` (one decode step of S sample paths per dataset) and
+`teacher_forcing_attention` (the joint density in one pass) are the registry ops of the same
+names; they match `tabattn_core.reference` exactly in signature and semantics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+
+from tabattn_core.checks import (
+    InputError,
+    check_gqa,
+    check_head_dim,
+    check_lengths,
+    check_scale,
+    check_tensor,
+)
+from tabattn_core.masks import BufferDecodeMask
+from tabattn_triton.ops.attention.interface import KERNEL_DTYPES
+from tabattn_triton.ops.common import LOG2E, bucket, check_device, dot_precision, head_block
+from tabattn_triton.ops.shared_context.kernel import (
+    shared_context_combine_kernel,
+    shared_context_fwd_kernel,
+)
+
+__all__ = ["choose_num_splits", "shared_context_attention", "teacher_forcing_attention"]
+
+MIN_SPLIT_KEYS = 512  # a split reads at least this many context keys
+SAMPLE_TILE_MIN_ROWS = 16  # rows per sample from which per-sample tiles feed the dots
+
+
+def _check(q, k_ctx, v_ctx, k_buf, v_buf, context_lens, *, need_buffer: int, q_dims: str) -> tuple:
+    """Shapes, dtypes, devices, strides, head dim; returns (group, ctx_len, ctx_lens)."""
+    check_tensor("q", q, ndim=5, dtypes=KERNEL_DTYPES, unit_last_stride=True, dims=q_dims)
+    check_device("q", q)
+    g, s, h, _, d = q.shape
+    check_head_dim("q", d)
+    dims = "[G, H_kv, Nc, D]"
+    for name, t in (("k_ctx", k_ctx), ("v_ctx", v_ctx)):
+        check_tensor(
+            name, t, ndim=4, dtypes=(q.dtype,), device=q.device, unit_last_stride=True, dims=dims
+        )
+        if t.shape[0] != g or t.shape[3] != d or t.shape != k_ctx.shape:
+            raise InputError(f"{name}: expected shape [{g}, H_kv, Nc, {d}], got {list(t.shape)}")
+    group = check_gqa(h, k_ctx.shape[1], kv_name="k_ctx")
+    if need_buffer or k_buf is not None or v_buf is not None:
+        bdims = "[G, S, H_kv, T_cap, D]"
+        for name, t in (("k_buf", k_buf), ("v_buf", v_buf)):
+            if t is None:
+                raise InputError(
+                    f"{name}: expected a tensor {bdims} holding {need_buffer} rows, got None"
+                )
+            check_tensor(
+                name,
+                t,
+                ndim=5,
+                dtypes=(q.dtype,),
+                device=q.device,
+                unit_last_stride=True,
+                dims=bdims,
+            )
+            want = [g, s, k_ctx.shape[1], None, d]
+            if (
+                any(w is not None and w != a for w, a in zip(want, t.shape, strict=True))
+                or t.shape != k_buf.shape
+            ):
+                raise InputError(
+                    f"{name}: expected shape [{g}, {s}, {k_ctx.shape[1]}, T_cap, {d}], got {list(t.shape)}"
+                )
+            if t.shape[3] < need_buffer:
+                raise InputError(
+                    f"{name}: expected capacity T_cap >= {need_buffer}, got {t.shape[3]}"
+                )
+    nc = k_ctx.shape[2]
+    if context_lens is None:
+        return group, nc, None
+    if isinstance(context_lens, torch.Tensor):
+        check_lengths("context_lens", context_lens, count=g, max_len=nc, device=q.device)
+        return group, nc, context_lens.to(torch.int64)
+    if not 0 <= int(context_lens) <= nc:
+        raise InputError(f"context_lens: expected an int in [0, {nc}], got {context_lens}")
+    return group, int(context_lens), None
+
+
+def choose_num_splits(programs: int, context_keys: int, device: torch.device) -> int:
+    """Split the context across programs only when the row tiles alone leave SMs idle:
+    aim for two waves of programs, each split reading at least MIN_SPLIT_KEYS keys."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if programs >= 2 * sms:
+        return 1
+    return max(1, min(triton.cdiv(2 * sms, max(programs, 1)), context_keys // MIN_SPLIT_KEYS, 64))
+
+
+def _launch(q, k_ctx, v_ctx, k_buf, v_buf, group, ctx_len, ctx_lens, *, buffer_len, rule_bits,
+            teacher_forcing, scale, num_splits):  # fmt: skip
+    """Allocate out [G, S, H, Lq, D] and lse [G, S, H, Lq] and run the kernel(s)."""
+    g, s, h, lq, d = q.shape
+    out = torch.empty((g, s, h, lq, d), device=q.device, dtype=q.dtype)
+    lse = torch.empty((g, s, h, lq), device=q.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out, lse.fill_(float("-inf"))
+    h_kv = k_ctx.shape[1]
+    rows_per_sample = group * lq
+    sample_tiles = rows_per_sample >= SAMPLE_TILE_MIN_ROWS
+    block_d = head_block(d)
+    nc = k_ctx.shape[2]
+    if num_splits is None:
+        rough_rows = s * (
+            triton.next_power_of_2(rows_per_sample) if sample_tiles else rows_per_sample
+        )
+        num_splits = choose_num_splits(g * h_kv * triton.cdiv(rough_rows, 32), nc, q.device)
+    if not 1 <= num_splits <= 1024:
+        raise InputError(f"num_splits: expected an int in [1, 1024], got {num_splits}")
+    split_len = triton.cdiv(triton.cdiv(nc, num_splits), 64) * 64 if num_splits > 1 else max(nc, 1)
+    n_rows = g * s * h * lq
+    has_buffer = k_buf is not None and (teacher_forcing or buffer_len > 0)
+    if num_splits > 1:
+        o_part = torch.empty((num_splits, n_rows, block_d), device=q.device, dtype=torch.float32)
+        lse_part = torch.empty((num_splits, n_rows), device=q.device, dtype=torch.float32)
+    else:
+        o_part = lse_part = None
+    kb = k_buf if has_buffer else k_ctx.unsqueeze(1)  # placeholders when there is no buffer
+    vb = v_buf if has_buffer else v_ctx.unsqueeze(1)
+
+    def grid(meta):
+        bm = meta["BLOCK_M"]
+        row_blocks = (
+            s * triton.cdiv(rows_per_sample, bm)
+            if sample_tiles
+            else triton.cdiv(s * rows_per_sample, bm)
+        )
+        return (g * h_kv * row_blocks * num_splits,)
+
+    shared_context_fwd_kernel[grid](
+        q, k_ctx, v_ctx, kb, vb, ctx_lens, out, lse, o_part, lse_part,
+        *q.stride(), *k_ctx.stride(), *v_ctx.stride(), *kb.stride(), *vb.stride(),
+        s, h, group, lq, ctx_len, buffer_len, rule_bits, d, scale * LOG2E, split_len, n_rows,
+        bucket(s * rows_per_sample), bucket(nc), bucket(buffer_len),
+        HAS_CTX_LENS=ctx_lens is not None,
+        HAS_BUFFER=has_buffer,
+        TEACHER_FORCING=teacher_forcing,
+        SAMPLE_TILES=sample_tiles,
+        NUM_SPLITS=num_splits,
+        BLOCK_D=block_d,
+        BLOCK_T=max(1, min(16, 4096 // (32 * block_d))),
+        DOT_PRECISION=dot_precision(q.dtype),
+    )  # fmt: skip
+    if num_splits > 1:
+        block_r = 16
+        shared_context_combine_kernel[(triton.cdiv(n_rows, block_r),)](
+            o_part, lse_part, out, lse, n_rows, d,
+            NUM_SPLITS=num_splits, SPLITS_P2=triton.next_power_of_2(num_splits),
+            BLOCK_D=block_d, BLOCK_R=block_r,
+        )  # fmt: skip
+    return out, lse
+
+
+def _rule_bits(lq: int, buffer_len: int, row_rule: str | Sequence[str]) -> int:
+    """Bit i set when row i is "causal" (sees its own slot); bit 62 holds the rule shared by
+    rows 62 and later."""
+    rules = BufferDecodeMask(lq, buffer_len, 0, context_capacity=0, row_rule=row_rule).row_rule
+    bits = sum(int(rule == "causal") << i for i, rule in enumerate(rules[:62]))
+    if lq > 62:
+        tail = set(rules[62:])
+        if len(tail) > 1:
+            raise InputError("row_rule: expected one rule for all rows from 62 on, got both")
+        bits |= int(tail.pop() == "causal") << 62
+    return bits
+
+
+def shared_context_attention(
+    q: torch.Tensor,
+    k_ctx: torch.Tensor,
+    v_ctx: torch.Tensor,
+    k_buf: torch.Tensor | None = None,
+    v_buf: torch.Tensor | None = None,
+    *,
+    buffer_len: int = 0,
+    context_lens: int | torch.Tensor | None = None,
+    row_rule: str | Sequence[str] = "causal",
+    scale: float | None = None,
+    num_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step of joint sampling over a context shared by S sample paths (forward).
+
+    q: [G, S, H, Lq, D]; k_ctx, v_ctx: [G, H_kv, Nc, D], read once per tile of many samples
+    (never copied); k_buf, v_buf: [G, S, H_kv, T_cap, D], the first `buffer_len` (T) valid,
+    the Lq new rows in the last Lq of them; context_lens: int or int tensor [G] (default Nc);
+    row_rule: "causal" (row sees its own slot) / "strict" (not), one or one per row;
+    num_splits: context splits across programs (None: chosen from the GPU's SM count).
+
+    ```
+    T=3, Lq=2, ("causal","strict"):   ctx   buf0 buf1 tgt
+                          buf1 (q=0)  ■ ■   ■    ■    ·
+                          tgt  (q=1)  ■ ■   ■    ■    ·
+    ```
+    Nc = 0 and T = 0 are legal. Returns out [G, S, H, Lq, D] (contiguous), lse [G, S, H, Lq].
+    """
+    if int(buffer_len) != buffer_len or buffer_len < 0:
+        raise InputError(f"buffer_len: expected a non-negative int, got {buffer_len!r}")
+    group, ctx_len, ctx_lens = _check(
+        q,
+        k_ctx,
+        v_ctx,
+        k_buf,
+        v_buf,
+        context_lens,
+        need_buffer=buffer_len,
+        q_dims="[G, S, H, Lq, D]",
+    )
+    return _launch(
+        q, k_ctx, v_ctx, k_buf, v_buf, group, ctx_len, ctx_lens,
+        buffer_len=int(buffer_len), rule_bits=_rule_bits(q.shape[3], int(buffer_len), row_rule),
+        teacher_forcing=False, scale=check_scale(scale, q.shape[4]), num_splits=num_splits,
+    )  # fmt: skip
+
+
+def teacher_forcing_attention(
+    q: torch.Tensor,
+    k_ctx: torch.Tensor,
+    v_ctx: torch.Tensor,
+    k_buf: torch.Tensor,
+    v_buf: torch.Tensor,
+    *,
+    context_lens: int | torch.Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Joint density in one pass (forward): rows [buf_0..buf_{Nt-1}, tgt_0..tgt_{Nt-1}] per
+    sample path over keys [context | buf]; buf_i sees context + buf_0..buf_i, tgt_i sees
+    context + buf_0..buf_{i-1}.
+
+    q: [G, S, H, 2*Nt, D]; k_ctx, v_ctx: [G, H_kv, Nc, D] shared by the S paths; k_buf,
+    v_buf: [G, S, H_kv, Nt, D]; context_lens: int or int tensor [G] (default Nc).
+    Returns out [G, S, H, 2*Nt, D], lse [G, S, H, 2*Nt].
+    """
+    check_tensor("q", q, ndim=5, dims="[G, S, H, 2*Nt, D]")
+    if q.shape[3] % 2:
+        raise InputError(f"q: expected an even row count 2*Nt on dim 3, got {q.shape[3]}")
+    nt = q.shape[3] // 2
+    if k_buf is None or v_buf is None:
+        raise InputError("k_buf, v_buf: expected tensors [G, S, H_kv, Nt, D], got None")
+    group, ctx_len, ctx_lens = _check(
+        q, k_ctx, v_ctx, k_buf, v_buf, context_lens, need_buffer=nt, q_dims="[G, S, H, 2*Nt, D]"
+    )
+    if k_buf.shape[3] != nt:
+        raise InputError(
+            f"k_buf: expected Nt={nt} rows on dim 3 (q has 2*Nt rows), got {k_buf.shape[3]}"
+        )
+    return _launch(
+        q, k_ctx, v_ctx, k_buf, v_buf, group, ctx_len, ctx_lens,
+        buffer_len=nt, rule_bits=0, teacher_forcing=True,
+        scale=check_scale(scale, q.shape[4]), num_splits=1,
+    )  # fmt: skip
