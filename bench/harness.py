@@ -13,7 +13,14 @@ factory, the FLOP count, the correctness reference and the baseline provider per
    reported "failed" and is not timed;
 4. time the providers that passed (`triton.testing.do_bench(..., return_mode="median")` on
    CUDA, the median of `time.perf_counter` over a few calls on CPU), measure peak memory,
-   and compute the speedup against the suite's baseline provider timed in the same run.
+   and compute the speedup against the suite's baseline provider timed in the same run
+   (`speedup`) and against every other provider timed on the same case (`speedup_vs`).
+
+Optional suite hooks: `case_modes` (a case runs in a subset of the suite's modes),
+`calibrate` (measured once per run before the cases, e.g. bandwidth; stored in the header
+as `calibration`), `annotate` (adds fields to the rows of one case and mode, e.g. a
+roofline floor) and `header_extra` (extra header keys, e.g. `table_columns` that
+`markdown_table` appends and `plot` settings that `bench.plot` reads).
 
 triton is imported only when timing on CUDA, never when this module is imported.
 """
@@ -55,6 +62,7 @@ __all__ = [
 ]
 
 MODES = ("fwd", "fwd+bwd")
+BACKWARD_MODES = ("fwd+bwd",)  # every other mode name is timed forward only
 BWD_FLOP_FACTOR = 2.5  # backward counted as 2.5x the forward (DESIGN.md, performance protocol)
 DEFAULT_WARMUP_MS = 25
 DEFAULT_REP_MS = 100
@@ -79,6 +87,10 @@ class Provider:
     name: str
     make: Callable[[dict[str, Any], Inputs], ProviderFn]
     description: str = ""
+    modes: tuple[str, ...] = ()  # the modes it takes part in (empty: all of the suite's)
+
+    def runs_in(self, mode: str) -> bool:
+        return not self.modes or mode in self.modes
 
 
 @dataclass
@@ -150,6 +162,15 @@ class Suite:
     panel_keys: tuple[str, ...] = ()  # case keys that, with the mode, make one plot panel
     modes: tuple[str, ...] = MODES
     reference_method: str = ""
+    # Optional hooks (see the module docstring).
+    case_modes: Callable[[dict[str, Any]], tuple[str, ...]] | None = None  # default: modes
+    calibrate: Callable[[RunConfig], dict[str, Any]] | None = None
+    # (case, mode, rows of that case and mode, calibration, cfg) -> None; edits the rows
+    annotate: Callable[[dict[str, Any], str, list[dict[str, Any]], dict[str, Any], RunConfig], None] | None = None
+    header_extra: dict[str, Any] = field(default_factory=dict)
+
+    def modes_of(self, case: dict[str, Any]) -> tuple[str, ...]:
+        return self.modes if self.case_modes is None else self.case_modes(case)
 
 
 _SUITES: dict[str, Suite] = {}
@@ -244,6 +265,7 @@ def collect_header(suite: Suite, cfg: RunConfig) -> dict[str, Any]:
         "providers": {name: p.description for name, p in suite.providers.items()},
         "reference_method": suite.reference_method,
         "panel_keys": list(suite.panel_keys),
+        **suite.header_extra,
     }
 
 
@@ -269,27 +291,26 @@ def _tolerance(dtype: torch.dtype) -> float:
 
 
 def _step(fn: ProviderFn, inputs: Inputs, mode: str) -> Callable[[], Any]:
-    """The timed call: forward only (no autograd graph), or forward then backward."""
-    if mode == "fwd":
-
-        def forward() -> Any:
-            with torch.no_grad():
-                return fn()
-
-        return forward
-    if mode == "fwd+bwd":
+    """The timed call: forward then backward in a backward mode ("fwd+bwd"), else forward
+    only (no autograd graph)."""
+    if mode in BACKWARD_MODES:
 
         def forward_backward() -> Any:
             out, _ = fn()
             out.backward(inputs.grad_out)
 
         return forward_backward
-    raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+
+    def forward() -> Any:
+        with torch.no_grad():
+            return fn()
+
+    return forward
 
 
 def _run_for_check(fn: ProviderFn, inputs: Inputs, mode: str) -> dict[str, torch.Tensor]:
     inputs.clear_grads()
-    if mode == "fwd":
+    if mode not in BACKWARD_MODES:
         with torch.no_grad():
             out, lse = fn()
         got = {"out": out}
@@ -381,6 +402,14 @@ def _error_text(exc: BaseException, limit: int = 500) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+@dataclass(frozen=True)
+class _NotRun:
+    """A provider that will not be checked or timed on a case: `status` and why."""
+
+    status: str  # "skipped" (Unavailable) or "error" (make raised)
+    reason: str
+
+
 # ---------------------------------------------------------------------------------------
 # running a suite
 
@@ -415,33 +444,51 @@ def run_suite(
     dtype = suite.dtype(cfg)
     tol = _tolerance(dtype)
     header = collect_header(suite, cfg)
+    calibration: dict[str, Any] = {}
+    if suite.calibrate is not None:
+        calibration = suite.calibrate(cfg)
+        header["calibration"] = calibration
     rows: list[dict[str, Any]] = []
     cases = suite.cases(cfg)
     for index, case in enumerate(_progress(cases, suite.name)):
+        modes = suite.modes_of(case)
         inputs = suite.make_inputs(case, cfg, cfg.seed + index)
-        fns: dict[str, ProviderFn | str] = {}
+        fns: dict[str, ProviderFn | _NotRun] = {}
         for provider in providers:
+            if not any(provider.runs_in(mode) for mode in modes):
+                continue
             try:
                 fns[provider.name] = provider.make(case, inputs)
             except Unavailable as exc:
-                fns[provider.name] = str(exc)
-        for mode in suite.modes:
+                fns[provider.name] = _NotRun("skipped", str(exc))
+            except Exception as exc:  # one provider's failure must not stop the others
+                fns[provider.name] = _NotRun("error", "while preparing: " + _error_text(exc))
+                _free_memory(cfg)
+        for mode in modes:
             ref = suite.reference(case, inputs, mode, cfg)
             mode_rows = [
                 _measure(
                     suite, case, mode, provider.name, fns[provider.name], inputs, ref, tol, cfg
                 )
                 for provider in providers
+                if provider.runs_in(mode)
             ]
             baseline = suite.baseline(mode, cfg)
             base_ms = next(
                 (r["ms"] for r in mode_rows if r["provider"] == baseline and r["ms"] is not None),
                 None,
             )
+            timed = {r["provider"]: r["ms"] for r in mode_rows if r["ms"]}
             for row in mode_rows:
                 row["baseline"] = baseline
                 if base_ms is not None and row["ms"] is not None:
                     row["speedup"] = base_ms / row["ms"]
+                if row["ms"]:
+                    row["speedup_vs"] = {
+                        name: ms / row["ms"] for name, ms in timed.items() if name != row["provider"]
+                    }
+            if suite.annotate is not None:
+                suite.annotate(case, mode, mode_rows, calibration, cfg)
             rows.extend(mode_rows)
             del ref
             _free_memory(cfg)
@@ -457,13 +504,13 @@ def _measure(
     case: dict[str, Any],
     mode: str,
     name: str,
-    fn: ProviderFn | str,
+    fn: ProviderFn | _NotRun,
     inputs: Inputs,
     ref: dict[str, Check],
     tol: float,
     cfg: RunConfig,
 ) -> dict[str, Any]:
-    flops = suite.forward_flops(case) * (1 + BWD_FLOP_FACTOR if mode == "fwd+bwd" else 1)
+    flops = suite.forward_flops(case) * (1 + BWD_FLOP_FACTOR if mode in BACKWARD_MODES else 1)
     row: dict[str, Any] = {
         "case": dict(case),
         "shape": suite.shape_label(case),
@@ -482,9 +529,10 @@ def _measure(
         "peak_mb": None,
         "baseline": None,
         "speedup": None,
+        "speedup_vs": {},
     }
-    if isinstance(fn, str):
-        row["reason"] = fn
+    if isinstance(fn, _NotRun):
+        row.update(status=fn.status, reason=fn.reason)
         return row
     step = _step(fn, inputs, mode)
     try:
@@ -528,29 +576,57 @@ def _fmt(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
+def _lookup(row: dict[str, Any], key: str) -> Any:
+    """`row[a][b]` for key "a.b" (None where a part is missing)."""
+    value: Any = row
+    for part in key.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
+
+
+def _extra_cell(row: dict[str, Any], column: dict[str, Any]) -> str:
+    """One cell of a `table_columns` entry {title, key, format, scale?, suffix?}."""
+    value = _lookup(row, column["key"])
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return "–" if value is None else str(value)
+    text = format(value * column.get("scale", 1), column.get("format", ".4g"))
+    return text + column.get("suffix", "")
+
+
 def markdown_table(result: dict[str, Any]) -> str:
-    """The rows as a markdown table, then the reasons for rows that were not timed."""
+    """The rows as a markdown table, then the reasons for rows that were not timed.
+
+    A header's `table_columns` (list of {title, key, format, scale, suffix}; key a row
+    field, "a.b" for a nested one) are appended as columns, its `table_notes` printed above
+    the table."""
+    h = result["header"]
+    extra = list(h.get("table_columns", []))
+    titles = "".join(f" {c['title']} |" for c in extra)
     lines = [
-        "| shape | mode | provider | status | ms | TFLOP/s | speedup | peak MB | max rel err |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|",
+        "| shape | mode | provider | status | ms | TFLOP/s | speedup | peak MB | max rel err |"
+        + titles,
+        "|---|---|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(extra),
     ]
     notes: dict[tuple[str, str, str], list[str]] = {}
     for r in result["rows"]:
         speedup = _fmt(r["speedup"], ".3g") + ("x" if r["speedup"] is not None else "")
+        cells = "".join(f" {_extra_cell(r, c)} |" for c in extra)
         lines.append(
             f"| {r['shape']} | {r['mode']} | {r['provider']} | {r['status']} | "
             f"{_fmt(r['ms'], '.4g')} | {_fmt(r['tflops'], '.4g')} | {speedup} | "
-            f"{_fmt(r['peak_mb'], '.1f')} | {_fmt(r['max_error'], '.2e')} |"
+            f"{_fmt(r['peak_mb'], '.1f')} | {_fmt(r['max_error'], '.2e')} |" + cells
         )
         if r["status"] != "ok":
             key = (r["provider"], r["status"], str(r["reason"]))
             notes.setdefault(key, []).append(f"{r['shape']} {r['mode']}")
-    h = result["header"]
     out = [
         f"## {h['suite']} — {h['gpu']} ({h['compute_capability']}), {h['dtype']}, "
         f"torch {h['torch']}, triton {h['triton']}, commit {h['git_commit'][:12]}",
         "",
         f"speedup = baseline ms / provider ms; baselines: {h['baselines']}",
+        *(f"{note}" for note in h.get("table_notes", [])),
         "",
         *lines,
     ]

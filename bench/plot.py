@@ -2,6 +2,11 @@
 
 Draws from the result dict that `bench.harness.run_suite` returns (the same as the JSON
 file), so a saved result can be drawn again: `python -m bench.plot bench/results/X.json`.
+
+A suite may choose another y axis through its header's `plot` entry:
+`{"metric": "us", "yscale": "log", "floor": "floor_us"}` draws the median time per call in
+µs (log scale) and, where the rows carry it, the row field `floor` as a dashed black
+marker per case.
 """
 
 from __future__ import annotations
@@ -26,6 +31,15 @@ def plot_result(result: dict[str, Any], path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     header, rows = result["header"], result["rows"]
+    settings = header.get("plot") or {}
+    time_axis = settings.get("metric") == "us"
+    floor_key = settings.get("floor")
+
+    def y_of(row: dict[str, Any]) -> float | None:
+        if time_axis:
+            return row["ms"] * 1e3 if row["ms"] else None
+        return row["tflops"]
+
     panels: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for row in rows:
         key = (json.dumps(row["panel"], sort_keys=True), row["mode"])
@@ -48,19 +62,34 @@ def plot_result(result: dict[str, Any], path: str | Path) -> Path:
             drawn = False
             for provider in providers:
                 pts = [
-                    (xs.index(r["x"]), r["tflops"])
+                    (xs.index(r["x"]), y_of(r))
                     for r in prows
-                    if r["provider"] == provider and r["status"] == "ok" and r["tflops"]
+                    if r["provider"] == provider and r["status"] == "ok" and y_of(r)
                 ]
                 if pts:
                     ax.plot(
                         *zip(*pts, strict=True), marker="o", color=colors[provider], label=provider
                     )
                     drawn = True
+            if floor_key and drawn:
+                floors = {xs.index(r["x"]): r.get(floor_key) for r in prows if r.get(floor_key)}
+                for n, (i, floor) in enumerate(sorted(floors.items())):
+                    ax.hlines(
+                        floor,
+                        i - 0.3,
+                        i + 0.3,
+                        colors="k",
+                        linestyles="dashed",
+                        label=floor_key if n == 0 else None,
+                    )
             ax.set_xticks(range(len(xs)))
             ax.set_xticklabels(xs, fontsize=7)
-            ax.set_ylabel("TFLOP/s")
-            ax.set_ylim(bottom=0)
+            if time_axis:
+                ax.set_ylabel("time per call (µs)")
+                ax.set_yscale(settings.get("yscale", "log"))
+            else:
+                ax.set_ylabel("TFLOP/s")
+                ax.set_ylim(bottom=0)
             ax.grid(alpha=0.3)
             if drawn:
                 ax.legend(fontsize=8)

@@ -2,8 +2,9 @@
 tile step, autotune helpers and launch checks.
 
 Every mask these kernels run is a *prefix* mask: query row q sees keys `[0, kv_end(q))`.
-That covers no mask, context-target (per-dataset M), causal with any alignment, and the
-AR-TabPFN training row mask (its visible set is one interval per row).
+That covers no mask, context-target (per-dataset M), causal with any alignment, the
+AR-TabPFN training row mask (its visible set is one interval per row) and the buffer part
+of teacher forcing.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import triton.language as tl
 from tabattn_core.checks import InputError
 
 # Mask kinds (constexpr MASK of the kernels).
-MASK_NONE, MASK_CONTEXT, MASK_CAUSAL, MASK_AR_ROWS = 0, 1, 2, 3
+MASK_NONE, MASK_CONTEXT, MASK_CAUSAL, MASK_AR_ROWS, MASK_TEACHER_BUFFER = 0, 1, 2, 3, 4
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -93,7 +94,8 @@ def prefix_kv_end(
     NONE: Lk. CONTEXT: ctx_len (the dataset's M). CAUSAL: q + 1 + causal_offset (Lk - Lq for
     bottom-right, 0 for top-left), clamped to [0, Lk]. AR_ROWS (rows [ctx | buffer | targets],
     ctx_len = Nc, ar_buffer = Nb, ar_chunked = A * Nb): context rows Nc, buffer rows q + 1,
-    target j < A*Nb: Nc + (j mod Nb) + 1, other targets Nc.
+    target j < A*Nb: Nc + (j mod Nb) + 1, other targets Nc. TEACHER_BUFFER (rows
+    [buf_0..buf_{Lk-1}, tgt_0..tgt_{Lk-1}] over the Lk buffer keys): buf_i i + 1, tgt_i i.
     """
     if MASK == 0:
         end = tl.zeros_like(offs_m) + Lk
@@ -101,6 +103,8 @@ def prefix_kv_end(
         end = tl.zeros_like(offs_m) + ctx_len
     elif MASK == 2:
         end = tl.minimum(tl.maximum(offs_m + 1 + causal_offset, 0), Lk)
+    elif MASK == 4:
+        end = tl.where(offs_m < Lk, offs_m + 1, offs_m - Lk)
     else:
         j = offs_m - ctx_len - ar_buffer
         chunk_end = ctx_len + j % tl.maximum(ar_buffer, 1) + 1

@@ -418,6 +418,8 @@ def attention_bwd_dkdv_kernel(
         if k0 >= reach:
             m_mid = num_m_blocks * 0
             m_hi = num_m_blocks * 0
+    elif MASK == 4:  # teacher-forcing buffer keys: a few rows of every block, all masked
+        m_mid = num_m_blocks
     elif MASK == 2:
         first_row = tl.maximum(k0 - causal_offset, 0)  # first row that sees key k0
         full_row = tl.minimum(tl.maximum(k1 - 1 - causal_offset, 0), Lq)  # sees the whole block

@@ -21,8 +21,16 @@ from tabattn_core.checks import (
     check_tensor,
 )
 from tabattn_core.masks import BufferDecodeMask
-from tabattn_triton.ops.attention.interface import KERNEL_DTYPES
-from tabattn_triton.ops.common import LOG2E, bucket, check_device, dot_precision, head_block
+from tabattn_triton.ops.attention.interface import KERNEL_DTYPES, PrefixMask, attention_bwd
+from tabattn_triton.ops.common import (
+    LOG2E,
+    MASK_CONTEXT,
+    MASK_TEACHER_BUFFER,
+    bucket,
+    check_device,
+    dot_precision,
+    head_block,
+)
 from tabattn_triton.ops.shared_context.kernel import (
     shared_context_combine_kernel,
     shared_context_fwd_kernel,
@@ -175,6 +183,53 @@ def _rule_bits(lq: int, buffer_len: int, row_rule: str | Sequence[str]) -> int:
     return bits
 
 
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+class TeacherForcingFunction(torch.autograd.Function):
+    """Forward: the fused shared-context kernel. Backward: the flash-attention backward
+    kernels, once over the context with the samples folded into query rows (dK/dV of the
+    shared context summed over samples without copies) and once per sample over its buffer;
+    both use the final LSE and delta, so the two parts' gradients simply add."""
+
+    @staticmethod
+    def forward(ctx, q, k_ctx, v_ctx, k_buf, v_buf, group, ctx_len, ctx_lens, scale):
+        out, lse = _launch(
+            q, k_ctx, v_ctx, k_buf, v_buf, group, ctx_len, ctx_lens,
+            buffer_len=k_buf.shape[3], rule_bits=0, teacher_forcing=True, scale=scale,
+            num_splits=1,
+        )  # fmt: skip
+        ctx.save_for_backward(q, k_ctx, v_ctx, k_buf, v_buf, out, lse, ctx_lens)
+        ctx.group, ctx.ctx_len, ctx.scale = group, ctx_len, scale
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        q, k_ctx, v_ctx, k_buf, v_buf, out, lse, ctx_lens = ctx.saved_tensors
+        g, s, h, rows, d = q.shape
+
+        def fold(t):  # [G, S, H, L, ...] -> [G, H, S*L, ...]: samples become query rows
+            return t.transpose(1, 2).reshape(g, h, s * rows, *t.shape[4:])
+
+        pm_ctx = PrefixMask(MASK_CONTEXT, ctx_len=ctx.ctx_len, ctx_lens=ctx_lens)
+        dq_ctx, dk_ctx, dv_ctx = attention_bwd(
+            fold(do), fold(q), k_ctx, v_ctx, fold(out), fold(lse).contiguous(), pm_ctx,
+            ctx.scale, ctx.group,
+        )  # fmt: skip
+        h_kv, nt = k_buf.shape[2], k_buf.shape[3]
+        dq_buf, dk_buf, dv_buf = attention_bwd(
+            do.reshape(g * s, h, rows, d), q.reshape(g * s, h, rows, d),
+            k_buf.reshape(g * s, h_kv, nt, d), v_buf.reshape(g * s, h_kv, nt, d),
+            out.reshape(g * s, h, rows, d), lse.reshape(g * s, h, rows),
+            PrefixMask(MASK_TEACHER_BUFFER), ctx.scale, ctx.group,
+        )  # fmt: skip
+        dq = dq_buf.view(g, s, h, rows, d) + dq_ctx.view(g, h, s, rows, d).transpose(1, 2)
+        shape = k_buf.shape
+        return dq, dk_ctx, dv_ctx, dk_buf.view(shape), dv_buf.view(shape), None, None, None, None
+
+
 def shared_context_attention(
     q: torch.Tensor,
     k_ctx: torch.Tensor,
@@ -215,6 +270,11 @@ def shared_context_attention(
         need_buffer=buffer_len,
         q_dims="[G, S, H, Lq, D]",
     )
+    if _needs_grad(q, k_ctx, v_ctx, k_buf, v_buf):
+        raise InputError(
+            "q, k_ctx, v_ctx, k_buf, v_buf: the decode kernel is forward-only (sampling runs "
+            "without gradients); use teacher_forcing_attention or backend 'torch' to train"
+        )
     return _launch(
         q, k_ctx, v_ctx, k_buf, v_buf, group, ctx_len, ctx_lens,
         buffer_len=int(buffer_len), rule_bits=_rule_bits(q.shape[3], int(buffer_len), row_rule),
@@ -232,7 +292,7 @@ def teacher_forcing_attention(
     context_lens: int | torch.Tensor | None = None,
     scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Joint density in one pass (forward): rows [buf_0..buf_{Nt-1}, tgt_0..tgt_{Nt-1}] per
+    """Joint density in one pass, forward and backward: rows [buf_0..buf_{Nt-1}, tgt_0..tgt_{Nt-1}] per
     sample path over keys [context | buf]; buf_i sees context + buf_0..buf_i, tgt_i sees
     context + buf_0..buf_{i-1}.
 
@@ -253,8 +313,6 @@ def teacher_forcing_attention(
         raise InputError(
             f"k_buf: expected Nt={nt} rows on dim 3 (q has 2*Nt rows), got {k_buf.shape[3]}"
         )
-    return _launch(
-        q, k_ctx, v_ctx, k_buf, v_buf, group, ctx_len, ctx_lens,
-        buffer_len=nt, rule_bits=0, teacher_forcing=True,
-        scale=check_scale(scale, q.shape[4]), num_splits=1,
-    )  # fmt: skip
+    return TeacherForcingFunction.apply(
+        q, k_ctx, v_ctx, k_buf, v_buf, group, ctx_len, ctx_lens, check_scale(scale, q.shape[4])
+    )
