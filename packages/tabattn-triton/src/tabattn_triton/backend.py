@@ -46,6 +46,10 @@ def attention(q, k, v, *, mask: MaskSpec | torch.Tensor | None = None, scale=Non
 def register(registry: Registry) -> None:
     """Register the Triton kernels with tabattn-core's op registry."""
     from tabattn_triton.ops.attention import context_target_attention, varlen_attention
+    from tabattn_triton.ops.shared_context import (
+        shared_context_attention,
+        teacher_forcing_attention,
+    )
 
     registry.register_backend(
         Backend(
@@ -55,6 +59,8 @@ def register(registry: Registry) -> None:
                 "attention": attention,
                 "context_target_attention": context_target_attention,
                 "varlen_attention": varlen_attention,
+                "shared_context_attention": shared_context_attention,
+                "teacher_forcing_attention": teacher_forcing_attention,
             },
             available=available,
             description="Triton kernels (tabattn-triton)",
