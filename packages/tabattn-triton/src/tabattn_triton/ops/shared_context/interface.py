@@ -7,6 +7,7 @@ names; they match `tabattn_core.reference` exactly in signature and semantics.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -170,10 +171,16 @@ def _launch(q, k_ctx, v_ctx, k_buf, v_buf, group, ctx_len, ctx_lens, *, buffer_l
     return out, lse
 
 
-def _rule_bits(lq: int, buffer_len: int, row_rule: str | Sequence[str]) -> int:
+@functools.lru_cache(maxsize=256)
+def _rule_bits(lq: int, row_rule: str | tuple[str, ...]) -> int:
     """Bit i set when row i is "causal" (sees its own slot); bit 62 holds the rule shared by
-    rows 62 and later."""
-    rules = BufferDecodeMask(lq, buffer_len, 0, context_capacity=0, row_rule=row_rule).row_rule
+    rows 62 and later. Cached: the decode step calls this every step."""
+    rules = (row_rule,) * lq if isinstance(row_rule, str) else row_rule
+    if len(rules) != lq or any(r not in BufferDecodeMask.RULES for r in rules):
+        raise InputError(
+            f"row_rule: expected 'causal', 'strict' or a sequence of them of length {lq}, "
+            f"got {row_rule!r}"
+        )
     bits = sum(int(rule == "causal") << i for i, rule in enumerate(rules[:62]))
     if lq > 62:
         tail = set(rules[62:])
@@ -270,6 +277,7 @@ def shared_context_attention(
         need_buffer=buffer_len,
         q_dims="[G, S, H, Lq, D]",
     )
+    rules = row_rule if isinstance(row_rule, str) else tuple(row_rule)
     if _needs_grad(q, k_ctx, v_ctx, k_buf, v_buf):
         raise InputError(
             "q, k_ctx, v_ctx, k_buf, v_buf: the decode kernel is forward-only (sampling runs "
@@ -277,7 +285,7 @@ def shared_context_attention(
         )
     return _launch(
         q, k_ctx, v_ctx, k_buf, v_buf, group, ctx_len, ctx_lens,
-        buffer_len=int(buffer_len), rule_bits=_rule_bits(q.shape[3], int(buffer_len), row_rule),
+        buffer_len=int(buffer_len), rule_bits=_rule_bits(q.shape[3], rules),
         teacher_forcing=False, scale=check_scale(scale, q.shape[4]), num_splits=num_splits,
     )  # fmt: skip
 
