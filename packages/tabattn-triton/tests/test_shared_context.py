@@ -196,3 +196,24 @@ def test_gpu_teacher_forcing(s, nc, nt, d):
     assert_rel_close(lse, ref_lse, dtype=torch.bfloat16)
     for gr, rg in zip(grads, ref_grads, strict=True):
         assert_rel_close(gr, rg, tol=2 * REL_TOL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+def test_gpu_no_recompilation_when_lengths_change():
+    """Nc, T and S are runtime values: new lengths reuse the compiled kernel."""
+    from tabattn_triton.ops.shared_context.kernel import shared_context_fwd_kernel
+
+    jit = shared_context_fwd_kernel.fn
+
+    def compiled() -> int:
+        return sum(len(entry[0]) for entry in jit.device_caches.values())
+
+    def step(s, nc, t):
+        args = inputs(1, s, 4, 4, 1, nc, t + 2, 64, dtype=torch.bfloat16)
+        shared_context_attention(*args, buffer_len=t, num_splits=1)
+
+    step(8, 1000, 5)
+    before = compiled()
+    for s, nc, t in [(9, 1001, 6), (13, 1017, 7), (8, 999, 3), (31, 2000, 12)]:
+        step(s, nc, t)
+    assert compiled() == before
