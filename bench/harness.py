@@ -166,7 +166,10 @@ class Suite:
     case_modes: Callable[[dict[str, Any]], tuple[str, ...]] | None = None  # default: modes
     calibrate: Callable[[RunConfig], dict[str, Any]] | None = None
     # (case, mode, rows of that case and mode, calibration, cfg) -> None; edits the rows
-    annotate: Callable[[dict[str, Any], str, list[dict[str, Any]], dict[str, Any], RunConfig], None] | None = None
+    annotate: (
+        Callable[[dict[str, Any], str, list[dict[str, Any]], dict[str, Any], RunConfig], None]
+        | None
+    ) = None
     header_extra: dict[str, Any] = field(default_factory=dict)
 
     def modes_of(self, case: dict[str, Any]) -> tuple[str, ...]:
@@ -485,7 +488,9 @@ def run_suite(
                     row["speedup"] = base_ms / row["ms"]
                 if row["ms"]:
                     row["speedup_vs"] = {
-                        name: ms / row["ms"] for name, ms in timed.items() if name != row["provider"]
+                        name: ms / row["ms"]
+                        for name, ms in timed.items()
+                        if name != row["provider"]
                     }
             if suite.annotate is not None:
                 suite.annotate(case, mode, mode_rows, calibration, cfg)

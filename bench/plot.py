@@ -73,11 +73,11 @@ def plot_result(result: dict[str, Any], path: str | Path) -> Path:
                     drawn = True
             if floor_key and drawn:
                 floors = {xs.index(r["x"]): r.get(floor_key) for r in prows if r.get(floor_key)}
-                for n, (i, floor) in enumerate(sorted(floors.items())):
+                for n, (x, floor) in enumerate(sorted(floors.items())):
                     ax.hlines(
                         floor,
-                        i - 0.3,
-                        i + 0.3,
+                        x - 0.3,
+                        x + 0.3,
                         colors="k",
                         linestyles="dashed",
                         label=floor_key if n == 0 else None,

@@ -1,4 +1,5 @@
-"""The benchmark harness end to end on tiny shapes: `python -m bench context_target --smoke`."""
+"""The benchmark harness end to end on tiny shapes: `python -m bench <suite> --smoke`
+(context_target and shared_context)."""
 
 from __future__ import annotations
 
@@ -25,9 +26,9 @@ HEADER_FIELDS = (
 )
 
 
-def test_bench_smoke_writes_checked_timings_json_and_png(tmp_path: Path) -> None:
+def _run_smoke(suite: str, out: Path) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "context_target", "--smoke", "--out", str(tmp_path)],
+        [sys.executable, "-m", "bench", suite, "--smoke", "--out", str(out)],
         cwd=REPO_ROOT,
         env=dict(os.environ),
         capture_output=True,
@@ -36,6 +37,11 @@ def test_bench_smoke_writes_checked_timings_json_and_png(tmp_path: Path) -> None
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert "| shape | mode | provider |" in proc.stdout
+    return proc
+
+
+def test_bench_smoke_writes_checked_timings_json_and_png(tmp_path: Path) -> None:
+    _run_smoke("context_target", tmp_path)
 
     result = json.loads((tmp_path / "context_target.json").read_text())
     header, rows = result["header"], result["rows"]
@@ -65,4 +71,53 @@ def test_bench_smoke_writes_checked_timings_json_and_png(tmp_path: Path) -> None
         assert row["status"] == "ok" or row["reason"], row
 
     png = tmp_path / "context_target.png"
+    assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_bench_smoke_shared_context(tmp_path: Path) -> None:
+    proc = _run_smoke("shared_context", tmp_path)
+    assert "floor µs" in proc.stdout
+
+    result = json.loads((tmp_path / "shared_context.json").read_text())
+    header, rows = result["header"], result["rows"]
+    assert result["complete"] is True
+    for name in HEADER_FIELDS:
+        assert header.get(name) not in (None, ""), name
+    assert header["suite"] == "shared_context"
+    assert set(header["baselines"]) == {"decode", "teacher_forcing"}
+    calibration = header["calibration"]
+    assert calibration["copy_bandwidth_gbps"] > 0 and calibration["gemm_tflops"] > 0
+
+    for row in rows:
+        assert row["status"] in ("ok", "skipped", "failed", "error"), row
+        assert row["status"] == "ok" or row["reason"], row
+        if not row["provider"].startswith("tabattn"):  # the baselines all pass their check
+            assert row["status"] not in ("failed", "error"), row
+        assert row["floor_us"] > 0, row
+        for key in ("speedup_vs", "ratio_to_floor", "floor_plus_launch_us", "best_flex"):
+            assert key in row, (key, row)
+    # Providers appear only in their modes.
+    by_mode = {m: {r["provider"] for r in rows if r["mode"] == m} for m in header["baselines"]}
+    assert {"sdpa-materialised", "sdpa-concat", "flex-split", "tabattn-graph"} <= by_mode["decode"]
+    assert {"flex-tf", "sdpa-mask"} <= by_mode["teacher_forcing"]
+    assert not by_mode["decode"] & {"flex-tf", "sdpa-mask"}
+
+    timed = [r for r in rows if r["status"] == "ok"]
+    assert {r["mode"] for r in timed if r["provider"] == "reference"} == {
+        "decode",
+        "teacher_forcing",
+    }
+    for row in timed:
+        assert row["ms"] > 0 and row["max_error"] <= row["rel_tol"], row
+        assert set(row["errors"]) >= {"out"}, row
+        assert row["ratio_to_floor"] > 0, row
+    # The references return an LSE, which is checked; SDPA returns none.
+    assert all("lse" in r["errors"] for r in timed if r["provider"] == "reference")
+    decode_sdpa = [r for r in timed if r["provider"] == "sdpa-materialised"]
+    assert decode_sdpa and all(r["speedup"] == 1.0 for r in decode_sdpa)
+    for row in timed:
+        others = {r["provider"] for r in timed if r["case"] == row["case"]} - {row["provider"]}
+        assert set(row["speedup_vs"]) == others, row
+
+    png = tmp_path / "shared_context.png"
     assert png.read_bytes()[:8] == PNG_MAGIC
