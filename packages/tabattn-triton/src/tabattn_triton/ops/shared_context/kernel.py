@@ -166,7 +166,7 @@ def shared_context_fwd_kernel(
     # Context keys [lo, hi) of this split: full tiles unmasked, then the ragged tail.
     offs_n = tl.arange(0, BLOCK_N)
     all_cols = offs_n >= 0
-    lo = split * split_len
+    lo = (split * split_len).to(tl.int32)
     hi = tl.minimum(lo + split_len, ctx_len)
     full_stop = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
     kc_base = K_CTX + g * stride_kcg + h_kv * stride_kch
@@ -198,8 +198,8 @@ def shared_context_fwd_kernel(
             if SAMPLE_TILES:
                 kb_base += sample * stride_kbs
                 vb_base += sample * stride_vbs
-                for start in range(0, buf_end, BLOCK_N):
-                    cols = start + offs_n
+                for t_start in range(0, buf_end, BLOCK_N):
+                    cols = t_start + offs_n
                     col_ok = cols < buf_end
                     k_t = tl.trans(
                         load_rows(kb_base, cols, stride_kbn, stride_kbd, offs_d, col_ok, d_ok)
@@ -214,8 +214,8 @@ def shared_context_fwd_kernel(
                 offs_t = tl.arange(0, BLOCK_T)
                 kb_rows = kb_base + s * stride_kbs
                 vb_rows = vb_base + s * stride_vbs
-                for start in range(0, buf_end, BLOCK_T):
-                    t = start + offs_t
+                for t_start in range(0, buf_end, BLOCK_T):
+                    t = t_start + offs_t
                     visible = t[None, :] < vis[:, None]  # [BM, BT]
                     mask3 = visible[:, :, None] & d_ok[None, None, :]
                     k_rows = tl.load(
