@@ -39,7 +39,7 @@ from tabattn_triton.ops.shared_context.kernel import (
 
 __all__ = ["choose_num_splits", "shared_context_attention", "teacher_forcing_attention"]
 
-MIN_SPLIT_KEYS = 256  # a context split reads at least this many keys
+MIN_SPLIT_KEYS = 512  # a split reads at least this many context keys
 SAMPLE_TILE_MIN_ROWS = 16  # rows per sample from which per-sample tiles feed the dots
 
 
@@ -128,10 +128,8 @@ def _launch(q, k_ctx, v_ctx, k_buf, v_buf, group, ctx_len, ctx_lens, *, buffer_l
     if not 1 <= num_splits <= 1024:
         raise InputError(f"num_splits: expected an int in [1, 1024], got {num_splits}")
     split_len = triton.cdiv(triton.cdiv(nc, num_splits), 64) * 64 if num_splits > 1 else max(nc, 1)
-    has_buffer = k_buf is not None and (teacher_forcing or buffer_len > 0)
-    buffer_split = num_splits > 1 and has_buffer  # the buffer gets a program of its own
-    num_splits += buffer_split
     n_rows = g * s * h * lq
+    has_buffer = k_buf is not None and (teacher_forcing or buffer_len > 0)
     if num_splits > 1:
         o_part = torch.empty((num_splits, n_rows, block_d), device=q.device, dtype=torch.float32)
         lse_part = torch.empty((num_splits, n_rows), device=q.device, dtype=torch.float32)
@@ -159,9 +157,8 @@ def _launch(q, k_ctx, v_ctx, k_buf, v_buf, group, ctx_len, ctx_lens, *, buffer_l
         TEACHER_FORCING=teacher_forcing,
         SAMPLE_TILES=sample_tiles,
         NUM_SPLITS=num_splits,
-        BUFFER_SPLIT=buffer_split,
         BLOCK_D=block_d,
-        BLOCK_T=max(1, min(16, 16384 // (32 * block_d))),
+        BLOCK_T=max(1, min(16, 4096 // (32 * block_d))),
         DOT_PRECISION=dot_precision(q.dtype),
     )  # fmt: skip
     if num_splits > 1:
@@ -259,8 +256,7 @@ def shared_context_attention(
     (never copied); k_buf, v_buf: [G, S, H_kv, T_cap, D], the first `buffer_len` (T) valid,
     the Lq new rows in the last Lq of them; context_lens: int or int tensor [G] (default Nc);
     row_rule: "causal" (row sees its own slot) / "strict" (not), one or one per row;
-    num_splits: context splits across programs (None: chosen from the GPU's SM count); with
-    more than one, the buffer gets its own program and the partials are merged by LSE.
+    num_splits: context splits across programs (None: chosen from the GPU's SM count).
 
     ```
     T=3, Lq=2, ("causal","strict"):   ctx   buf0 buf1 tgt

@@ -44,7 +44,7 @@ def _prune(configs, named_args, **kwargs):
     kept = [
         c for c in configs
         if (c.kwargs["BLOCK_M"] + 2 * c.kwargs["BLOCK_N"]) * block_d <= 256 * 128
-        and (kwargs.get("SAMPLE_TILES", named_args.get("SAMPLE_TILES")) or c.kwargs["BLOCK_M"] <= 32)
+        and (kwargs.get("SAMPLE_TILES", named_args.get("SAMPLE_TILES")) or c.kwargs["BLOCK_M"] <= 64)
     ]  # fmt: skip
     return kept or configs[:1]
 
@@ -109,16 +109,14 @@ def shared_context_fwd_kernel(
     TEACHER_FORCING: tl.constexpr,
     SAMPLE_TILES: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
-    BUFFER_SPLIT: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_T: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """Grid: (G * H_kv * row_blocks * NUM_SPLITS,); n_rows = G * S * H * Lq. One program:
-    BLOCK_M rows of one (dataset, kv head) over one context split and, in the last split,
-    the buffer (with BUFFER_SPLIT the last split reads the buffer alone).
+    """Grid: (G * H_kv * row_blocks * NUM_SPLITS,); n_rows = G * S * H * Lq. One program: BLOCK_M rows of one
+    (dataset, kv head) over one context split (and the buffer, in the last split).
     Writes out/LSE (O, LSE contiguous [G, S, H, Lq, D] / [G, S, H, Lq]), or with splits the
     normalised partials (O_PART [NUM_SPLITS, rows, BLOCK_D] fp32, LSE_PART [NUM_SPLITS, rows]).
     """
@@ -170,8 +168,6 @@ def shared_context_fwd_kernel(
     all_cols = offs_n >= 0
     lo = (split * split_len).to(tl.int32)
     hi = tl.minimum(lo + split_len, ctx_len)
-    if BUFFER_SPLIT:  # the last split reads the buffer only
-        hi = tl.where(split == NUM_SPLITS - 1, lo, hi)
     full_stop = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
     kc_base = K_CTX + g * stride_kcg + h_kv * stride_kch
     vc_base = V_CTX + g * stride_vcg + h_kv * stride_vch
