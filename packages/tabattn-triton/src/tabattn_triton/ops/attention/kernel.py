@@ -92,6 +92,45 @@ def _sequence(CU_Q, CU_K, b, Lq, Lk, causal_offset, IS_VARLEN: tl.constexpr):
         return b, 0, 0, Lq, Lk, causal_offset
 
 
+@triton.jit
+def _query_block(
+    CTX_LENS, CU_Q, CU_K, H, GROUP, Lq, Lk, ctx_len, causal_offset,
+    HAS_CTX_LENS: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """The query block of this program (grid B * H * cdiv(Lq, BLOCK_M)): tensor batch index,
+    head, kv head, first query/key row, the sequence's Lq, Lk, context length and causal
+    offset, the rows [BLOCK_M] and which of them exist."""
+    pid = tl.program_id(0).to(tl.int64)
+    num_m_blocks = tl.cdiv(Lq, BLOCK_M)
+    bh = pid // num_m_blocks
+    m_block = pid % num_m_blocks
+    b = bh // H
+    h = bh % H
+    if HAS_CTX_LENS:
+        ctx_len = tl.load(CTX_LENS + b).to(tl.int32)
+    tb, q_start, k_start, Lq, Lk, causal_offset = _sequence(
+        CU_Q, CU_K, b, Lq, Lk, causal_offset, IS_VARLEN
+    )
+    offs_m = (m_block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int32)
+    return tb, h, h // GROUP, q_start, k_start, Lq, Lk, ctx_len, causal_offset, offs_m, offs_m < Lq
+
+
+@triton.jit
+def _key_tiles(
+    offs_m, row_ok, Lq, Lk, ctx_len, causal_offset, ar_buffer, ar_chunked,
+    MASK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Per-row key ends, the end of the key tiles every row sees whole (run unmasked) and the
+    end of the keys any row sees (tiles past it are skipped)."""
+    kv_end = prefix_kv_end(offs_m, Lq, Lk, ctx_len, causal_offset, ar_buffer, ar_chunked, MASK)
+    full_end = tl.min(tl.where(row_ok, kv_end, Lk), 0)
+    any_end = tl.max(tl.where(row_ok, kv_end, 0), 0)
+    return kv_end, (full_end // BLOCK_N) * BLOCK_N, any_end
+
+
 @triton.autotune(
     configs=pick_configs(FWD_CONFIGS, lambda c: True),
     key=AUTOTUNE_KEY,
@@ -147,23 +186,12 @@ def attention_fwd_kernel(
     BLOCK_N: tl.constexpr,
 ):
     """Grid: (B * H * cdiv(Lq, BLOCK_M),). One program: BLOCK_M query rows of one (b, h)."""
-    pid = tl.program_id(0).to(tl.int64)
-    num_m_blocks = tl.cdiv(Lq, BLOCK_M)
-    bh = pid // num_m_blocks
-    m_block = pid % num_m_blocks
-    b = bh // H
-    h = bh % H
-    h_kv = h // GROUP
-    if HAS_CTX_LENS:
-        ctx_len = tl.load(CTX_LENS + b).to(tl.int32)
-    tb, q_start, k_start, Lq, Lk, causal_offset = _sequence(
-        CU_Q, CU_K, b, Lq, Lk, causal_offset, IS_VARLEN
-    )
-
-    offs_m = (m_block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int32)
+    tb, h, h_kv, q_start, k_start, Lq, Lk, ctx_len, causal_offset, offs_m, row_ok = _query_block(
+        CTX_LENS, CU_Q, CU_K, H, GROUP, Lq, Lk, ctx_len, causal_offset,
+        HAS_CTX_LENS, IS_VARLEN, BLOCK_M,
+    )  # fmt: skip
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < Lq
     d_ok = offs_d < D
     q = load_rows(
         Q + tb * stride_qb + h * stride_qh + q_start * stride_qm,
@@ -175,10 +203,9 @@ def attention_fwd_kernel(
         d_ok,
     )
 
-    kv_end = prefix_kv_end(offs_m, Lq, Lk, ctx_len, causal_offset, ar_buffer, ar_chunked, MASK)
-    full_end = tl.min(tl.where(row_ok, kv_end, Lk), 0)  # keys every row of the block sees
-    any_end = tl.max(tl.where(row_ok, kv_end, 0), 0)  # keys some row sees
-    full_stop = (full_end // BLOCK_N) * BLOCK_N
+    kv_end, full_stop, any_end = _key_tiles(
+        offs_m, row_ok, Lq, Lk, ctx_len, causal_offset, ar_buffer, ar_chunked, MASK, BLOCK_N
+    )
 
     k_base = K + tb * stride_kb + h_kv * stride_kh + k_start * stride_kn
     v_base = V + tb * stride_vb + h_kv * stride_vh + k_start * stride_vn
@@ -613,23 +640,12 @@ def attention_bwd_dq_kernel(
     BLOCK_N: tl.constexpr,
 ):
     """Grid: (B * H * cdiv(Lq, BLOCK_M),). One program: dQ of BLOCK_M rows of one (b, h)."""
-    pid = tl.program_id(0).to(tl.int64)
-    num_m_blocks = tl.cdiv(Lq, BLOCK_M)
-    bh = pid // num_m_blocks
-    m_block = pid % num_m_blocks
-    b = bh // H
-    h = bh % H
-    h_kv = h // GROUP
-    if HAS_CTX_LENS:
-        ctx_len = tl.load(CTX_LENS + b).to(tl.int32)
-    tb, q_start, k_start, Lq, Lk, causal_offset = _sequence(
-        CU_Q, CU_K, b, Lq, Lk, causal_offset, IS_VARLEN
-    )
-
-    offs_m = (m_block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int32)
+    tb, h, h_kv, q_start, k_start, Lq, Lk, ctx_len, causal_offset, offs_m, row_ok = _query_block(
+        CTX_LENS, CU_Q, CU_K, H, GROUP, Lq, Lk, ctx_len, causal_offset,
+        HAS_CTX_LENS, IS_VARLEN, BLOCK_M,
+    )  # fmt: skip
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < Lq
     d_ok = offs_d < D
     q = load_rows(
         Q + tb * stride_qb + h * stride_qh + q_start * stride_qm,
@@ -651,10 +667,9 @@ def attention_bwd_dq_kernel(
     )
     lse, delta = _load_row_stats(LSE, DELTA, (tb * H + h) * lse_len + q_start, offs_m, row_ok)
 
-    kv_end = prefix_kv_end(offs_m, Lq, Lk, ctx_len, causal_offset, ar_buffer, ar_chunked, MASK)
-    full_end = tl.min(tl.where(row_ok, kv_end, Lk), 0)
-    any_end = tl.max(tl.where(row_ok, kv_end, 0), 0)
-    full_stop = (full_end // BLOCK_N) * BLOCK_N
+    kv_end, full_stop, any_end = _key_tiles(
+        offs_m, row_ok, Lq, Lk, ctx_len, causal_offset, ar_buffer, ar_chunked, MASK, BLOCK_N
+    )
 
     k_base = K + tb * stride_kb + h_kv * stride_kh + k_start * stride_kn
     v_base = V + tb * stride_vb + h_kv * stride_vh + k_start * stride_vn
