@@ -1,0 +1,251 @@
+"""`ARTabPFNPredictor`: joint sampling and joint density with a trained `ARTabPFN`, with the
+peer's method names (`sample_sequence`, `evaluate_joint_density`, `prefill_context`,
+`from_trained_model`).
+
+Batch rows that share one context (all rows equal) are run as one dataset with many sample
+paths: the context K/V is computed once and read by every path, never copied. Otherwise each
+row is its own dataset. The KV cache belongs to the call (nothing is stored on the model), so
+predictors and threads sharing a model do not interfere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tabattn_core.checks import InputError, check_tensor
+from tabattn_core.kv_cache import SharedContextKVCache
+from tabattn_core.registry import get_op
+from tabpfn_infer.model import ARTabPFN
+
+__all__ = ["ARTabPFNPredictor", "check_finite"]
+
+
+def check_finite(name: str, t: torch.Tensor, axes: tuple[str, ...]) -> None:
+    """Reject NaN/inf naming the first bad element by its axes (e.g. batch, row, column)."""
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        where = [int(i) for i in bad.nonzero()[0]]
+        at = ", ".join(f"{axis} {i}" for axis, i in zip(axes, where, strict=True))
+        raise InputError(f"{name}: expected finite values, got {t[tuple(where)].item()} at {at}")
+
+
+@dataclass
+class _Batch:
+    """Inputs arranged as G datasets x S sample paths."""
+
+    x_context: torch.Tensor  # [G, Nc, C]
+    y_context: torch.Tensor  # [G, Nc]
+    x_target: torch.Tensor  # [G, S, Nt, C]
+    y_target: torch.Tensor | None  # [G, S, Nt]
+    batch: int  # B = G * S
+
+
+class ARTabPFNPredictor:
+    """Joint predictions of a trained `ARTabPFN`.
+
+    backend: "auto" (core's registry picks the best available for the device), "torch",
+    "triton", ... for every attention op.
+    """
+
+    def __init__(self, model: ARTabPFN, *, backend: str = "auto"):
+        self.model = model
+        self.backend = backend
+
+    @classmethod
+    def from_trained_model(cls, model: ARTabPFN, backend: str = "auto") -> ARTabPFNPredictor:
+        return cls(model, backend=backend)
+
+    # ---- inputs ---------------------------------------------------------------------
+
+    def _arrange(self, x_context, y_context, x_target, y_target=None) -> _Batch:
+        param = next(self.model.parameters())
+        dev, dt = param.device, param.dtype
+        check_tensor("x_context", x_context, ndim=3, dims="[B, Nc, C]")
+        b, nc, c = x_context.shape
+        check_tensor("x_target", x_target, ndim=3, dims="[B, Nt, C]")
+        if x_target.shape[0] != b or x_target.shape[2] != c:
+            raise InputError(
+                f"x_target: expected shape [{b}, Nt, {c}] (batch and columns of x_context), "
+                f"got {list(x_target.shape)}"
+            )
+        if y_context.dim() == 3:
+            y_context = y_context.squeeze(-1)
+        check_tensor("y_context", y_context, shape=(b, nc), dims="[B, Nc] or [B, Nc, 1]")
+        nt = x_target.shape[1]
+        if y_target is not None:
+            check_tensor("y_target", y_target, shape=(b, nt), dims="[B, Nt]")
+        for name, t, axes in (
+            ("x_context", x_context, ("batch", "row", "column")),
+            ("y_context", y_context, ("batch", "row")),
+            ("x_target", x_target, ("batch", "row", "column")),
+            ("y_target", y_target, ("batch", "row")),
+        ):
+            if t is not None:
+                check_finite(name, t, axes)
+        x_context, y_context, x_target = (t.to(dev, dt) for t in (x_context, y_context, x_target))
+        y_target = None if y_target is None else y_target.to(dev, dt)
+        shared = b > 1 and bool(
+            (x_context == x_context[:1]).all() and (y_context == y_context[:1]).all()
+        )
+        g, s = (1, b) if shared else (b, 1)
+        return _Batch(
+            x_context[:g],
+            y_context[:g],
+            x_target.view(g, s, nt, c),
+            None if y_target is None else y_target.view(g, s, nt),
+            b,
+        )
+
+    def _op(self, name: str, device: torch.device):
+        return get_op(name, self.backend, device=device)
+
+    # ---- the three passes -------------------------------------------------------------
+
+    @torch.no_grad()
+    def prefill_context(
+        self, x_context: torch.Tensor, y_context: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Row-attention K/V of the context rows, per layer: x_context [G, Nc, C], y_context
+        [G, Nc] -> [(k, v)] with k, v [G, H, Nc, Dh]. Context rows attend to each other."""
+        model = self.model
+        attention = self._op("attention", x_context.device)
+        x = model.embedder.context(x_context, y_context)
+        kv = []
+        for layer in model.backbone.layers:
+            x1 = layer.features(x)
+            q, k, v = layer.attn_rows.qkv(x1)
+            kv.append((k, v))
+            x = layer.finish(x1, attention(q, k, v)[0])
+        return kv
+
+    @torch.no_grad()
+    def evaluate_joint_density(
+        self,
+        x_context: torch.Tensor,
+        y_context: torch.Tensor,
+        x_target: torch.Tensor,
+        y_target: torch.Tensor,
+    ) -> torch.Tensor:
+        """Per-target conditional log densities log p(y_t | context, y_0..y_{t-1}) in one
+        teacher-forcing pass; their sum over t is the joint log density.
+
+        x_context [B, Nc, C], y_context [B, Nc] (or [B, Nc, 1]), x_target [B, Nt, C],
+        y_target [B, Nt] -> [B, Nt] (natural log). Buffer row j carries ar_tokens[j mod bs].
+        """
+        data = self._arrange(x_context, y_context, x_target, y_target)
+        model = self.model
+        ctx_kv = self.prefill_context(data.x_context, data.y_context)
+        teacher_forcing = self._op("teacher_forcing_attention", data.x_target.device)
+        nt = data.x_target.shape[2]
+        ar = model.ar_token(torch.arange(nt))
+        rows = torch.cat(
+            [
+                model.embedder.buffer(data.x_target, data.y_target) + ar,
+                model.embedder.target(data.x_target),
+            ],
+            2,
+        )  # [G, S, 2 Nt, D]
+        x = rows
+        for layer, (k_ctx, v_ctx) in zip(model.backbone.layers, ctx_kv, strict=True):
+            x1 = layer.features(x)
+            q, k, v = layer.attn_rows.qkv(x1)
+            out, _ = teacher_forcing(q, k_ctx, v_ctx, k[..., :nt, :], v[..., :nt, :])
+            x = layer.finish(x1, out)
+        z = model.backbone.norm(x[:, :, nt:])
+        return model.head.log_likelihood(z, data.y_target).reshape(data.batch, nt)
+
+    @torch.no_grad()
+    def sample_sequence(
+        self,
+        x_context: torch.Tensor,
+        y_context: torch.Tensor,
+        x_target: torch.Tensor,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """One joint sample per batch row: y_t ~ p(y_t | context, y_0..y_{t-1}) in order.
+
+        x_context [B, Nc, C], y_context [B, Nc], x_target [B, Nt, C] -> [B, Nt]. For S joint
+        samples of one dataset pass its context S times: it is computed and stored once.
+        """
+        data = self._arrange(x_context, y_context, x_target)
+        return self._decode(data, generator=generator)
+
+    @torch.no_grad()
+    def stepwise_log_density(
+        self,
+        x_context: torch.Tensor,
+        y_context: torch.Tensor,
+        x_target: torch.Tensor,
+        y_target: torch.Tensor,
+    ) -> torch.Tensor:
+        """The sampling path with y fixed to y_target: per-step log p(y_t | ...) [B, Nt].
+        Equal to `evaluate_joint_density` (the chain rule), computed step by step."""
+        data = self._arrange(x_context, y_context, x_target, y_target)
+        return self._decode(data, fixed=data.y_target)
+
+    def _decode(
+        self,
+        data: _Batch,
+        *,
+        fixed: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Decode the targets in order. Step 0 runs the target row alone; step t >= 1 runs
+        [buffer row t-1 (its x and its sampled or fixed y), target row t]: the buffer row sees
+        the context and buffer rows 0..t-1, the target the same; nobody sees a target.
+        Returns samples, or with `fixed` the log densities of the fixed values [B, Nt]."""
+        model = self.model
+        g, s, nt, _ = data.x_target.shape
+        first = next(iter(model.backbone.layers)).attn_rows
+        ctx_kv = self.prefill_context(data.x_context, data.y_context)
+        k0 = ctx_kv[0][0]
+        cache = SharedContextKVCache.allocate(
+            num_layers=len(ctx_kv),
+            num_datasets=g,
+            num_samples=s,
+            kv_heads=first.n_heads,
+            head_dim=k0.shape[-1],
+            context_capacity=k0.shape[2],
+            buffer_capacity=max(nt, 1),
+            dtype=k0.dtype,
+            device=k0.device,
+        )
+        for layer_idx, (k, v) in enumerate(ctx_kv):
+            cache.write_context(layer_idx, k, v)
+        decode = self._op("shared_context_attention", k0.device)
+        targets = model.embedder.target(data.x_target)  # [G, S, Nt, D]
+        result = torch.empty((g, s, nt), device=k0.device, dtype=k0.dtype)
+        previous = None
+        for t in range(nt):
+            if t == 0:
+                rows, start, rule = targets[:, :, :1], 0, ("strict",)
+            else:
+                buffer_row = model.embedder.buffer(
+                    data.x_target[:, :, t - 1 : t], previous[..., None]
+                )
+                rows = torch.cat([buffer_row + model.ar_token(t - 1), targets[:, :, t : t + 1]], 2)
+                start, rule = t - 1, ("causal", "strict")
+            x = rows
+            for layer_idx, layer in enumerate(model.backbone.layers):
+                x1 = layer.features(x)
+                q, k, v = layer.attn_rows.qkv(x1)
+                cache.write_buffer(layer_idx, k, v, start=start)
+                k_ctx, v_ctx, _ = cache.context(layer_idx)
+                k_buf, v_buf = cache.buffer(layer_idx, length=start + rows.shape[2])
+                out, _ = decode(
+                    q, k_ctx, v_ctx, k_buf, v_buf, buffer_len=start + rows.shape[2], row_rule=rule
+                )
+                x = layer.finish(x1, out)
+            if t > 0:
+                cache.commit(1)
+            z = model.backbone.norm(x[:, :, -1])  # the target row [G, S, D]
+            if fixed is None:
+                previous = model.head.sample(z, generator=generator)
+                result[..., t] = previous
+            else:
+                previous = fixed[..., t]
+                result[..., t] = model.head.log_likelihood(z, previous)
+        return result.reshape(data.batch, nt)
