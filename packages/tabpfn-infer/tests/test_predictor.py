@@ -1,0 +1,192 @@
+"""ARTabPFN and ARTabPFNPredictor: the peer's golden densities, the chain rule, sampling
+reproducibility, shared vs per-row contexts, edge sizes and bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tabattn_core.checks import InputError
+from tabpfn_infer.model import ARTabPFN, load_peer_state_dict
+from tabpfn_infer.predictor import ARTabPFNPredictor
+
+GOLDEN = Path(__file__).parent / "data" / "peer_default.pt"
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return torch.load(GOLDEN, weights_only=True)
+
+
+def peer_model(golden, dtype=torch.float32) -> ARTabPFN:
+    model = ARTabPFN(**golden["config"]).to(dtype)
+    return load_peer_state_dict(model, golden["state_dict"]).eval()
+
+
+def small_model(seed=0, dtype=torch.float64) -> ARTabPFN:
+    torch.manual_seed(seed)
+    model = ARTabPFN(d_model=32, n_heads=2, n_layers=2, d_ff=48, buffer_size=3, num_components=3)
+    return model.to(dtype).eval()
+
+
+def task(b=3, nc=9, nt=5, c=2, shared=False, dtype=torch.float64, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    xc = torch.randn(1 if shared else b, nc, c, generator=gen, dtype=dtype).expand(b, nc, c)
+    yc = torch.randn(1 if shared else b, nc, generator=gen, dtype=dtype).expand(b, nc)
+    return (
+        xc,
+        yc,
+        torch.randn(b, nt, c, generator=gen, dtype=dtype),
+        torch.randn(b, nt, generator=gen, dtype=dtype),
+    )
+
+
+@pytest.mark.parametrize(
+    "inputs, reference", [("inputs", "ejd_ref64"), ("inputs_distinct", "ejd_distinct_ref64")]
+)
+def test_golden_joint_density_float32(golden, inputs, reference):
+    """The peer's float64 densities (shared and distinct contexts) within 1e-4 in float32."""
+    data = golden[inputs]
+    out = ARTabPFNPredictor(peer_model(golden), backend="torch").evaluate_joint_density(
+        data["x_context"], data["y_context"], data["x_target"], data["y_target"]
+    )
+    assert out.shape == golden["outputs"][reference].shape
+    assert (out.double() - golden["outputs"][reference]).abs().max() < 1e-4
+
+
+def test_golden_joint_density_float64_exact(golden):
+    data = golden["inputs"]
+    out = ARTabPFNPredictor(
+        peer_model(golden, torch.float64), backend="torch"
+    ).evaluate_joint_density(
+        data["x_context"], data["y_context"], data["x_target"], data["y_target"]
+    )
+    assert (out - golden["outputs"]["ejd_ref64"]).abs().max() < 1e-10
+
+
+def test_peer_checkpoint_keys_with_orig_mod(golden):
+    wrapped = {
+        k.replace("embedder.", "embedder._orig_mod.").replace("head.", "head._orig_mod.", 1)
+        if k.startswith(("embedder.", "head.")) else k: v
+        for k, v in golden["state_dict"].items()
+    }  # fmt: skip
+    model = load_peer_state_dict(ARTabPFN(**golden["config"]), {"step": 3, "model": wrapped})
+    assert torch.equal(model.head.mean_bias, golden["state_dict"]["head.mean_bias"])
+    assert sum(p.numel() for p in ARTabPFN().parameters()) == 1_225_630
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("nt", [1, 5])
+def test_chain_rule(shared, nt):
+    """The per-step conditionals of the sampling path with y fixed equal the one-pass
+    teacher-forcing densities."""
+    predictor = ARTabPFNPredictor(small_model(), backend="torch")
+    xc, yc, xt, yt = task(nt=nt, shared=shared)
+    joint = predictor.evaluate_joint_density(xc, yc, xt, yt)
+    stepwise = predictor.stepwise_log_density(xc, yc, xt, yt)
+    torch.testing.assert_close(stepwise, joint, rtol=1e-10, atol=1e-10)
+    assert torch.isfinite(joint).all()
+
+
+def test_shared_context_equals_per_row_runs():
+    predictor = ARTabPFNPredictor(small_model(), backend="torch")
+    xc, yc, xt, yt = task(b=4, shared=True)
+    together = predictor.evaluate_joint_density(xc, yc, xt, yt)
+    alone = torch.cat(
+        [
+            predictor.evaluate_joint_density(
+                xc[i : i + 1], yc[i : i + 1], xt[i : i + 1], yt[i : i + 1]
+            )
+            for i in range(4)
+        ]
+    )
+    torch.testing.assert_close(together, alone, rtol=1e-10, atol=1e-10)
+
+
+def test_sampling_is_reproducible_and_depends_on_the_seed():
+    predictor = ARTabPFNPredictor(small_model(), backend="torch")
+    xc, yc, xt, _ = task(shared=True)
+    draw = lambda seed: predictor.sample_sequence(
+        xc, yc, xt, generator=torch.Generator().manual_seed(seed)
+    )
+    a, b, c = draw(7), draw(7), draw(8)
+    assert a.shape == (3, 5) and torch.isfinite(a).all()
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_samples_follow_the_model_conditional():
+    """Step 0 samples are draws from the first conditional: their mean matches it."""
+    predictor = ARTabPFNPredictor(small_model(), backend="torch")
+    xc, yc, xt, _ = task(b=1, nt=1)
+    n = 4000
+    samples = predictor.sample_sequence(
+        xc.expand(n, -1, -1),
+        yc.expand(n, -1),
+        xt.expand(n, -1, -1),
+        generator=torch.Generator().manual_seed(0),
+    )
+    grid = torch.linspace(-15, 15, 6001, dtype=torch.float64)
+    dens = predictor.evaluate_joint_density(
+        xc.expand(grid.numel(), -1, -1),
+        yc.expand(grid.numel(), -1),
+        xt.expand(grid.numel(), -1, -1),
+        grid[:, None],
+    )[:, 0].exp()
+    step = grid[1] - grid[0]
+    mean = (grid * dens).sum() * step
+    sd = ((grid - mean) ** 2 * dens).sum().mul(step).sqrt()
+    assert abs((dens.sum() * step).item() - 1) < 1e-3  # the conditional is a density
+    assert abs(samples.mean().item() - mean.item()) < 5 * sd.item() / n**0.5
+
+
+def test_empty_context_and_one_target():
+    predictor = ARTabPFNPredictor(small_model(), backend="torch")
+    xc, yc, xt, yt = task(nc=0, nt=1)
+    out = predictor.evaluate_joint_density(xc, yc, xt, yt)
+    assert out.shape == (3, 1) and torch.isfinite(out).all()
+    torch.testing.assert_close(predictor.stepwise_log_density(xc, yc, xt, yt), out)
+    assert torch.isfinite(predictor.sample_sequence(xc, yc, xt)).all()
+
+
+def test_more_targets_than_buffer_size_wrap_ar_tokens():
+    predictor = ARTabPFNPredictor(small_model(), backend="torch")
+    xc, yc, xt, yt = task(nt=8)  # buffer_size 3
+    torch.testing.assert_close(
+        predictor.stepwise_log_density(xc, yc, xt, yt),
+        predictor.evaluate_joint_density(xc, yc, xt, yt),
+    )
+
+
+def test_bad_input_named():
+    predictor = ARTabPFNPredictor(small_model(), backend="torch")
+    xc, yc, xt, yt = task()
+    bad = xc.clone()
+    bad[1, 4, 1] = float("nan")
+    with pytest.raises(
+        InputError, match="x_context: expected finite values, got nan at batch 1, row 4, column 1"
+    ):
+        predictor.evaluate_joint_density(bad, yc, xt, yt)
+    bad_y = yt.clone()
+    bad_y[2, 3] = float("inf")
+    with pytest.raises(InputError, match=r"y_target: .* at batch 2, row 3"):
+        predictor.evaluate_joint_density(xc, yc, xt, bad_y)
+    with pytest.raises(InputError, match="x_target: expected shape"):
+        predictor.sample_sequence(xc, yc, xt[..., :1])
+    with pytest.raises(InputError, match="y_context"):
+        predictor.sample_sequence(xc, yc[:, :3], xt)
+    with pytest.raises(InputError, match="x_context"):
+        predictor.sample_sequence(xc[0], yc, xt)
+
+
+def test_training_forward_loss_and_gradients():
+    model = small_model().train()
+    xc, yc, xt, yt = task(nt=6)
+    loss = model(xc, yc, xt[:, :3], yt[:, :3], xt, yt, backend="torch")
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, param in model.named_parameters():
+        unused = "attn_features.q_proj" in name or "attn_features.k_proj" in name
+        # with one token per row the feature attention's softmax is 1: q/k have no effect
+        assert (param.grad is None) == unused, name
