@@ -1,12 +1,15 @@
 """Autoregressive predictor for TabPFN-style models and transformer neural processes.
 
-This package will hold the model, the predictor (joint sampling over a shared context,
-joint density by teacher forcing, marginals), the training loop, the synthetic prior and
-the ``tabpfn-infer`` CLI. It reaches attention kernels only through tabattn-core's op
-registry. Release 0.1.0 is the packaging skeleton: the CLI reports versions only; model
-commands arrive in later releases.
+`ARTabPFN` is the AR-TabPFN model with the peer implementation's parameter names and math
+(it loads AR-nanoTabPFN checkpoints); `ARTabPFNPredictor` draws joint samples over a shared
+context and evaluates joint densities by teacher forcing. Attention runs through
+tabattn-core's op registry: the PyTorch references everywhere, Triton kernels where
+tabattn-triton is installed and a GPU is present.
 """
+
+from tabpfn_infer.model import ARTabPFN, load_peer_state_dict
+from tabpfn_infer.predictor import ARTabPFNPredictor
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["ARTabPFN", "ARTabPFNPredictor", "__version__", "load_peer_state_dict"]
