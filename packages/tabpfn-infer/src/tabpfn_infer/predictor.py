@@ -186,6 +186,27 @@ class ARTabPFNPredictor:
         data = self._arrange(x_context, y_context, x_target, y_target)
         return self._decode(data, fixed=data.y_target)
 
+    @torch.no_grad()
+    def marginal_mixture(
+        self, x_context: torch.Tensor, y_context: torch.Tensor, x_target: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each target's predictive mixture given the context alone, p(y_t | context):
+        x_context [B, Nc, C], y_context [B, Nc], x_target [B, Nt, C] -> (log weights, means,
+        stds), each [B, Nt, K]. One pass: the targets attend to the context, not to each
+        other (a decode step with no buffer)."""
+        data = self._arrange(x_context, y_context, x_target)
+        model = self.model
+        ctx_kv = self.prefill_context(data.x_context, data.y_context)
+        decode = self._op("shared_context_attention", data.x_target.device)
+        x = model.embedder.target(data.x_target)  # [G, S, Nt, D]
+        for layer, (k_ctx, v_ctx) in zip(model.backbone.layers, ctx_kv, strict=True):
+            x1 = layer.features(x)
+            q, _, _ = layer.attn_rows.qkv(x1)
+            x = layer.finish(x1, decode(q, k_ctx, v_ctx)[0])
+        nt = data.x_target.shape[2]
+        mixture = model.head.mixture(model.backbone.norm(x))
+        return tuple(t.reshape(data.batch, nt, -1) for t in mixture)
+
     def _decode(
         self,
         data: _Batch,
