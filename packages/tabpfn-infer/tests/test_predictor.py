@@ -66,6 +66,11 @@ def test_golden_joint_density_float64_exact(golden):
     assert (out - golden["outputs"]["ejd_ref64"]).abs().max() < 1e-10
 
 
+def test_head_dim_outside_kernel_range_rejected():
+    with pytest.raises(InputError, match="n_heads"):
+        ARTabPFN(d_model=16, n_heads=2)
+
+
 def test_peer_checkpoint_keys_with_orig_mod(golden):
     wrapped = {
         k.replace("embedder.", "embedder._orig_mod.").replace("head.", "head._orig_mod.", 1)

@@ -1,12 +1,26 @@
-"""``tabpfn-infer`` command line."""
+"""`tabpfn-infer` command line: train, sample, density (and --version).
+
+CSV files hold one row per data point, features first; the context file's last column is
+the label y (so is the targets file's for `density`). A first line that is not all numbers
+is taken as a header. Bad cells are reported by file, row and column.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from collections.abc import Sequence
 from importlib import metadata
+from pathlib import Path
 
+import numpy as np
+import torch
+
+from tabattn_core.checks import InputError
 from tabpfn_infer import __version__
+from tabpfn_infer.estimator import ARTabPFNRegressor
+from tabpfn_infer.train import config_from_dict, load_checkpoint, train
 
 #: Distributions of this project whose versions ``--version`` reports when installed.
 TABATTN_DISTRIBUTIONS = ("tabattn-core", "tabattn-triton", "tabattn-fp8", "tabpfn-infer")
@@ -30,21 +44,86 @@ def _version_text() -> str:
     return "\n".join(lines)
 
 
+def read_csv(path: str | Path) -> np.ndarray:
+    """A CSV file as a 2-D array of strings (header line dropped); cells are converted, and
+    bad ones named, by the estimator."""
+    rows = np.loadtxt(Path(path), delimiter=",", dtype=str, ndmin=2)
+    if len(rows):
+        try:
+            [float(cell) for cell in rows[0]]
+        except ValueError:
+            rows = rows[1:]
+    return rows
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tabpfn-infer",
         description=(
-            f"tabpfn-infer {__version__}: autoregressive predictor for TabPFN-style models. "
-            "This release only reports versions; model commands (fit, joint sampling, "
-            "joint density) arrive in a later release."
+            f"tabpfn-infer {__version__}: joint sampling and joint densities with AR-TabPFN. "
+            "The `demo` command with a shipped checkpoint arrives in a later release."
         ),
     )
     parser.add_argument(
-        "--version",
-        action="store_true",
-        help="print the versions of the installed tabattn packages and exit",
+        "--version", action="store_true", help="print the installed tabattn versions"
     )
+    sub = parser.add_subparsers(dest="command")
+
+    p_train = sub.add_parser("train", help="train on the synthetic prior and write a checkpoint")
+    p_train.add_argument("--config", type=Path, help="JSON file with TrainConfig fields")
+    p_train.add_argument("--steps", type=int, help="override the number of steps")
+    p_train.add_argument("--out", type=Path, required=True, help="checkpoint path to write")
+    p_train.add_argument("--device", help="auto, cpu, cuda, ...")
+    p_train.add_argument("--backend", help="attention backend: auto, torch, triton")
+
+    for name, text in (("sample", "draw joint samples of the targets' labels"),
+                       ("density", "per-target conditional log densities and their sum")):  # fmt: skip
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--checkpoint", type=Path, required=True)
+        p.add_argument("--context", type=Path, required=True, help="CSV: features..., y")
+        p.add_argument(
+            "--targets",
+            type=Path,
+            required=True,
+            help="CSV: features..." + (", y" if name == "density" else ""),
+        )
+        p.add_argument("--out", type=Path, help="CSV to write (default: standard output)")
+        p.add_argument("--backend", default="auto")
+        p.add_argument("--device", default="auto")
+        if name == "sample":
+            p.add_argument("--n-samples", type=int, default=100)
+            p.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def _write(rows: np.ndarray, header: str, out: Path | None) -> None:
+    if out is None:
+        np.savetxt(sys.stdout, rows, delimiter=",", header=header, comments="", fmt="%.6g")
+    else:
+        np.savetxt(out, rows, delimiter=",", header=header, comments="", fmt="%.6g")
+
+
+def _predict(args: argparse.Namespace) -> int:
+    model = load_checkpoint(args.checkpoint)
+    context = read_csv(args.context)
+    targets = read_csv(args.targets)
+    est = ARTabPFNRegressor(model=model, backend=args.backend, device=args.device)
+    where = args.context
+    try:
+        est.fit(context[:, :-1], context[:, -1])
+        where = args.targets
+        if args.command == "sample":
+            gen = torch.Generator().manual_seed(args.seed)
+            samples = est.sample(targets, args.n_samples, generator=gen).numpy()
+            _write(samples, ",".join(f"y{t}" for t in range(samples.shape[1])), args.out)
+        else:
+            logp = est.log_density(targets[:, :-1], targets[:, -1]).numpy()
+            rows = np.column_stack([np.arange(len(logp)), logp, np.cumsum(logp)])
+            _write(rows, "target,log_density,cumulative_joint", args.out)
+    except InputError as err:
+        print(f"tabpfn-infer: {where}: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -54,6 +133,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.version:
         print(_version_text())
         return 0
+    if args.command == "train":
+        values = json.loads(args.config.read_text()) if args.config else {}
+        for key in ("steps", "device", "backend"):
+            if getattr(args, key) is not None:
+                values[key] = getattr(args, key)
+        _, log = train(config_from_dict(values), out=args.out)
+        print(f"final loss {log[-1]['loss']:.4f}; checkpoint written to {args.out}")
+        return 0
+    if args.command in ("sample", "density"):
+        return _predict(args)
     parser.print_help()
     return 0
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tabattn_core.checks import InputError, check_tensor
+from tabattn_core.checks import MAX_HEAD_DIM, MIN_HEAD_DIM, InputError, check_tensor
 from tabattn_core.gmm import gmm_log_likelihood, gmm_sample
 from tabattn_core.masks import ARTrainingRowMask
 from tabattn_core.registry import get_op
@@ -172,6 +172,11 @@ class ARTabPFN(nn.Module):
         num_components: int = 5,
     ):
         super().__init__()
+        if d_model % n_heads or not MIN_HEAD_DIM <= d_model // n_heads <= MAX_HEAD_DIM:
+            raise InputError(
+                f"n_heads: expected a divisor of d_model={d_model} giving a head dim in "
+                f"[{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {n_heads}"
+            )
         self.d_model, self.num_features, self.buffer_size = d_model, num_features, buffer_size
         self.ar_tokens = nn.Parameter(0.02 * torch.randn(buffer_size, d_model))
         self.embedder = Embedder(d_model)
