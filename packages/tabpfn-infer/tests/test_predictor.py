@@ -195,3 +195,33 @@ def test_training_forward_loss_and_gradients():
         unused = "attn_features.q_proj" in name or "attn_features.k_proj" in name
         # with one token per row the feature attention's softmax is 1: q/k have no effect
         assert (param.grad is None) == unused, name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, bound", [(torch.float32, 5e-3), (torch.bfloat16, 0.25)])
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_gpu_golden_joint_density(golden, dtype, bound, backend):
+    """On the GPU (auto picks the Triton kernels): the golden densities within the dtype's
+    bound (float32 dots may run in TF32, as the peer's do)."""
+    model = peer_model(golden, dtype).cuda()
+    for inputs, reference in (("inputs", "ejd_ref64"), ("inputs_distinct", "ejd_distinct_ref64")):
+        data = {k: v.cuda() for k, v in golden[inputs].items()}
+        out = ARTabPFNPredictor(model, backend=backend).evaluate_joint_density(
+            data["x_context"], data["y_context"], data["x_target"], data["y_target"]
+        )
+        assert (out.double().cpu() - golden["outputs"][reference]).abs().max() < bound
+
+
+@pytest.mark.gpu
+def test_gpu_chain_rule_and_large_batch():
+    model = small_model(dtype=torch.float32).cuda()
+    predictor = ARTabPFNPredictor(model)
+    xc, yc, xt, yt = (t.float().cuda() for t in task(b=2048, nc=300, nt=6, shared=True))
+    joint = predictor.evaluate_joint_density(xc, yc, xt, yt)
+    torch.testing.assert_close(
+        predictor.stepwise_log_density(xc, yc, xt, yt), joint, rtol=2e-3, atol=2e-3
+    )
+    samples = predictor.sample_sequence(
+        xc, yc, xt, generator=torch.Generator("cuda").manual_seed(0)
+    )
+    assert samples.shape == (2048, 6) and torch.isfinite(samples).all()
