@@ -43,8 +43,42 @@ MIN_SPLIT_KEYS = 512  # a split reads at least this many context keys
 SAMPLE_TILE_MIN_ROWS = 16  # rows per sample from which per-sample tiles feed the dots
 
 
+_VALIDATED: dict[tuple, tuple] = {}  # input signatures already checked -> _check's result
+_VALIDATED_MAX = 1024
+
+
+def _signature(t: torch.Tensor | None) -> tuple | None:
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+
+
 def _check(q, k_ctx, v_ctx, k_buf, v_buf, context_lens, *, need_buffer: int, q_dims: str) -> tuple:
-    """Shapes, dtypes, devices, strides, head dim; returns (group, ctx_len, ctx_lens)."""
+    """Shapes, dtypes, devices, strides, head dim; returns (group, ctx_len, ctx_lens).
+
+    The checks depend only on shapes, strides, dtypes, devices and the integer arguments, so a
+    signature seen before skips them (a decode loop calls this every layer and step); tensor
+    context lengths are value-checked on every call."""
+    if isinstance(context_lens, torch.Tensor) or not all(
+        isinstance(t, torch.Tensor) for t in (q, k_ctx, v_ctx)
+    ):
+        return _check_inputs(
+            q, k_ctx, v_ctx, k_buf, v_buf, context_lens, need_buffer=need_buffer, q_dims=q_dims
+        )
+    key = (*map(_signature, (q, k_ctx, v_ctx, k_buf, v_buf)), context_lens, need_buffer, q_dims)
+    result = _VALIDATED.get(key)
+    if result is None:
+        result = _check_inputs(
+            q, k_ctx, v_ctx, k_buf, v_buf, context_lens, need_buffer=need_buffer, q_dims=q_dims
+        )
+        if len(_VALIDATED) >= _VALIDATED_MAX:
+            _VALIDATED.clear()
+        _VALIDATED[key] = result
+    return result
+
+
+def _check_inputs(
+    q, k_ctx, v_ctx, k_buf, v_buf, context_lens, *, need_buffer: int, q_dims: str
+) -> tuple:
+    """The checks behind `_check`."""
     check_tensor("q", q, ndim=5, dtypes=KERNEL_DTYPES, unit_last_stride=True, dims=q_dims)
     check_device("q", q)
     g, s, h, _, d = q.shape
