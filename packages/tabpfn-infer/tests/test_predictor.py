@@ -225,3 +225,22 @@ def test_gpu_chain_rule_and_large_batch():
         xc, yc, xt, generator=torch.Generator("cuda").manual_seed(0)
     )
     assert samples.shape == (2048, 6) and torch.isfinite(samples).all()
+
+
+def test_reference_backend_splits_large_calls(monkeypatch):
+    """With a tiny score budget every reference call is split; results do not change."""
+    import tabpfn_infer.predictor as predictor_module
+
+    predictor = ARTabPFNPredictor(small_model(), backend="torch")
+    for shared in (True, False):
+        xc, yc, xt, yt = task(b=5, shared=shared)
+        want = predictor.evaluate_joint_density(xc, yc, xt, yt)
+        want_steps = predictor.stepwise_log_density(xc, yc, xt, yt)
+        monkeypatch.setattr(predictor_module, "SCORE_BUDGET", 1)
+        torch.testing.assert_close(
+            predictor.evaluate_joint_density(xc, yc, xt, yt), want, rtol=1e-12, atol=1e-12
+        )
+        torch.testing.assert_close(
+            predictor.stepwise_log_density(xc, yc, xt, yt), want_steps, rtol=1e-12, atol=1e-12
+        )
+        monkeypatch.undo()

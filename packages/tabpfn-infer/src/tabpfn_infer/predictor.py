@@ -10,13 +10,14 @@ predictors and threads sharing a model do not interfere.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from tabattn_core.checks import InputError, check_tensor
 from tabattn_core.kv_cache import SharedContextKVCache
-from tabattn_core.registry import get_op
+from tabattn_core.registry import get_backend
 from tabpfn_infer.model import ARTabPFN
 
 __all__ = ["ARTabPFNPredictor", "check_finite"]
@@ -29,6 +30,42 @@ def check_finite(name: str, t: torch.Tensor, axes: tuple[str, ...]) -> None:
         where = [int(i) for i in bad.nonzero()[0]]
         at = ", ".join(f"{axis} {i}" for axis, i in zip(axes, where, strict=True))
         raise InputError(f"{name}: expected finite values, got {t[tuple(where)].item()} at {at}")
+
+
+SCORE_BUDGET = 512 * 2**20  # bytes of fp32 scores per reference attention call
+
+
+def _split_call(
+    op, name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *buffers, **kwargs
+):
+    """Run a reference op in slices so its dense scores stay under SCORE_BUDGET: "attention"
+    (q [B, H, L, D]) along B; the shared-context ops (q [G, S, H, L, D]) along S, or along
+    G (with the context) when S = 1. Returns (out, lse) like the op."""
+    keys = k.shape[-2] + (buffers[0].shape[-2] if buffers and buffers[0] is not None else 0)
+    dim = 0 if name == "attention" or q.shape[1] == 1 else 1
+    per_slice = 4 * keys * (q.numel() // q.shape[-1]) // max(q.shape[dim], 1)
+    step = max(1, SCORE_BUDGET // max(per_slice, 1))
+    if step >= q.shape[dim]:
+        return op(q, k, v, *buffers, **kwargs)
+    lens = kwargs.get("context_lens")
+    outs, lses = [], []
+    for i in range(0, q.shape[dim], step):
+        part = slice(i, i + step)
+        if dim == 0:
+            args = (
+                q[part],
+                k[part],
+                v[part],
+                *(b[part] if b is not None else None for b in buffers),
+            )
+            if isinstance(lens, torch.Tensor):
+                kwargs = {**kwargs, "context_lens": lens[part]}
+        else:
+            args = (q[:, part], k, v, *(b[:, part] if b is not None else None for b in buffers))
+        out, lse = op(*args, **kwargs)
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs, dim), torch.cat(lses, dim)
 
 
 @dataclass
@@ -99,7 +136,14 @@ class ARTabPFNPredictor:
         )
 
     def _op(self, name: str, device: torch.device):
-        return get_op(name, self.backend, device=device)
+        """The registry's implementation of `name`; the PyTorch references materialise the
+        scores, so there the call is split along datasets or sample paths to keep them
+        under SCORE_BUDGET bytes (the kernels need no split)."""
+        backend = get_backend(self.backend, device=device, op=name)
+        op = backend.ops[name]
+        if backend.name != "torch":
+            return op
+        return functools.partial(_split_call, op, name)
 
     # ---- the three passes -------------------------------------------------------------
 
