@@ -76,3 +76,24 @@ def test_bad_cell_is_named(checkpoint, tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "ctx.csv" in err and "'oops' at row 1, column 1" in err
+
+
+def test_demo_runs_on_a_checkpoint(checkpoint, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    import tabpfn_infer.demo as demo
+
+    monkeypatch.setattr(demo, "CHECKPOINT", checkpoint)
+    png = tmp_path / "paths.png"
+    assert (
+        main(
+            ["demo", "--n-samples", "8", "--device", "cpu", "--backend", "torch", "--out", str(png)]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "joint log density of the held-out labels" in out and "90% marginal intervals" in out
+    if importlib.util.find_spec("matplotlib") is None:
+        assert "plot skipped: matplotlib is not installed" in out
+    else:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -61,13 +61,21 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tabpfn-infer",
         description=(
             f"tabpfn-infer {__version__}: joint sampling and joint densities with AR-TabPFN. "
-            "The `demo` command with a shipped checkpoint arrives in a later release."
+            "`demo` runs the shipped checkpoint on an embedded default dataset."
         ),
     )
     parser.add_argument(
         "--version", action="store_true", help="print the installed tabattn versions"
     )
     sub = parser.add_subparsers(dest="command")
+
+    p_demo = sub.add_parser(
+        "demo", help="joint samples and densities on an embedded default dataset"
+    )
+    p_demo.add_argument("--n-samples", type=int, default=200)
+    p_demo.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+    p_demo.add_argument("--backend", default="auto")
+    p_demo.add_argument("--out", type=Path, help="PNG of sample paths (default tabpfn_demo.png)")
 
     p_train = sub.add_parser("train", help="train on the synthetic prior and write a checkpoint")
     p_train.add_argument("--config", type=Path, help="JSON file with TrainConfig fields")
@@ -140,6 +148,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 values[key] = getattr(args, key)
         _, log = train(config_from_dict(values), out=args.out)
         print(f"final loss {log[-1]['loss']:.4f}; checkpoint written to {args.out}")
+        return 0
+    if args.command == "demo":
+        from tabpfn_infer.demo import run_demo
+
+        run_demo(n_samples=args.n_samples, device=args.device, backend=args.backend, out=args.out)
         return 0
     if args.command in ("sample", "density"):
         return _predict(args)
