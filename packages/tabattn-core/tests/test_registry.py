@@ -153,3 +153,11 @@ def test_default_device_follows_cuda_availability():
     choice = registry.choose(device=None)
     want = "cuda" if torch.cuda.is_available() else "cpu"
     assert f"on {want}" in choice.reason
+
+
+def test_package_attribute_registry_is_the_module():
+    """`tabattn_core.registry` stays the module (the Registry instance is `.registry` in it)."""
+    import tabattn_core
+
+    assert isinstance(tabattn_core.registry, types.ModuleType)
+    assert isinstance(tabattn_core.registry.registry, Registry)

@@ -34,7 +34,7 @@ from tabattn_core.reference import (
     teacher_forcing_attention,
     varlen_attention,
 )
-from tabattn_core.registry import OPS, Backend, get_backend, get_op, registry
+from tabattn_core.registry import OPS, Backend, get_backend, get_op
 
 __version__ = "0.1.0"
 
@@ -62,7 +62,6 @@ __all__ = [
     "gmm_quantile",
     "gmm_sample",
     "merge_states",
-    "registry",
     "selection_attention",
     "shared_context_attention",
     "teacher_forcing_attention",
