@@ -8,13 +8,9 @@ before Python starts (Triton reads it at import time). Tests that need a real GP
 from __future__ import annotations
 
 import pytest
-import torch
+
+from tabattn_core.testing import skip_gpu_tests_without_cuda
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    skip_gpu_tests_without_cuda(items)

@@ -18,6 +18,7 @@ __all__ = [
     "poison_nan",
     "random_qkv",
     "rel_error",
+    "skip_gpu_tests_without_cuda",
 ]
 
 # Bound on ||out - ref|| / ||ref|| for a result computed at this precision against an
@@ -163,3 +164,16 @@ def nan_poisoned_empty() -> Iterator[None]:
             real_empty_like,
             real_new_empty,
         )
+
+
+def skip_gpu_tests_without_cuda(items: list) -> None:
+    """For a conftest's `pytest_collection_modifyitems`: mark tests carrying `gpu` as skipped
+    when no CUDA device is present (they are deselected with -m "not gpu" in CI anyway)."""
+    if torch.cuda.is_available():
+        return
+    import pytest
+
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
