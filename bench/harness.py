@@ -74,6 +74,17 @@ class Unavailable(Exception):
     """Raised by `Provider.make` when a provider cannot run a case; the message says why."""
 
 
+def need_gpu_or_interpreter(q: torch.Tensor, what: str) -> None:
+    """Raise Unavailable unless a Triton provider can run on q's device: CUDA, or CPU under
+    TRITON_INTERPRET=1 (which has no bfloat16)."""
+    if q.is_cuda:
+        return
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise Unavailable(f"{what} needs a CUDA GPU, or TRITON_INTERPRET=1 on CPU")
+    if q.dtype == torch.bfloat16:
+        raise Unavailable(f"{what}: the Triton interpreter has no bfloat16")
+
+
 # A provider's callable: no arguments, returns (out, lse or None) computed from the inputs
 # it closed over. In fwd+bwd mode the harness calls `out.backward(inputs.grad_out)`.
 ProviderFn = Callable[[], tuple[torch.Tensor, torch.Tensor | None]]

@@ -14,12 +14,20 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 from typing import Any
 
 import torch
 
-from bench.harness import Check, Inputs, Provider, RunConfig, Suite, Unavailable, register_suite
+from bench.harness import (
+    Check,
+    Inputs,
+    Provider,
+    RunConfig,
+    Suite,
+    Unavailable,
+    need_gpu_or_interpreter,
+    register_suite,
+)
 
 H = 8
 HEAD_DIMS = (64, 128)
@@ -137,19 +145,6 @@ def _qkv(inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return inputs.leaves["q"], inputs.leaves["k"], inputs.leaves["v"]
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _need_gpu_or_interpreter(q: torch.Tensor, what: str) -> None:
-    if q.is_cuda:
-        return
-    if not _interpret():
-        raise Unavailable(f"{what} needs a CUDA GPU, or TRITON_INTERPRET=1 on CPU")
-    if q.dtype == torch.bfloat16:
-        raise Unavailable(f"{what}: the Triton interpreter has no bfloat16")
-
-
 @functools.cache
 def _tabattn_entry(device: str) -> tuple[str, Any]:
     """The Triton kernel: tabattn_triton.ops.attention.flash_attention, else the registry's
@@ -177,7 +172,7 @@ def _as_pair(result: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def _make_tabattn(case: dict[str, Any], inputs: Inputs):
     q, k, v = _qkv(inputs)
-    _need_gpu_or_interpreter(q, "tabattn (Triton)")
+    need_gpu_or_interpreter(q, "tabattn (Triton)")
     kind, entry = _tabattn_entry(q.device.type)
     m, scale = case["M"], inputs.extra["scale"]
     if kind == "flash_attention":

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -34,7 +33,16 @@ from typing import Any
 
 import torch
 
-from bench.harness import Check, Inputs, Provider, RunConfig, Suite, Unavailable, register_suite
+from bench.harness import (
+    Check,
+    Inputs,
+    Provider,
+    RunConfig,
+    Suite,
+    Unavailable,
+    need_gpu_or_interpreter,
+    register_suite,
+)
 
 DECODE, TEACHER_FORCING = "decode", "teacher_forcing"
 MODES = (DECODE, TEACHER_FORCING)
@@ -217,19 +225,6 @@ def _tensors(inputs: Inputs) -> tuple[torch.Tensor, ...]:
     return tuple(inputs.leaves[n] for n in ("q", "k_ctx", "v_ctx", "k_buf", "v_buf"))
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _need_gpu_or_interpreter(q: torch.Tensor, what: str) -> None:
-    if q.is_cuda:
-        return
-    if not _interpret():
-        raise Unavailable(f"{what} needs a CUDA GPU, or TRITON_INTERPRET=1 on CPU")
-    if q.dtype == torch.bfloat16:
-        raise Unavailable(f"{what}: the Triton interpreter has no bfloat16")
-
-
 def _need_cuda(q: torch.Tensor, what: str) -> None:
     if not q.is_cuda:
         raise Unavailable(f"{what}: measured on CUDA only")
@@ -288,7 +283,7 @@ def _tabattn_op(name: str) -> Callable[..., Any]:
 
 def _make_tabattn(case: dict[str, Any], inputs: Inputs):
     q, k_ctx, v_ctx, k_buf, v_buf = _tensors(inputs)
-    _need_gpu_or_interpreter(q, "tabattn (Triton)")
+    need_gpu_or_interpreter(q, "tabattn (Triton)")
     scale = inputs.extra["scale"]
     if case["mode"] == DECODE:
         op = _tabattn_op("shared_context_attention")
