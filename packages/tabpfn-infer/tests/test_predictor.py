@@ -198,18 +198,25 @@ def test_training_forward_loss_and_gradients():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype, bound", [(torch.float32, 5e-3), (torch.bfloat16, 0.25)])
-@pytest.mark.parametrize("backend", ["auto", "torch"])
-def test_gpu_golden_joint_density(golden, dtype, bound, backend):
-    """On the GPU (auto picks the Triton kernels): the golden densities within the dtype's
-    bound (float32 dots may run in TF32, as the peer's do)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_golden_joint_density(golden, dtype):
+    """Golden densities on the GPU, backends torch and auto (the Triton kernels). float32:
+    both within 5e-3 nats (dots may run in TF32, as the peer's do). bfloat16: the model itself
+    rounds, so the kernels' error may be at most 2x that of the same bf16 model run by
+    PyTorch (FA3's rule), both against the float64 values."""
     model = peer_model(golden, dtype).cuda()
     for inputs, reference in (("inputs", "ejd_ref64"), ("inputs_distinct", "ejd_distinct_ref64")):
         data = {k: v.cuda() for k, v in golden[inputs].items()}
-        out = ARTabPFNPredictor(model, backend=backend).evaluate_joint_density(
-            data["x_context"], data["y_context"], data["x_target"], data["y_target"]
-        )
-        assert (out.double().cpu() - golden["outputs"][reference]).abs().max() < bound
+        errors = {}
+        for backend in ("torch", "auto"):
+            out = ARTabPFNPredictor(model, backend=backend).evaluate_joint_density(
+                data["x_context"], data["y_context"], data["x_target"], data["y_target"]
+            )
+            errors[backend] = (out.double().cpu() - golden["outputs"][reference]).abs().max()
+        if dtype == torch.float32:
+            assert max(errors.values()) < 5e-3, (reference, errors)
+        else:
+            assert errors["auto"] <= 2 * errors["torch"] + 1e-2, (reference, errors)
 
 
 @pytest.mark.gpu

@@ -4,8 +4,8 @@ context K/V (shared by all its sample paths, never copied) and each path's own b
 Rows of one (dataset g, kv head) are the (sample s, query head of the GQA group, new row q)
 triples. Two tilings:
 - folded (decode, few rows per sample): a tile holds rows of many samples, so the context
-  tile feeds a tensor-core dot at Lq = 1; the buffer, different per row, is read with a
-  gathered [rows, BLOCK_T, D] load and reduced on the CUDA cores;
+  tile feeds a tensor-core dot at Lq = 1; the buffers of the tile's samples, laid end to
+  end, run through dots too, under a block-diagonal mask (a row sees its own sample's slots);
 - per-sample (teacher forcing, many rows per sample): a tile holds rows of one sample, and
   context and buffer both run as dots.
 Long contexts with few rows split the context across programs (flash-decoding); partial
@@ -29,6 +29,8 @@ FWD_CONFIGS = [
         (64, 128, 8, 3),
         (128, 64, 8, 3),
         (16, 64, 4, 3),
+        (16, 128, 4, 3),
+        (32, 128, 4, 3),
     ]
 ]
 AUTOTUNE_KEY = [
@@ -38,8 +40,8 @@ AUTOTUNE_KEY = [
 
 
 def _prune(configs, named_args, **kwargs):
-    """Per-sample tiles need BLOCK_M >= 16 rows of one sample; folded tiles keep the gathered
-    buffer tile [BLOCK_M, BLOCK_T, BLOCK_D] small."""
+    """Tiles fit shared memory; folded tiles keep BLOCK_M <= 64 (their buffer dot work grows
+    with the samples per tile)."""
     block_d = named_args.get("BLOCK_D", kwargs.get("BLOCK_D"))
     kept = [
         c for c in configs
@@ -65,23 +67,6 @@ def buffer_visible(qi, Lq, buffer_len, rule_bits, TEACHER_FORCING: tl.constexpr)
         sees_self = ((rule_bits >> tl.minimum(qi, 62).to(tl.int64)) & 1).to(tl.int32)
         vis = tl.maximum(buffer_len - Lq + qi + sees_self, 0)
     return vis
-
-
-@triton.jit
-def online_softmax_gathered_tile(acc, m_i, l_i, q, k_rows, v_rows, qk_scale, visible):
-    """Online-softmax step over per-row keys (log2 domain, CUDA cores).
-
-    q [BM, BD] fp32; k_rows, v_rows [BM, BT, BD] (each row its own keys); visible [BM, BT].
-    """
-    s = tl.sum(q[:, None, :] * k_rows.to(tl.float32), 2) * qk_scale
-    s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v_rows.to(tl.float32), 1)
-    return acc, m_new, l_i
 
 
 @triton.autotune(
@@ -110,7 +95,6 @@ def shared_context_fwd_kernel(
     SAMPLE_TILES: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    BLOCK_T: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -210,26 +194,28 @@ def shared_context_fwd_kernel(
                         acc, m_i, l_i, q, k_t, v_t, qk_scale, visible, True, DOT_PRECISION
                     )
             else:
-                q32 = q.to(tl.float32)
-                offs_t = tl.arange(0, BLOCK_T)
-                kb_rows = kb_base + s * stride_kbs
-                vb_rows = vb_base + s * stride_vbs
-                for t_start in range(0, buf_end, BLOCK_T):
-                    t = t_start + offs_t
-                    visible = t[None, :] < vis[:, None]  # [BM, BT]
-                    mask3 = visible[:, :, None] & d_ok[None, None, :]
-                    k_rows = tl.load(
-                        kb_rows[:, None, None] + t[None, :, None] * stride_kbn
-                        + offs_d[None, None, :] * stride_kbd,
-                        mask=mask3, other=0.0,
-                    )  # fmt: skip
-                    v_rows = tl.load(
-                        vb_rows[:, None, None] + t[None, :, None] * stride_vbn
-                        + offs_d[None, None, :] * stride_vbd,
-                        mask=mask3, other=0.0,
-                    )  # fmt: skip
-                    acc, m_i, l_i = online_softmax_gathered_tile(
-                        acc, m_i, l_i, q32, k_rows, v_rows, qk_scale, visible
+                # The buffers of the tile's samples s_lo..s_hi laid end to end (buf_end slots
+                # each) run as one key sequence through dots; a row sees only its own
+                # sample's slots (block-diagonal mask). Dot work grows with the samples per
+                # tile, but each buffer is read once as a 2-D tile.
+                first = row_block * BLOCK_M
+                s_lo = first // rows_per_sample
+                s_hi = (tl.minimum(first + BLOCK_M, S * rows_per_sample) - 1) // rows_per_sample
+                n_keys = ((s_hi - s_lo + 1) * buf_end).to(tl.int32)
+                own = (s - s_lo).to(tl.int32)
+                for t_start in range(0, n_keys, BLOCK_N):
+                    cols = t_start + offs_n
+                    col_ok = cols < n_keys
+                    key_sample = cols // tl.maximum(buf_end, 1)
+                    slot = cols - key_sample * buf_end
+                    sample_row = (s_lo + key_sample).to(tl.int64)
+                    k_off = sample_row * stride_kbs + slot * stride_kbn
+                    v_off = sample_row * stride_vbs + slot * stride_vbn
+                    k_t = tl.trans(load_rows(kb_base, k_off, 1, stride_kbd, offs_d, col_ok, d_ok))
+                    v_t = load_rows(vb_base, v_off, 1, stride_vbd, offs_d, col_ok, d_ok)
+                    visible = (key_sample[None, :] == own[:, None]) & (slot[None, :] < vis[:, None])
+                    acc, m_i, l_i = online_softmax_tile(
+                        acc, m_i, l_i, q, k_t, v_t, qk_scale, visible, True, DOT_PRECISION
                     )
 
     out, lse = finish_softmax(acc, m_i, l_i)
