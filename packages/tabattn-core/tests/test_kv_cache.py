@@ -83,6 +83,13 @@ def test_round_trip_write_commit_reset():
     new = randn(G, S, H, 1, D, seed=30)
     cache.write_buffer(0, new, new, start=1)
     assert torch.equal(cache.buffer(0)[0][:, :, :, 1:2], new)
+    # A device tensor start (CUDA-graph decode) writes the same slots without a host sync.
+    two = randn(2, G, S, H, 2, D, seed=31)
+    cache.write_buffer(1, two[0], two[1], start=torch.tensor(2))
+    kb, vb = cache.buffer(1, length=4)
+    assert torch.equal(kb[:, :, :, 2:4], two[0]) and torch.equal(vb[:, :, :, 2:4], two[1])
+    with pytest.raises(InputError, match="start"):
+        cache.write_buffer(1, two[0], two[1], start=torch.tensor([2]))
 
 
 def test_views_alias_storage():

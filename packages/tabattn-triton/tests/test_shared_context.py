@@ -67,6 +67,23 @@ def test_decode_matches_reference(case):
     assert_rel_close(lse, ref_lse, dtype=tolerance(torch.float32), name="lse")
 
 
+def test_decode_buffer_length_on_device():
+    """A 0-dim device tensor buffer_len (CUDA-graph decode) gives the int's result; values
+    beyond T_cap are clamped to it."""
+    args = inputs(2, 3, 2, 1, 2, 19, 7, 32)
+    for t in (2, 5, 7):
+        want = shared_context_attention(*args, buffer_len=t, row_rule=("causal", "strict"))
+        got = shared_context_attention(
+            *args, buffer_len=torch.tensor(t, device=DEVICE), row_rule=("causal", "strict")
+        )
+        assert_rel_close(got[0], want[0], tol=1e-6)
+        assert_rel_close(got[1], want[1], tol=1e-6)
+    clamped = shared_context_attention(*args, buffer_len=torch.tensor(99, device=DEVICE))
+    assert_rel_close(clamped[0], shared_context_attention(*args, buffer_len=7)[0], tol=1e-6)
+    with pytest.raises(InputError, match="buffer_len"):
+        shared_context_attention(*args, buffer_len=torch.tensor([2], device=DEVICE))
+
+
 def test_decode_splits_agree():
     args = inputs(1, 3, 2, 1, 1, 300, 2, 32)
     one, lse1 = shared_context_attention(*args, buffer_len=2, num_splits=1)

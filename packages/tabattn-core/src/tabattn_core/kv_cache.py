@@ -196,17 +196,33 @@ class SharedContextKVCache:
         self.context_width = nc
 
     def write_buffer(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor, *, start: int | None = None
+        self,
+        layer: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        start: int | torch.Tensor | None = None,
     ) -> None:
         """Write one layer's new buffer K/V: k, v [G, S, H_kv, n, D] into slots
         [start, start + n) (start defaults to `buffer_len`, at most `buffer_len`).
+        A 0-dim int tensor `start` on the cache's device is used on the device without a
+        host sync (CUDA-graph capture); it is not checked against `buffer_len`, and slots
+        past `buffer_capacity` fail as an index error on the device.
         Does not advance `buffer_len`; call `commit` once all layers are written."""
         layer = self._layer(layer)
         G, S, H, D = self.num_datasets, self.num_samples, self.kv_heads, self.head_dim
         self._check_kv(k, v, (G, S, H, None, D), "[G, S, H_kv, n, D]")
+        n = k.shape[3]
+        if isinstance(start, torch.Tensor):
+            check_tensor(
+                "start", start, shape=(), dtypes=(torch.int32, torch.int64), device=self.device
+            )
+            slots = start + torch.arange(n, device=self.device)
+            self.buffer_kv[layer, 0].index_copy_(3, slots, k)
+            self.buffer_kv[layer, 1].index_copy_(3, slots, v)
+            return
         start = self.buffer_len if start is None else start
         start = _check_count("start", start, lo=0, hi=self.buffer_len)
-        n = k.shape[3]
         if start + n > self.buffer_capacity:
             raise InputError(
                 f"k: expected start + n <= buffer_capacity = {self.buffer_capacity} "

@@ -278,7 +278,7 @@ def shared_context_attention(
     k_buf: torch.Tensor | None = None,
     v_buf: torch.Tensor | None = None,
     *,
-    buffer_len: int = 0,
+    buffer_len: int | torch.Tensor = 0,
     context_lens: int | torch.Tensor | None = None,
     row_rule: str | Sequence[str] = "causal",
     scale: float | None = None,
@@ -288,11 +288,15 @@ def shared_context_attention(
     q: [G, S, H, Lq, D] (G datasets, S paths each, Lq new rows per path);
     k_ctx, v_ctx: [G, H_kv, Nc, D], read by all S paths (never copied);
     k_buf, v_buf: [G, S, H_kv, T_cap, D], the first `buffer_len` (T) slots valid, the Lq new
-    rows in the last Lq of them; context_lens: int or int tensor [G] (default Nc);
+    rows in the last Lq of them (an int, or a 0-dim int tensor, which kernels read on the
+    device); context_lens: int or int tensor [G] (default Nc);
     row_rule: "causal" (row sees its own slot) / "strict" (not), one or one per row; see
     `BufferDecodeMask`. Nc = 0 and T = 0 are legal.
     Returns out [G, S, H, Lq, D], lse [G, S, H, Lq].
     """
+    if isinstance(buffer_len, torch.Tensor):
+        check_tensor("buffer_len", buffer_len, shape=(), dtypes=(torch.int32, torch.int64))
+        buffer_len = int(buffer_len)
     if int(buffer_len) != buffer_len or buffer_len < 0:
         raise InputError(f"buffer_len: expected a non-negative int, got {buffer_len!r}")
     lens = _check_context_buffer(

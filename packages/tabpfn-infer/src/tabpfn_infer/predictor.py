@@ -83,12 +83,15 @@ class ARTabPFNPredictor:
     """Joint predictions of a trained `ARTabPFN`.
 
     backend: "auto" (core's registry picks the best available for the device), "torch",
-    "triton", ... for every attention op.
+    "triton", ... for every attention op. cuda_graph: on a CUDA device with a kernel backend,
+    decode steps 1.. replay one captured CUDA graph (the step index lives on the device)
+    instead of launching every kernel from Python.
     """
 
-    def __init__(self, model: ARTabPFN, *, backend: str = "auto"):
+    def __init__(self, model: ARTabPFN, *, backend: str = "auto", cuda_graph: bool = True):
         self.model = model
         self.backend = backend
+        self.cuda_graph = cuda_graph
 
     @classmethod
     def from_trained_model(cls, model: ARTabPFN, backend: str = "auto") -> ARTabPFNPredictor:
@@ -261,12 +264,17 @@ class ARTabPFNPredictor:
         """Decode the targets in order. Step 0 runs the target row alone; step t >= 1 runs
         [buffer row t-1 (its x and its sampled or fixed y), target row t]: the buffer row sees
         the context and buffer rows 0..t-1, the target the same; nobody sees a target.
-        Returns samples, or with `fixed` the log densities of the fixed values [B, Nt]."""
+        Returns samples, or with `fixed` the log densities of the fixed values [B, Nt].
+
+        Steps 1.. have one shape; on CUDA with a kernel backend (and `cuda_graph`) the step
+        up to the target row's final norm is captured once and replayed with the step index
+        in a device tensor; the head (sampling, density) runs after each replay."""
         model = self.model
         g, s, nt, _ = data.x_target.shape
         first = next(iter(model.backbone.layers)).attn_rows
         ctx_kv = self.prefill_context(data.x_context, data.y_context)
         k0 = ctx_kv[0][0]
+        dev = k0.device
         cache = SharedContextKVCache.allocate(
             num_layers=len(ctx_kv),
             num_datasets=g,
@@ -276,41 +284,70 @@ class ARTabPFNPredictor:
             context_capacity=k0.shape[2],
             buffer_capacity=max(nt, 1),
             dtype=k0.dtype,
-            device=k0.device,
+            device=dev,
         )
         for layer_idx, (k, v) in enumerate(ctx_kv):
             cache.write_context(layer_idx, k, v)
-        decode = self._op("shared_context_attention", k0.device)
+        backend = get_backend(self.backend, device=dev, op="shared_context_attention")
+        decode = self._op("shared_context_attention", dev)
         targets = model.embedder.target(data.x_target)  # [G, S, Nt, D]
-        result = torch.empty((g, s, nt), device=k0.device, dtype=k0.dtype)
-        previous = None
-        for t in range(nt):
-            if t == 0:
-                rows, start, rule = targets[:, :, :1], 0, ("strict",)
+
+        def rows_at(t, previous):
+            """Rows of step t >= 1 (t an int, or a 0-dim device tensor): [G, S, 2, D]."""
+            if isinstance(t, int):
+                x_prev, target = data.x_target[:, :, t - 1 : t], targets[:, :, t : t + 1]
             else:
-                buffer_row = model.embedder.buffer(
-                    data.x_target[:, :, t - 1 : t], previous[..., None]
-                )
-                rows = torch.cat([buffer_row + model.ar_token(t - 1), targets[:, :, t : t + 1]], 2)
-                start, rule = t - 1, ("causal", "strict")
-            x = rows
+                x_prev = data.x_target.index_select(2, (t - 1).reshape(1))
+                target = targets.index_select(2, t.reshape(1))
+            buffer_row = model.embedder.buffer(x_prev, previous[..., None])
+            return torch.cat([buffer_row + model.ar_token(t - 1), target], 2)
+
+        def run_layers(x, start, rule):
+            """All layers over rows x written at buffer slots [start, start + rows); returns
+            the last row's final norm [G, S, D]. start: an int or a 0-dim device tensor."""
+            on_device = isinstance(start, torch.Tensor)
+            buffer_len = start + x.shape[2]
             for layer_idx, layer in enumerate(model.backbone.layers):
                 x1 = layer.features(x)
                 q, k, v = layer.attn_rows.qkv(x1)
                 cache.write_buffer(layer_idx, k, v, start=start)
                 k_ctx, v_ctx, _ = cache.context(layer_idx)
-                k_buf, v_buf = cache.buffer(layer_idx, length=start + rows.shape[2])
-                out, _ = decode(
-                    q, k_ctx, v_ctx, k_buf, v_buf, buffer_len=start + rows.shape[2], row_rule=rule
-                )
+                length = cache.buffer_capacity if on_device else buffer_len
+                k_buf, v_buf = cache.buffer(layer_idx, length=length)
+                out, _ = decode(q, k_ctx, v_ctx, k_buf, v_buf, buffer_len=buffer_len, row_rule=rule)
                 x = layer.finish(x1, out)
-            if t > 0:
-                cache.commit(1)
-            z = model.backbone.norm(x[:, :, -1])  # the target row [G, S, D]
+            return model.backbone.norm(x[:, :, -1])
+
+        result = torch.empty((g, s, nt), device=dev, dtype=k0.dtype)
+
+        def head(z, t):
+            """Sample (or score the fixed value of) target t; returns the buffer row's y."""
             if fixed is None:
-                previous = model.head.sample(z, generator=generator)
-                result[..., t] = previous
-            else:
-                previous = fixed[..., t]
-                result[..., t] = model.head.log_likelihood(z, previous)
+                result[..., t] = model.head.sample(z, generator=generator)
+                return result[..., t]
+            result[..., t] = model.head.log_likelihood(z, fixed[..., t])
+            return fixed[..., t]
+
+        previous = head(run_layers(targets[:, :, :1], 0, ("strict",)), 0)
+        rule = ("causal", "strict")
+        if nt > 2 and self.cuda_graph and dev.type == "cuda" and backend.name != "torch":
+            step = torch.ones((), dtype=torch.long, device=dev)
+            prev = previous.clone()
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):  # warm-up (autotuning, compilation): step 1 itself
+                run_layers(rows_at(step, prev), step - 1, rule)
+            torch.cuda.current_stream(dev).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                z = run_layers(rows_at(step, prev), step - 1, rule)
+            for t in range(1, nt):
+                step.fill_(t)
+                graph.replay()
+                prev.copy_(head(z, t))
+                cache.commit(1)
+        else:
+            for t in range(1, nt):
+                previous = head(run_layers(rows_at(t, previous), t - 1, rule), t)
+                cache.commit(1)
         return result.reshape(data.batch, nt)

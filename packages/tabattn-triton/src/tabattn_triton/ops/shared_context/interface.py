@@ -151,8 +151,10 @@ def choose_num_splits(programs: int, context_keys: int, device: torch.device) ->
 
 
 def _launch(q, k_ctx, v_ctx, k_buf, v_buf, group, ctx_len, ctx_lens, *, buffer_len, rule_bits,
-            teacher_forcing, scale, num_splits):  # fmt: skip
-    """Allocate out [G, S, H, Lq, D] and lse [G, S, H, Lq] and run the kernel(s)."""
+            teacher_forcing, scale, num_splits, buffer_len_ptr=None):  # fmt: skip
+    """Allocate out [G, S, H, Lq, D] and lse [G, S, H, Lq] and run the kernel(s). With
+    buffer_len_ptr (an int tensor on the device) the kernel reads the valid buffer length
+    from it, clamped to buffer_len = T_cap."""
     g, s, h, lq, d = q.shape
     out = torch.empty((g, s, h, lq, d), device=q.device, dtype=q.dtype)
     lse = torch.empty((g, s, h, lq), device=q.device, dtype=torch.float32)
@@ -175,6 +177,7 @@ def _launch(q, k_ctx, v_ctx, k_buf, v_buf, group, ctx_len, ctx_lens, *, buffer_l
     split_len = triton.cdiv(triton.cdiv(nc, num_splits), 64) * 64 if num_splits > 1 else max(nc, 1)
     n_rows = g * s * h * lq
     has_buffer = k_buf is not None and (teacher_forcing or buffer_len > 0)
+    buffer_len_ptr = buffer_len_ptr if has_buffer else None
     if num_splits > 1:
         o_part = torch.empty((num_splits, n_rows, block_d), device=q.device, dtype=torch.float32)
         lse_part = torch.empty((num_splits, n_rows), device=q.device, dtype=torch.float32)
@@ -193,12 +196,13 @@ def _launch(q, k_ctx, v_ctx, k_buf, v_buf, group, ctx_len, ctx_lens, *, buffer_l
         return (g * h_kv * row_blocks * num_splits,)
 
     shared_context_fwd_kernel[grid](
-        q, k_ctx, v_ctx, kb, vb, ctx_lens, out, lse, o_part, lse_part,
+        q, k_ctx, v_ctx, kb, vb, ctx_lens, buffer_len_ptr, out, lse, o_part, lse_part,
         *q.stride(), *k_ctx.stride(), *v_ctx.stride(), *kb.stride(), *vb.stride(),
         s, h, group, lq, ctx_len, buffer_len, rule_bits, d, scale * LOG2E, split_len, n_rows,
         bucket(s * rows_per_sample), bucket(nc), bucket(buffer_len),
         HAS_CTX_LENS=ctx_lens is not None,
         HAS_BUFFER=has_buffer,
+        LEN_FROM_PTR=buffer_len_ptr is not None,
         TEACHER_FORCING=teacher_forcing,
         SAMPLE_TILES=sample_tiles,
         NUM_SPLITS=num_splits,
@@ -288,7 +292,7 @@ def shared_context_attention(
     k_buf: torch.Tensor | None = None,
     v_buf: torch.Tensor | None = None,
     *,
-    buffer_len: int = 0,
+    buffer_len: int | torch.Tensor = 0,
     context_lens: int | torch.Tensor | None = None,
     row_rule: str | Sequence[str] = "causal",
     scale: float | None = None,
@@ -298,7 +302,9 @@ def shared_context_attention(
 
     q: [G, S, H, Lq, D]; k_ctx, v_ctx: [G, H_kv, Nc, D], read once per tile of many samples
     (never copied); k_buf, v_buf: [G, S, H_kv, T_cap, D], the first `buffer_len` (T) valid,
-    the Lq new rows in the last Lq of them; context_lens: int or int tensor [G] (default Nc);
+    the Lq new rows in the last Lq of them; buffer_len: an int, or a 0-dim int tensor on
+    q's device read by the kernel (no host sync, so a decode step can be captured in a CUDA
+    graph; values beyond T_cap are clamped to it, not checked); context_lens: int or int tensor [G] (default Nc);
     row_rule: "causal" (row sees its own slot) / "strict" (not), one or one per row;
     num_splits: context splits across programs (None: chosen from the GPU's SM count).
 
@@ -309,7 +315,14 @@ def shared_context_attention(
     ```
     Nc = 0 and T = 0 are legal. Returns out [G, S, H, Lq, D] (contiguous), lse [G, S, H, Lq].
     """
-    if int(buffer_len) != buffer_len or buffer_len < 0:
+    buffer_len_ptr = None
+    if isinstance(buffer_len, torch.Tensor):
+        check_tensor(
+            "buffer_len", buffer_len, shape=(), dtypes=(torch.int32, torch.int64), device=q.device
+        )
+        buffer_len_ptr = buffer_len
+        buffer_len = 0 if k_buf is None else k_buf.shape[3]
+    elif int(buffer_len) != buffer_len or buffer_len < 0:
         raise InputError(f"buffer_len: expected a non-negative int, got {buffer_len!r}")
     group, ctx_len, ctx_lens = _check(
         q,
@@ -331,6 +344,7 @@ def shared_context_attention(
         q, k_ctx, v_ctx, k_buf, v_buf, group, ctx_len, ctx_lens,
         buffer_len=int(buffer_len), rule_bits=_rule_bits(q.shape[3], rules),
         teacher_forcing=False, scale=check_scale(scale, q.shape[4]), num_splits=num_splits,
+        buffer_len_ptr=buffer_len_ptr,
     )  # fmt: skip
 
 

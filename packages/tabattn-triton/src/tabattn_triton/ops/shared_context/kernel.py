@@ -81,7 +81,7 @@ def buffer_visible(qi, Lq, buffer_len, rule_bits, TEACHER_FORCING: tl.constexpr)
     ]
 )  # fmt: skip
 def shared_context_fwd_kernel(
-    Q, K_CTX, V_CTX, K_BUF, V_BUF, CTX_LENS, O, LSE, O_PART, LSE_PART,
+    Q, K_CTX, V_CTX, K_BUF, V_BUF, CTX_LENS, BUFFER_LEN, O, LSE, O_PART, LSE_PART,
     stride_qg, stride_qs, stride_qh, stride_qm, stride_qd,
     stride_kcg, stride_kch, stride_kcn, stride_kcd,
     stride_vcg, stride_vch, stride_vcn, stride_vcd,
@@ -91,6 +91,7 @@ def shared_context_fwd_kernel(
     ROWS_BUCKET, NC_BUCKET, T_BUCKET,
     HAS_CTX_LENS: tl.constexpr,
     HAS_BUFFER: tl.constexpr,
+    LEN_FROM_PTR: tl.constexpr,
     TEACHER_FORCING: tl.constexpr,
     SAMPLE_TILES: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
@@ -101,6 +102,7 @@ def shared_context_fwd_kernel(
 ):  # fmt: skip
     """Grid: (G * H_kv * row_blocks * NUM_SPLITS,); n_rows = G * S * H * Lq. One program: BLOCK_M rows of one
     (dataset, kv head) over one context split (and the buffer, in the last split).
+    With LEN_FROM_PTR the valid buffer length is read from BUFFER_LEN (buffer_len = T_cap).
     Writes out/LSE (O, LSE contiguous [G, S, H, Lq, D] / [G, S, H, Lq]), or with splits the
     normalised partials (O_PART [NUM_SPLITS, rows, BLOCK_D] fp32, LSE_PART [NUM_SPLITS, rows]).
     """
@@ -174,6 +176,8 @@ def shared_context_fwd_kernel(
     # The path's own buffer rows [0, visible(q)), in the last split.
     if HAS_BUFFER:  # noqa: SIM102 (constexpr test, then a runtime one)
         if split == NUM_SPLITS - 1:
+            if LEN_FROM_PTR:  # a device-side length (CUDA-graph decode), clamped to T_cap
+                buffer_len = tl.minimum(tl.maximum(tl.load(BUFFER_LEN).to(tl.int32), 0), buffer_len)
             vis = buffer_visible(qi, Lq, buffer_len, rule_bits, TEACHER_FORCING)
             vis = tl.where(row_ok, vis, 0)
             buf_end = tl.max(vis, 0)
