@@ -46,6 +46,7 @@ def attention(q, k, v, *, mask: MaskSpec | torch.Tensor | None = None, scale=Non
 def register(registry: Registry) -> None:
     """Register the Triton kernels with tabattn-core's op registry."""
     from tabattn_triton.ops.attention import context_target_attention, varlen_attention
+    from tabattn_triton.ops.selection import selection_attention
     from tabattn_triton.ops.shared_context import (
         shared_context_attention,
         teacher_forcing_attention,
@@ -61,6 +62,7 @@ def register(registry: Registry) -> None:
                 "varlen_attention": varlen_attention,
                 "shared_context_attention": shared_context_attention,
                 "teacher_forcing_attention": teacher_forcing_attention,
+                "selection_attention": selection_attention,
             },
             available=available,
             description="Triton kernels (tabattn-triton)",

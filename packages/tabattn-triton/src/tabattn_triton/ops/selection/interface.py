@@ -1,0 +1,357 @@
+"""Selection (block-sparse, NSA-style) attention: launchers -> autograd Function -> public
+function.
+
+`selection_attention` is the registry op of the same name (signature and semantics of
+`tabattn_core.reference.selection_attention`), with keyword-only extras: `path` (the sparse
+kernels, or the dense masked reference when the selection covers most keys) and
+`validate_indices`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from tabattn_core import reference
+from tabattn_core.checks import (
+    InputError,
+    check_cu_seqlens,
+    check_gqa,
+    check_head_dim,
+    check_scale,
+    check_tensor,
+)
+from tabattn_triton.ops.attention.interface import KERNEL_DTYPES
+from tabattn_triton.ops.common import LOG2E, check_device, dot_precision, head_block
+from tabattn_triton.ops.selection.kernel import (
+    selection_bwd_dkdv_kernel,
+    selection_bwd_dq_kernel,
+    selection_fwd_kernel,
+)
+
+__all__ = ["SPARSE_MAX_FRACTION", "Selection", "selection_attention"]
+
+log = logging.getLogger("tabattn")
+_said: set[str] = set()
+
+# path="auto" runs the sparse kernels while the selected keys (n_sel * block_size per row)
+# are below this fraction of the keys dense attention would visit, else the dense masked
+# path. Placeholder until measured on the GPU (bench suite `selection`).
+SPARSE_MAX_FRACTION = 0.5
+PATHS = ("auto", "sparse", "dense")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Launch parameters shared by forward and backward: int64 offsets on the device, each
+    query row's sequence [Tq] and visible key count [Tq] (causal applied), each sequence's
+    key blocks (count, first global block index) and every global block's sequence."""
+
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    seq_of_row: torch.Tensor
+    row_limits: torch.Tensor
+    block_base: torch.Tensor
+    block_seq: torch.Tensor
+    num_blocks: int
+    block_size: int
+    causal: bool
+    group: int
+
+
+def _selection(
+    cu_q: torch.Tensor,
+    cu_k: torch.Tensor,
+    tq: int,
+    block_size: int,
+    causal: bool,
+    group: int,
+    device: torch.device,
+) -> Selection:
+    """From host offsets (already validated): everything the kernels index by row or block."""
+    counts = (cu_k.diff() + block_size - 1) // block_size
+    base = torch.cumsum(counts, 0) - counts
+    block_seq = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+    cu_q_d, cu_k_d = cu_q.to(device), cu_k.to(device)
+    rows = torch.arange(tq, device=device)
+    seq = torch.searchsorted(cu_q_d[1:], rows, right=True)
+    lk = (cu_k_d[1:] - cu_k_d[:-1])[seq]
+    if causal:
+        lq = (cu_q_d[1:] - cu_q_d[:-1])[seq]
+        limits = torch.minimum((lk - lq + rows - cu_q_d[seq] + 1).clamp(min=0), lk)
+    else:
+        limits = lk
+    return Selection(
+        cu_q=cu_q_d,
+        cu_k=cu_k_d,
+        seq_of_row=seq,
+        row_limits=limits,
+        block_base=base.to(device),
+        block_seq=block_seq.to(device),
+        num_blocks=int(counts.sum()),
+        block_size=block_size,
+        causal=causal,
+        group=group,
+    )
+
+
+def _block_n(block_size: int, block_d: int, cap_at_64: int) -> int:
+    """Keys per dot tile: the block (power-of-two padded, >= 16), capped by the head dim."""
+    cap = 128 if block_d <= cap_at_64 else 64 if block_d <= 2 * cap_at_64 else 32
+    return min(max(16, triton.next_power_of_2(block_size)), cap)
+
+
+def _flags(q: torch.Tensor, sel: Selection, *, dkdv: bool = False) -> dict:
+    block_d = head_block(q.shape[2])
+    return {
+        "CAUSAL": sel.causal,
+        "BLOCK_SIZE": sel.block_size,
+        "BLOCK_N": _block_n(sel.block_size, block_d, 32 if dkdv else 64),
+        "BLOCK_H": max(16, triton.next_power_of_2(sel.group)),
+        "BLOCK_D": block_d,
+        "DOT_PRECISION": dot_precision(q.dtype),
+    }
+
+
+def selection_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bi: torch.Tensor,
+    sel: Selection,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward; returns out [Tq, H, D] (q.dtype) and lse [H, Tq] fp32."""
+    tq, h, d = q.shape
+    h_kv, n_sel = k.shape[1], bi.shape[2]
+    out = torch.empty_like(q)
+    lse = torch.empty((h, tq), device=q.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out, lse.fill_(float("-inf"))
+    selection_fwd_kernel[(tq * h_kv,)](
+        q, k, v, out, lse, bi, sel.seq_of_row, sel.cu_q, sel.cu_k,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bi.stride(),
+        tq, h_kv, sel.group, n_sel, d, scale * LOG2E,
+        BLOCK_S=triton.next_power_of_2(max(n_sel, 1)), **_flags(q, sel),
+    )  # fmt: skip
+    return out, lse
+
+
+def inverted_index(bi: torch.Tensor, sel: Selection) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows that select each (kv head, global key block), with torch ops (no host sync).
+
+    Entries that are -1, out of range, past the row's visible keys or repeated are dropped
+    (repeats become row -1). Returns offsets int64 [H_kv * num_blocks + 1] and rows int32
+    [Tq * H_kv * n_sel]: the rows of key h_kv * num_blocks + block are
+    rows[offsets[key]:offsets[key + 1]], ascending, then the dropped entries.
+    """
+    tq, h_kv, _ = bi.shape
+    blk = bi.to(torch.int64)
+    visible = (blk >= 0) & (blk * sel.block_size < sel.row_limits[:, None, None])
+    heads = torch.arange(h_kv, device=bi.device)[None, :, None]
+    key = heads * sel.num_blocks + sel.block_base[sel.seq_of_row][:, None, None] + blk
+    dropped = h_kv * sel.num_blocks
+    key = torch.where(visible, key, dropped)
+    rows = torch.arange(tq, device=bi.device)[:, None, None]
+    order = torch.sort((key * tq + rows).flatten()).values
+    keys, row_of = order // tq, order % tq
+    row_of[1:] = torch.where(order[1:] == order[:-1], -1, row_of[1:])
+    offsets = torch.searchsorted(keys, torch.arange(dropped + 1, device=bi.device))
+    return offsets, row_of.to(torch.int32)
+
+
+def selection_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    bi: torch.Tensor,
+    sel: Selection,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward (dQ + delta per row, then dK/dV per key block); returns dq, dk,
+    dv in the layouts of q, k, v."""
+    tq, h, d = q.shape
+    h_kv, n_sel = k.shape[1], bi.shape[2]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if tq == 0 or h == 0 or sel.num_blocks == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    delta = torch.empty((h, tq), device=q.device, dtype=torch.float32)
+    selection_bwd_dq_kernel[(tq * h_kv,)](
+        q, k, v, out, do, dq, lse, delta, bi, sel.seq_of_row, sel.cu_q, sel.cu_k,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *do.stride(), *dq.stride(),
+        *bi.stride(), tq, h_kv, sel.group, n_sel, d, scale, scale * LOG2E,
+        BLOCK_S=triton.next_power_of_2(max(n_sel, 1)), **_flags(q, sel),
+    )  # fmt: skip
+    offsets, rows = inverted_index(bi, sel)
+    flags = _flags(q, sel, dkdv=True)
+    subs = triton.cdiv(sel.block_size, flags["BLOCK_N"])
+    selection_bwd_dkdv_kernel[(h_kv * sel.num_blocks * subs,)](
+        q, k, v, do, dk, dv, lse, delta, sel.cu_q, sel.cu_k, sel.block_seq, sel.block_base,
+        offsets, rows,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        tq, sel.group, sel.num_blocks, d, scale, scale * LOG2E,
+        GROUP_P2=triton.next_power_of_2(sel.group), **flags,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+class SelectionAttentionFunction(torch.autograd.Function):
+    """Saves q, k, v, out, lse and the block indices; the LSE output is not differentiable."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, block_indices, sel: Selection, scale: float):
+        out, lse = selection_fwd(q, k, v, block_indices, sel, scale)
+        ctx.save_for_backward(q, k, v, out, lse, block_indices)
+        ctx.sel, ctx.scale = sel, scale
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        q, k, v, out, lse, bi = ctx.saved_tensors
+        dq, dk, dv = selection_bwd(do, q, k, v, out, lse, bi, ctx.sel, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def _check(q, k, v, cu_seqlens_q, cu_seqlens_k, block_indices, block_size):
+    """Shapes, dtypes, devices, strides, offsets; returns (group, host cu_q, host cu_k)."""
+    check_tensor("q", q, ndim=3, dtypes=KERNEL_DTYPES, unit_last_stride=True, dims="[Tq, H, D]")
+    check_device("q", q)
+    dims = "[Tk, H_kv, D]"
+    for name, t in (("k", k), ("v", v)):
+        check_tensor(
+            name, t, ndim=3, dtypes=(q.dtype,), device=q.device, unit_last_stride=True, dims=dims
+        )
+        if t.shape[2] != q.shape[2] or t.shape != k.shape:
+            raise InputError(
+                f"{name}: expected shape [Tk, H_kv, {q.shape[2]}], got {list(t.shape)}"
+            )
+    check_head_dim("q", q.shape[2])
+    group = check_gqa(q.shape[1], k.shape[1])
+    cu_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total=q.shape[0], device=q.device)
+    cu_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, total=k.shape[0], device=q.device)
+    if cu_q.numel() != cu_k.numel():
+        raise InputError(
+            f"cu_seqlens_k: expected {cu_q.numel()} offsets (as cu_seqlens_q), got {cu_k.numel()}"
+        )
+    check_tensor(
+        "block_indices",
+        block_indices,
+        ndim=3,
+        dtypes=(torch.int32, torch.int64),
+        device=q.device,
+        dims="[Tq, H_kv, n_sel]",
+    )
+    if tuple(block_indices.shape[:2]) != (q.shape[0], k.shape[1]):
+        raise InputError(
+            f"block_indices: expected shape [{q.shape[0]}, {k.shape[1]}, n_sel], "
+            f"got {list(block_indices.shape)}"
+        )
+    if isinstance(block_size, bool) or int(block_size) != block_size or block_size < 1:
+        raise InputError(f"block_size: expected a positive int, got {block_size!r}")
+    return group, cu_q, cu_k
+
+
+def _validate_indices(block_indices: torch.Tensor, sel: Selection, cu_k: torch.Tensor) -> None:
+    """Values in [-1, blocks of the row's sequence - 1], as the reference demands (one sync)."""
+    counts = ((cu_k.diff() + sel.block_size - 1) // sel.block_size).to(block_indices.device)
+    top = counts[sel.seq_of_row][:, None, None]
+    bad = (block_indices < -1) | (block_indices >= top)
+    if bool(bad.any()):
+        row, head, slot = (int(i) for i in bad.nonzero()[0])
+        raise InputError(
+            f"block_indices: expected values in [-1, {int(top[row, 0, 0]) - 1}] at row {row} "
+            f"(its sequence has {int(top[row, 0, 0])} blocks of {sel.block_size}), got "
+            f"{int(block_indices[row, head, slot])} at [{row}, {head}, {slot}]"
+        )
+
+
+def _dense_keys(cu_q: torch.Tensor, cu_k: torch.Tensor, causal: bool) -> int:
+    """Keys dense attention visits over all rows (host offsets; causal: bottom-right)."""
+    lq, lk = cu_q.diff(), cu_k.diff()
+    if not causal:
+        return int((lq * lk).sum())
+    # row i sees clamp(lk - lq + i + 1, 0, lk): the last row sees lk, each earlier one fewer
+    first = (lk - lq + 1).clamp(min=1)
+    return int((lk * (lk + 1) // 2 - (first - 1) * first // 2).clamp(min=0).sum())
+
+
+def _choose_path(path: str, n_selected: int, dense: int) -> str:
+    if path not in PATHS:
+        raise InputError(f"path: expected one of {PATHS}, got {path!r}")
+    if path != "auto":
+        return path
+    fraction = n_selected / max(dense, 1)
+    chosen = "sparse" if fraction < SPARSE_MAX_FRACTION else "dense"
+    if chosen not in _said:
+        _said.add(chosen)
+        log.info(
+            "tabattn: selection_attention path=auto -> %s (selected %.3g of the dense keys, "
+            "threshold SPARSE_MAX_FRACTION=%s)",
+            chosen,
+            fraction,
+            SPARSE_MAX_FRACTION,
+        )
+    return chosen
+
+
+def selection_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    block_indices: torch.Tensor,
+    block_size: int,
+    causal: bool = False,
+    scale: float | None = None,
+    path: str = "auto",
+    validate_indices: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Registry op: each query row (all H // H_kv query heads of a kv-head group together)
+    attends to the key blocks it selected, over varlen sequences packed end to end; forward
+    and backward.
+
+    q: [Tq, H, D]; k, v: [Tk, H_kv, D] (H % H_kv == 0; any strides with a unit stride on D;
+    D in 16..256; fp16, bf16 or fp32); cu_seqlens_q / cu_seqlens_k: int32/int64 [B+1]
+    offsets on q's device (validated on the host: one small copy); block_indices: int32/int64
+    [Tq, H_kv, n_sel], blocks of `block_size` keys counted from the sequence's first key,
+    -1 = unused slot, a repeated index counts once, any order; causal: row i of an Lq x Lk
+    sequence also sees only keys <= Lk - Lq + i.
+
+    ```
+    block_size=2, row 0 -> {0, 2}, row 1 -> {1, -1}:   ■ ■ · · ■ ■
+                                                        · · ■ ■ · ·
+    ```
+    Options: path "sparse" (the kernels), "dense" (the dense masked reference,
+    `tabattn_core.reference.selection_attention`), or "auto": sparse while the selected
+    keys are under SPARSE_MAX_FRACTION of the keys dense attention visits (logged once).
+    validate_indices: raise InputError for indices outside [-1, blocks of the sequence - 1]
+    (one device sync); without it the sparse kernels skip such entries.
+
+    Returns out [Tq, H, D] and lse [H, Tq] (fp32, natural log; a row that selected no
+    visible key gets out 0 and lse -inf, and zero gradients).
+    """
+    group, cu_q, cu_k = _check(q, k, v, cu_seqlens_q, cu_seqlens_k, block_indices, block_size)
+    scale = check_scale(scale, q.shape[2])
+    chosen = _choose_path(
+        path, q.shape[0] * block_indices.shape[2] * int(block_size), _dense_keys(cu_q, cu_k, causal)
+    )
+    if chosen == "dense":
+        return reference.selection_attention(
+            q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+            block_indices=block_indices, block_size=block_size, causal=causal, scale=scale,
+        )  # fmt: skip
+    sel = _selection(cu_q, cu_k, q.shape[0], int(block_size), bool(causal), group, q.device)
+    if validate_indices:
+        _validate_indices(block_indices, sel, cu_k)
+    return SelectionAttentionFunction.apply(q, k, v, block_indices, sel, scale)
