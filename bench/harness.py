@@ -99,6 +99,7 @@ class Provider:
     make: Callable[[dict[str, Any], Inputs], ProviderFn]
     description: str = ""
     modes: tuple[str, ...] = ()  # the modes it takes part in (empty: all of the suite's)
+    rel_tol: float | None = None  # its correctness bound (None: REL_TOL of the suite's dtype)
 
     def runs_in(self, mode: str) -> bool:
         return not self.modes or mode in self.modes
@@ -482,7 +483,15 @@ def run_suite(
             ref = suite.reference(case, inputs, mode, cfg)
             mode_rows = [
                 _measure(
-                    suite, case, mode, provider.name, fns[provider.name], inputs, ref, tol, cfg
+                    suite,
+                    case,
+                    mode,
+                    provider.name,
+                    fns[provider.name],
+                    inputs,
+                    ref,
+                    tol if provider.rel_tol is None else provider.rel_tol,
+                    cfg,
                 )
                 for provider in providers
                 if provider.runs_in(mode)

@@ -1,5 +1,5 @@
 """Benchmark suites. Importing this package registers every suite with `bench.harness`."""
 
-from bench.suites import context_target, selection, shared_context
+from bench.suites import context_target, fp8, selection, shared_context, training_kernels
 
-__all__ = ["context_target", "selection", "shared_context"]
+__all__ = ["context_target", "fp8", "selection", "shared_context", "training_kernels"]

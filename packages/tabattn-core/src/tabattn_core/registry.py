@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tabattn_core import gmm, reference
+from tabattn_core import gmm, mlp, reference
 from tabattn_core.checks import InputError
 
 __all__ = [
@@ -58,6 +58,8 @@ OPS: dict[str, str] = {
     ),
     "merge_states": "(out_a, lse_a, out_b, lse_b) -> (out, lse)",
     "gmm_nll": "(y, logits, loc, scale, *, scale_param='std', mask=None) -> loss",
+    "grouped_mlp": "(x, w1, w2, *, activation='gelu') -> y",
+    "mlp": "(x, w1, w2, *, activation='gelu') -> y",
 }
 
 # Backend modules tried when entry points are not installed (running from source).
@@ -222,6 +224,8 @@ def _torch_backend() -> Backend:
             "selection_attention": reference.selection_attention,
             "merge_states": reference.merge_states,
             "gmm_nll": gmm.gmm_nll,
+            "grouped_mlp": mlp.grouped_mlp,
+            "mlp": mlp.mlp,
         },
     )
 

@@ -46,6 +46,9 @@ def attention(q, k, v, *, mask: MaskSpec | torch.Tensor | None = None, scale=Non
 def register(registry: Registry) -> None:
     """Register the Triton kernels with tabattn-core's op registry."""
     from tabattn_triton.ops.attention import context_target_attention, varlen_attention
+    from tabattn_triton.ops.fused_mlp import mlp
+    from tabattn_triton.ops.gmm import gmm_nll
+    from tabattn_triton.ops.grouped_mlp import grouped_mlp
     from tabattn_triton.ops.selection import selection_attention
     from tabattn_triton.ops.shared_context import (
         shared_context_attention,
@@ -63,6 +66,9 @@ def register(registry: Registry) -> None:
                 "shared_context_attention": shared_context_attention,
                 "teacher_forcing_attention": teacher_forcing_attention,
                 "selection_attention": selection_attention,
+                "gmm_nll": gmm_nll,
+                "grouped_mlp": grouped_mlp,
+                "mlp": mlp,
             },
             available=available,
             description="Triton kernels (tabattn-triton)",

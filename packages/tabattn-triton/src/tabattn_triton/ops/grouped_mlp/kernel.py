@@ -1,0 +1,149 @@
+"""Grouped GEMM with fused MLP epilogues: every GEMM of the grouped MLP (and of the plain MLP,
+one group) forward and backward is one launch of `grouped_matmul_kernel`.
+
+C[g] = A[g] @ B[g] for groups g (grid: row tiles, column tiles, groups); A: [G, M, Kd],
+B: [G, Kd, N], C: [G, M, N] with any strides, including group stride 0 for an operand
+shared by every group (the MLP input x) and swapped strides for transposed operands.
+Epilogues (constexpr EPILOGUE), all in fp32 on the accumulator before the one store:
+
+- EPI_NONE: C = acc.
+- EPI_ACTIVATE: C = act(acc); with STORE_Z also Z = acc (the pre-activation the backward
+  needs).
+- EPI_ACT_GRAD: C = acc * act'(Z) (the backward through the activation, Z read at C's
+  coordinates).
+
+REDUCE_GROUPS sums over all groups inside one program instead (grid groups = 1):
+C = sum_g A[g] @ B[g] (dx of the grouped MLP, x being shared by the groups).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from tabattn_triton.ops.common import pick_configs
+
+EPI_NONE, EPI_ACTIVATE, EPI_ACT_GRAD = 0, 1, 2
+# Activations (constexpr ACTIVATION), indexed by name in interface.ACTIVATION_IDS.
+ACT_GELU, ACT_RELU, ACT_SILU = 0, 1, 2
+
+SQRT1_2 = tl.constexpr(0.7071067811865476)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); the first entry is the one config used when
+# autotuning is off (small, so it fits every shape and the interpreter). Narrow columns
+# serve d_out = 3 (head second GEMM, dw2), BLOCK_K = 16 the d_out-long reduction of dH.
+MATMUL_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for bm, bn, bk, w, s in [
+        (32, 32, 32, 4, 2),
+        (128, 128, 64, 8, 3),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (128, 128, 16, 8, 2),
+        (128, 16, 64, 4, 4),
+        (64, 16, 128, 4, 3),
+    ]
+]
+AUTOTUNE_KEY = [
+    "M_BUCKET", "N_BUCKET", "K_BUCKET", "EPILOGUE", "ACTIVATION", "STORE_Z", "REDUCE_GROUPS",
+    "DOT_PRECISION",
+]  # fmt: skip
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop tiles larger than the problem (e.g. 128 columns for d_out = 3)."""
+    m, n, k = (named_args[key] for key in ("M_BUCKET", "N_BUCKET", "K_BUCKET"))
+
+    def keep(c: triton.Config) -> bool:
+        kw = c.kwargs
+        return (
+            kw["BLOCK_M"] <= max(m, 32)
+            and kw["BLOCK_N"] <= max(n, 16)
+            and kw["BLOCK_K"] <= max(k, 16)
+        )
+
+    return pick_configs(configs, keep)
+
+
+@triton.jit
+def _activate(z, ACTIVATION: tl.constexpr):
+    if ACTIVATION == 0:
+        out = 0.5 * z * (1.0 + tl.erf(z * SQRT1_2))
+    elif ACTIVATION == 1:
+        out = tl.maximum(z, 0.0)
+    else:
+        out = z * tl.sigmoid(z)
+    return out
+
+
+@triton.jit
+def _activate_grad(z, ACTIVATION: tl.constexpr):
+    """d act / dz."""
+    if ACTIVATION == 0:
+        out = 0.5 * (1.0 + tl.erf(z * SQRT1_2)) + z * INV_SQRT_2PI * tl.exp(-0.5 * z * z)
+    elif ACTIVATION == 1:
+        out = tl.where(z > 0.0, 1.0, 0.0)
+    else:
+        s = tl.sigmoid(z)
+        out = s * (1.0 + z * (1.0 - s))
+    return out
+
+
+@triton.autotune(
+    configs=MATMUL_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune}
+)
+@triton.jit
+def grouped_matmul_kernel(
+    A, B, C, Z,
+    M, N, Kd, G,
+    stride_ag, stride_am, stride_ak,
+    stride_bg, stride_bk, stride_bn,
+    stride_cg, stride_cm, stride_cn,
+    stride_zg, stride_zm, stride_zn,
+    M_BUCKET, N_BUCKET, K_BUCKET,
+    EPILOGUE: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    STORE_Z: tl.constexpr,
+    REDUCE_GROUPS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), G or 1 with REDUCE_GROUPS); fp32
+    accumulation, the store cast to C's dtype (Z's for Z)."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    g = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    if REDUCE_GROUPS:
+        g_first, g_end = g * 0, g * 0 + G
+    else:
+        g_first, g_end = g, g + 1
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for gg in range(g_first, g_end):
+        a_ptrs = A + gg * stride_ag + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+        b_ptrs = B + gg * stride_bg + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+        for k0 in range(0, Kd, BLOCK_K):
+            k_ok = offs_k < Kd - k0
+            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+    tile_ok = m_ok[:, None] & n_ok[None, :]
+    z_offs = g * stride_zg + offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zn
+    if EPILOGUE == 1:
+        if STORE_Z:
+            tl.store(Z + z_offs, acc.to(Z.dtype.element_ty), mask=tile_ok)
+        acc = _activate(acc, ACTIVATION)
+    elif EPILOGUE == 2:
+        z = tl.load(Z + z_offs, mask=tile_ok, other=0.0).to(tl.float32)
+        acc = acc * _activate_grad(z, ACTIVATION)
+    c_ptrs = C + g * stride_cg + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=tile_ok)
