@@ -2,15 +2,25 @@
 
 On CPU the kernels run under the Triton interpreter: nox sets ``TRITON_INTERPRET=1``
 before Python starts (Triton reads it at import time). Tests that need a real GPU carry
-``@pytest.mark.gpu`` and are skipped here when no CUDA device is present.
+``@pytest.mark.gpu`` (and ``sm90`` for Hopper) and are skipped when no CUDA device is
+present. Every test runs with a fixed seed and NaN-filled ``torch.empty`` outputs, so
+unwritten elements fail.
 """
 
 from __future__ import annotations
 
 import pytest
+import torch
 
-from tabattn_core.testing import skip_gpu_tests_without_cuda
+from tabattn_core.testing import nan_poisoned_empty, skip_gpu_tests_without_cuda
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     skip_gpu_tests_without_cuda(items)
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_poison():
+    torch.manual_seed(42)
+    with nan_poisoned_empty():
+        yield

@@ -21,15 +21,18 @@ def test_entry_point_declared() -> None:
     assert ep.load() is register
 
 
-def test_register_does_not_fail_on_any_machine() -> None:
-    calls: list[str] = []
+def test_register_adds_the_fp8_backend_on_any_machine() -> None:
+    # Registering never touches the GPU; whether the backend can run is its `available`.
+    added = []
 
     class Registry:
-        def register(self, *args, **kwargs) -> None:
-            calls.append("register")
+        def register_backend(self, backend) -> None:
+            added.append(backend)
 
     assert register(Registry()) is None
-    assert calls == []
+    (backend,) = added
+    assert backend.name == "fp8"
+    assert backend.available(torch.device("cpu"))[0] is False
 
 
 def test_require_sm90_rejects_cpu_naming_it() -> None:

@@ -1,9 +1,14 @@
 """Hopper (sm90) FP8 E4M3 attention path with per-block scales.
 
-This package will hold FP8 attention kernels for Hopper GPUs, built on tabattn-triton and
-checked against the references in tabattn-core. Release 0.1.0 is the packaging skeleton:
-it registers no kernels yet (they arrive in later releases) and provides
-:func:`require_sm90`, the capability check those kernels will use.
+- :func:`quantize_fp8` (``tabattn_fp8.quantize``): per-block E4M3 quantisation;
+- :func:`fp8_attention` (``tabattn_fp8.attention``): FP8 forward for tabattn-triton's prefix
+  masks (context-target, causal, AR rows), backward by tabattn-triton's flash backward;
+- ``tabattn_fp8.reference``: the PyTorch references (quantise, dequantise, FP8-emulated
+  attention);
+- backend ``fp8`` of tabattn-core's registry (sm90 only, never chosen by ``auto``);
+- :func:`require_sm90`, the capability check.
+
+Shared-context decode and teacher forcing have no FP8 kernels yet.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import torch
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "require_sm90"]
+__all__ = ["__version__", "fp8_attention", "quantize_fp8", "require_sm90"]
 
 
 def require_sm90(device: torch.device | str | int | None = None) -> torch.device:
@@ -49,3 +54,16 @@ def require_sm90(device: torch.device | str | int | None = None) -> torch.device
             f"cuda:{index} ({name}) has compute capability {major}.{minor} (sm{major}{minor})"
         )
     return torch.device("cuda", index)
+
+
+def __getattr__(name: str):
+    """The kernels import triton: load them on first use, so `require_sm90` needs torch only."""
+    if name == "fp8_attention":
+        from tabattn_fp8.attention import fp8_attention
+
+        return fp8_attention
+    if name == "quantize_fp8":
+        from tabattn_fp8.quantize import quantize_fp8
+
+        return quantize_fp8
+    raise AttributeError(f"module 'tabattn_fp8' has no attribute {name!r}")

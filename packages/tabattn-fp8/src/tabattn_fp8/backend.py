@@ -2,15 +2,58 @@
 
 from __future__ import annotations
 
-from typing import Any
+import torch
+
+from tabattn_core.masks import MaskSpec
+from tabattn_core.registry import Backend, Registry
+
+# Below the torch reference (0) and triton (10): FP8 trades accuracy (about 5% relative
+# error) for speed, so `auto` never picks it; ask for it by name (backend="fp8" or
+# TABATTN_BACKEND=fp8).
+PRIORITY = -1
 
 
-def register(registry: Any) -> None:
-    """Register this package's FP8 (sm90) kernels with tabattn-core's op registry.
+def available(device: torch.device) -> tuple[bool, str]:
+    """CUDA devices of compute capability 9.x only (never CPU)."""
+    from tabattn_fp8 import require_sm90
 
-    Called by tabattn-core when it loads the ``tabattn.backends`` entry points. Release
-    0.1.0 ships no kernels, so this registers nothing and returns, on any machine; FP8
-    kernels (Hopper only, checked with :func:`tabattn_fp8.require_sm90`) arrive in later
-    releases.
-    """
-    del registry  # nothing to register yet
+    try:
+        require_sm90(device)
+    except RuntimeError as exc:
+        return False, str(exc)
+    return True, "FP8 E4M3 Triton kernels on a Hopper GPU (sm90)"
+
+
+def attention(q, k, v, *, mask: MaskSpec | torch.Tensor | None = None, scale=None):
+    """Registry op "attention": FP8 for prefix masks; other masks go to the triton backend's
+    op (its kernels or the reference, which it reports)."""
+    from tabattn_fp8.attention import fp8_attention
+    from tabattn_triton import backend as triton_backend
+    from tabattn_triton.ops.attention import prefix_mask_of
+
+    if (
+        not isinstance(mask, torch.Tensor)
+        and q.dim() == 4
+        and prefix_mask_of(mask, q.shape[-2], k.shape[-2], q.shape[0]) is not None
+    ):
+        return fp8_attention(q, k, v, mask=mask, scale=scale, return_lse=True)
+    return triton_backend.attention(q, k, v, mask=mask, scale=scale)
+
+
+def register(registry: Registry) -> None:
+    """Register the FP8 kernels with tabattn-core's op registry: ops "attention" (prefix
+    masks) and "context_target_attention", available on sm90 only, never chosen by `auto`."""
+    from tabattn_fp8.attention import fp8_context_target_attention
+
+    registry.register_backend(
+        Backend(
+            name="fp8",
+            priority=PRIORITY,
+            ops={
+                "attention": attention,
+                "context_target_attention": fp8_context_target_attention,
+            },
+            available=available,
+            description="FP8 E4M3 attention forward on Hopper (tabattn-fp8), bf16 backward",
+        )
+    )

@@ -1,0 +1,194 @@
+"""Suite `fp8`: the FP8 (E4M3) context-target attention of tabattn-fp8 against our bf16
+kernel and SDPA, for speed and accuracy.
+
+Shapes as the `context_target` suite (q [B, H, M+N, D] over k/v [B, H, M, D], H=8,
+D in {64, 128}, bf16), each on two inputs: `gaussian` (standard normal) and `outliers`
+(channels 0 and 1 of q and k 100x larger, as activation outliers in trained models).
+Providers: `fp8` (P·V in FP8), `fp8-pbf16` (P·V in bf16 with the unquantised v), `tabattn`
+(our bf16 kernel), `sdpa-cudnn` / `sdpa-flash` (the baselines of fwd / fwd+bwd). fwd+bwd
+(FP8 forward + our bf16 backward) runs on the Gaussian inputs.
+
+Correctness: the `context_target` suite's fp64 check of head (0, 0). The FP8 providers are
+held to `FP8_REL_TOL` instead of the bf16 bound (FP8 is a precision trade; on outlier
+inputs they are expected to fail it and are then not timed). Every provider's forward also
+gets accuracy figures on the same rows, stored per row under `accuracy` and shown in the
+table: relative L2 error, max abs error, cosine similarity of out against fp64.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from bench.harness import (
+    Inputs,
+    Provider,
+    RunConfig,
+    Suite,
+    Unavailable,
+    need_gpu_or_interpreter,
+    register_suite,
+)
+from bench.suites import context_target as ct
+
+INPUT_KINDS = ("gaussian", "outliers")
+OUTLIER_CHANNELS = 2
+OUTLIER_FACTOR = 100.0
+SMOKE_OUTLIER_FACTOR = 10.0  # --smoke runs fp32 on CPU, whose 1e-5 bound 100x breaks
+FP8_REL_TOL = 0.1  # the FP8 providers' check bound (measured ~0.05 on Gaussian inputs)
+_ACCURACY: dict[tuple[str, str], dict[str, float]] = {}  # (shape label, provider) -> figures
+
+
+def _cases(cfg: RunConfig) -> list[dict[str, Any]]:
+    sizes = ct.SMOKE_SIZES[:1] if cfg.smoke else ct.SIZES
+    dims = ct.SMOKE_HEAD_DIMS[:1] if cfg.smoke else ct.HEAD_DIMS
+    heads = ct.SMOKE_H if cfg.smoke else ct.H
+    return [
+        {"B": b, "H": heads, "M": m, "N": n, "D": d, "inputs": kind}
+        for d in dims
+        for (b, m, n) in sizes
+        for kind in INPUT_KINDS
+    ]
+
+
+def _case_modes(case: dict[str, Any]) -> tuple[str, ...]:
+    return ("fwd", "fwd+bwd") if case["inputs"] == "gaussian" else ("fwd",)
+
+
+def _make_inputs(case: dict[str, Any], cfg: RunConfig, seed: int) -> Inputs:
+    inputs = ct._make_inputs(case, cfg, seed)
+    if case["inputs"] == "outliers":
+        with torch.no_grad():
+            for name in ("q", "k"):
+                factor = SMOKE_OUTLIER_FACTOR if cfg.smoke else OUTLIER_FACTOR
+                inputs.leaves[name][..., :OUTLIER_CHANNELS] *= factor
+    return inputs
+
+
+def _shape_label(case: dict[str, Any]) -> str:
+    return f"{ct._shape_label(case)} {case['inputs']}"
+
+
+def _accuracy(case: dict[str, Any], inputs: Inputs, name: str, fn) -> None:
+    """Relative L2, max abs error and cosine similarity of one forward's out (head (0, 0),
+    the check rows) against fp64; kept for `_annotate`."""
+    if "fp64_out" not in inputs.extra:
+        ref = ct._reference(case, inputs, "fwd", RunConfig(device=inputs.grad_out.device))
+        inputs.extra["fp64_out"] = ref["out"]
+    check = inputs.extra["fp64_out"]
+    with torch.no_grad():
+        out = check.select(fn()[0]).to(torch.float64)
+    expected = check.expected
+    _ACCURACY[(_shape_label(case), name)] = {
+        "rel_l2": float((out - expected).norm() / expected.norm()),
+        "max_abs": float((out - expected).abs().max()),
+        "cosine": float((out.flatten() @ expected.flatten()) / (out.norm() * expected.norm())),
+    }
+
+
+def _with_accuracy(name: str, make):
+    def wrapped(case: dict[str, Any], inputs: Inputs):
+        fn = make(case, inputs)
+        _accuracy(case, inputs, name, fn)
+        return fn
+
+    return wrapped
+
+
+def _make_fp8(p_fp8: bool):
+    def make(case: dict[str, Any], inputs: Inputs):
+        q, k, v = ct._qkv(inputs)
+        need_gpu_or_interpreter(q, "tabattn-fp8")
+        try:
+            from tabattn_fp8.attention import fp8_attention
+            from tabattn_fp8.attention.interface import check_fp8_device
+
+            check_fp8_device(q.device)
+        except (ImportError, RuntimeError) as exc:
+            raise Unavailable(f"tabattn-fp8: {type(exc).__name__}: {exc}") from None
+        from tabattn_core.masks import ContextTargetMask
+
+        mask = ContextTargetMask(q.shape[-2], k.shape[-2], case["M"])
+        scale = inputs.extra["scale"]
+        return lambda: fp8_attention(q, k, v, mask=mask, scale=scale, p_fp8=p_fp8, return_lse=True)
+
+    return make
+
+
+def _annotate(case, mode, rows, calibration, cfg) -> None:
+    for row in rows:
+        row["accuracy"] = _ACCURACY.get((_shape_label(case), row["provider"]))
+
+
+SUITE = register_suite(
+    Suite(
+        name="fp8",
+        description=(
+            "FP8 (E4M3, per-block scales) context-target attention vs our bf16 kernel and "
+            "SDPA: q [B, H, M+N, D] over k/v [B, H, M, D], H=8, D in {64, 128}, Gaussian "
+            "inputs and inputs with outlier channels"
+        ),
+        cases=_cases,
+        providers={
+            "fp8": Provider(
+                "fp8",
+                _with_accuracy("fp8", _make_fp8(True)),
+                "tabattn_fp8 fp8_attention (Q, K, P·V in E4M3), bf16 backward",
+                rel_tol=FP8_REL_TOL,
+            ),
+            "fp8-pbf16": Provider(
+                "fp8-pbf16",
+                _with_accuracy("fp8-pbf16", _make_fp8(False)),
+                "tabattn_fp8 fp8_attention(p_fp8=False): Q, K in E4M3, P·V in bf16",
+                modes=("fwd",),
+                rel_tol=FP8_REL_TOL,
+            ),
+            "tabattn": Provider(
+                "tabattn",
+                _with_accuracy("tabattn", ct._make_tabattn),
+                "our bf16 kernel: tabattn_triton flash_attention with ContextTargetMask",
+            ),
+            "sdpa-cudnn": Provider(
+                "sdpa-cudnn",
+                _with_accuracy("sdpa-cudnn", ct._make_sdpa("CUDNN_ATTENTION")),
+                "SDPA, cuDNN backend, no mask (bf16)",
+                modes=("fwd",),
+            ),
+            "sdpa-flash": Provider(
+                "sdpa-flash",
+                ct._make_sdpa("FLASH_ATTENTION"),
+                "SDPA, flash backend, no mask (bf16)",
+                modes=("fwd+bwd",),
+            ),
+        },
+        make_inputs=_make_inputs,
+        forward_flops=ct._forward_flops,
+        reference=ct._reference,
+        baseline=lambda mode, cfg: (
+            "tabattn"
+            if cfg.device.type == "cpu"
+            else ("sdpa-cudnn" if mode == "fwd" else "sdpa-flash")
+        ),
+        dtype=ct._dtype,
+        shape_label=_shape_label,
+        x_label=lambda case: f"{ct._x_label(case)}\n{case['inputs']}",
+        panel_keys=("D", "inputs"),
+        case_modes=_case_modes,
+        annotate=_annotate,
+        header_extra={
+            "table_columns": [
+                {"title": "rel L2 (out)", "key": "accuracy.rel_l2", "format": ".2e"},
+                {"title": "max abs (out)", "key": "accuracy.max_abs", "format": ".2e"},
+                {"title": "cosine (out)", "key": "accuracy.cosine", "format": ".6f"},
+            ],
+            "fp8_rel_tol": FP8_REL_TOL,
+        },
+        reference_method=(
+            ct.SUITE.reference_method
+            + f" The fp8 providers' bound is {FP8_REL_TOL} instead of REL_TOL[dtype]. "
+            "Accuracy columns: out of the same rows against fp64 (relative L2, max abs, "
+            "cosine), from one forward call."
+        ),
+    )
+)
