@@ -59,6 +59,10 @@ def _parser(suite_names: list[str]) -> argparse.ArgumentParser:
         default="auto",
         help="auto: CUDA when available, except CPU for --smoke",
     )
+    p.add_argument(
+        "--only",
+        help="comma-separated substrings: run only the cases whose shape label contains one",
+    )
     p.add_argument("--seed", type=int, default=0, help="input seed of the first case (default 0)")
     p.add_argument(
         "--strict", action="store_true", help="exit 1 when any provider failed or errored"
@@ -87,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         providers=providers,
         reps=args.reps,
         seed=args.seed,
+        only=args.only.split(",") if args.only else None,
         command=shlex.join(["python", "-m", "bench", *argv]),
     )
     out = Path(args.out)

@@ -136,6 +136,7 @@ class RunConfig:
     reps: int | None = None  # CUDA: do_bench rep budget in ms; CPU: timed calls
     seed: int = 0
     command: str = ""
+    only: Sequence[str] | None = None  # keep cases whose shape label contains one of these
 
     @property
     def interpret(self) -> bool:
@@ -465,6 +466,8 @@ def run_suite(
         header["calibration"] = calibration
     rows: list[dict[str, Any]] = []
     cases = suite.cases(cfg)
+    if cfg.only:
+        cases = [c for c in cases if any(part in suite.shape_label(c) for part in cfg.only)]
     for index, case in enumerate(_progress(cases, suite.name)):
         modes = suite.modes_of(case)
         inputs = suite.make_inputs(case, cfg, cfg.seed + index)

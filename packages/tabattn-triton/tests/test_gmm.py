@@ -41,17 +41,21 @@ def compare(inputs, *, scale_param="std", mask=None):
     """Kernel vs the fp64 reference on the same input values: loss and every gradient.
 
     Bound per quantity (FA3's rule): REL_TOL of its dtype (fp32 for the loss), or twice the
-    error of the reference itself run in fp32, whichever is larger (ill-conditioned inputs
-    such as peaked components far from y)."""
+    error of the reference itself run in fp32 (ill-conditioned inputs such as peaked
+    components far from y) or in the inputs' dtype (fp16 gradients of a mean over 1e5+ rows
+    are subnormal), whichever is larger."""
     loss = gmm_nll(*inputs, scale_param=scale_param, mask=mask)
     assert loss.dim() == 0 and loss.dtype == torch.float32
     got = [loss, *torch.autograd.grad(loss * 1.7, inputs)]
     ref64 = reference(inputs, torch.float64, scale_param=scale_param, mask=mask)
     ref32 = reference(inputs, torch.float32, scale_param=scale_param, mask=mask)
+    own = reference(inputs, inputs[0].dtype, scale_param=scale_param, mask=mask)
     dtypes = [torch.float32, *(t.dtype for t in inputs)]
-    for name, g, r64, r32, dtype in zip(("loss", *NAMES), got, ref64, ref32, dtypes, strict=True):
+    for name, g, r64, r32, r_own, dtype in zip(
+        ("loss", *NAMES), got, ref64, ref32, own, dtypes, strict=True
+    ):
         assert g.shape == r64.shape and (name == "loss" or g.dtype == dtype)
-        bound = max(REL_TOL[dtype], 2 * rel_error(r32, r64))
+        bound = max(REL_TOL[dtype], 2 * rel_error(r32, r64), 2 * rel_error(r_own, r64))
         assert_rel_close(g, r64, tol=bound, name=name)
 
 

@@ -1,4 +1,4 @@
-"""`tabpfn-infer` command line: train, sample, density (and --version).
+"""`tabpfn-infer` command line: train, train-tnp, sample, density, demo (and --version).
 
 CSV files hold one row per data point, features first; the context file's last column is
 the label y (so is the targets file's for `density`). A first line that is not all numbers
@@ -84,6 +84,28 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--device", help="auto, cpu, cuda, ...")
     p_train.add_argument("--backend", help="attention backend: auto, torch, triton")
 
+    p_tnp = sub.add_parser(
+        "train-tnp",
+        help="pretrain a TransformerNP on the synthetic prior (torchrun for several GPUs)",
+    )
+    p_tnp.add_argument(
+        "--config", type=Path, help='JSON file with TNPTrainConfig fields ("model": TNPConfig)'
+    )
+    p_tnp.add_argument("--steps", type=int, help="override the number of steps")
+    p_tnp.add_argument("--out", type=Path, required=True, help="checkpoint path to write")
+    p_tnp.add_argument("--resume", type=Path, help="checkpoint to go on training from")
+    p_tnp.add_argument("--device", help="auto, cpu, cuda, ...")
+    p_tnp.add_argument("--backend", help="every kernel's backend: auto, torch, triton, ...")
+    p_tnp.add_argument(
+        "--cuda-graph", action="store_true", default=None, help="capture the step in a CUDA graph"
+    )
+    p_tnp.add_argument(
+        "--checkpoint-blocks",
+        action="store_true",
+        default=None,
+        help="recompute each block in the backward pass (less memory)",
+    )
+
     for name, text in (("sample", "draw joint samples of the targets' labels"),
                        ("density", "per-target conditional log densities and their sum")):  # fmt: skip
         p = sub.add_parser(name, help=text)
@@ -134,6 +156,23 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_tnp(args: argparse.Namespace) -> int:
+    from tabpfn_infer.train_tnp import TNPTrainConfig, train_tnp
+
+    values = json.loads(args.config.read_text()) if args.config else {}
+    model = dict(values.get("model", {}))
+    for key, target in (("steps", values), ("device", values), ("cuda_graph", values),
+                        ("backend", model), ("checkpoint_blocks", model)):  # fmt: skip
+        if getattr(args, key) is not None:
+            target[key] = getattr(args, key)
+    _, log = train_tnp(
+        TNPTrainConfig.from_dict({**values, "model": model}), out=args.out, resume=args.resume
+    )
+    if log:  # rank 0
+        print(f"final loss {log[-1]['loss']:.4f}; checkpoint written to {args.out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
     parser = build_parser()
@@ -149,6 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _, log = train(config_from_dict(values), out=args.out)
         print(f"final loss {log[-1]['loss']:.4f}; checkpoint written to {args.out}")
         return 0
+    if args.command == "train-tnp":
+        return _train_tnp(args)
     if args.command == "demo":
         from tabpfn_infer.demo import run_demo
 

@@ -67,12 +67,14 @@ class MultiheadAttention(nn.Module):
         self.v_proj = nn.Linear(d_model, d_model, bias=False)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
 
-    def _split(self, t: torch.Tensor) -> torch.Tensor:  # [..., L, D] -> [..., H, L, Dh]
+    def split_heads(self, t: torch.Tensor) -> torch.Tensor:
+        """[..., L, D] -> [..., H, L, Dh] (a strided view)."""
         return t.unflatten(-1, (self.n_heads, -1)).transpose(-2, -3)
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [..., L, D] -> q, k, v [..., H, L, Dh] (strided views, no copies)."""
-        return self._split(self.q_proj(x)), self._split(self.k_proj(x)), self._split(self.v_proj(x))
+        split = self.split_heads
+        return split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
 
     def project_out(self, o: torch.Tensor) -> torch.Tensor:
         """o [..., H, L, Dh] -> [..., L, D]."""
@@ -190,9 +192,11 @@ class ARTabPFN(nn.Module):
     def ar_token(self, index: torch.Tensor | int) -> torch.Tensor:
         """AR token of buffer row j: `ar_tokens[j mod buffer_size]` (the training convention,
         used for sampling and density alike)."""
-        return self.ar_tokens[
-            torch.as_tensor(index, device=self.ar_tokens.device) % self.buffer_size
-        ]
+        index = torch.as_tensor(index, device=self.ar_tokens.device) % self.buffer_size
+        # index_select, not indexing: a 0-dim tensor index would be read on the host, which
+        # a CUDA-graph capture forbids.
+        rows = self.ar_tokens.index_select(0, index.reshape(-1))
+        return rows.reshape(*index.shape, self.ar_tokens.shape[-1])
 
     def forward(
         self,
