@@ -107,6 +107,7 @@ VARIANTS = (
     Variant(()),
     *(Variant((kernel,)) for kernel in KERNEL_OPS),
     Variant(ALL),
+    Variant(("head", "mlp", "loss")),  # every kernel but attention (SDPA picks cuDNN there)
     Variant((), checkpoint=True),
     Variant(("attention",), checkpoint=True),
     Variant(ALL, checkpoint=True),

@@ -19,8 +19,10 @@ from tabattn_triton.ops.common import load_rows
 # The mean pointer: unused, subtracted from x's rows (K), or dotted with them (Q).
 MEAN_NONE, MEAN_SUBTRACT, MEAN_ROW_DOT = 0, 1, 2
 
-FP8_MAX = 448.0
-SCALE_FLOOR = 1.1754943508222875e-38  # smallest normal fp32: x / scale never overflows
+FP8_MAX = tl.constexpr(448.0)
+SCALE_FLOOR = tl.constexpr(
+    1.1754943508222875e-38
+)  # smallest normal fp32: x / scale never overflows
 
 
 @triton.jit
