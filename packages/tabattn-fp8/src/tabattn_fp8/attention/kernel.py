@@ -36,7 +36,7 @@ from tabattn_triton.ops.common import (
 )
 
 # log2 of P's scale before its E4M3 cast: a hair under log2(448), so exp2 never rounds past 448.
-LOG2_P_SCALE = 8.80734
+LOG2_P_SCALE = tl.constexpr(8.80734)
 K_BLOCK = 128  # K quantisation block: a multiple of every BLOCK_N below
 
 # (BLOCK_M, BLOCK_N, warps, stages); the first entry is the single config used when
