@@ -31,12 +31,15 @@ LSE_REL_TOL = 1e-2
 MASKS = {
     "none": lambda s: None,
     "context": lambda s: masks.ContextTargetMask(s.Lq, s.Lk, s.Lk - 7),
+    # dataset lengths 0 (when B > 1: a dataset whose rows see no key) up to Lk
     "context-per-dataset": lambda s: masks.ContextTargetMask(
-        s.Lq, s.Lk, torch.tensor([0, s.Lk])[: s.B]
+        s.Lq, s.Lk, torch.tensor([(i + (s.B == 1)) * s.Lk // max(s.B - 1, 1) for i in range(s.B)])
     ),
     "causal": lambda s: masks.CausalMask(s.Lq, s.Lk),
     "ar-rows": lambda s: (
-        masks.ARTrainingRowMask(20, 10, (s.Lq - 30) // 2, 1) if s.Lq == s.Lk else None
+        masks.ARTrainingRowMask(20, 10, s.Lq - 30, attending_chunks=1)
+        if s.Lq == s.Lk
+        else None
     ),
 }
 # GQA 4:2, Lq 70 over Lk 45 (partial tiles), D 48 (padded); B=1 one query over 33 keys.
