@@ -227,6 +227,10 @@ COMMIT_ENV = "BENCH_GIT_COMMIT"  # used where the tree has no .git (e.g. the dev
 
 
 def _git_commit() -> str:
+    """BENCH_GIT_COMMIT when set (a machine whose checkout lacks the history, or a stale
+    one), else `git rev-parse HEAD` with "-dirty" for uncommitted changes."""
+    if os.environ.get(COMMIT_ENV):
+        return os.environ[COMMIT_ENV]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"],
@@ -246,7 +250,7 @@ def _git_commit() -> str:
         ).stdout.strip()
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get(COMMIT_ENV) or "unknown"
+        return "unknown"
 
 
 def collect_header(suite: Suite, cfg: RunConfig) -> dict[str, Any]:
