@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 __all__ = [
+    "check_block_indices",
     "InputError",
     "check_cu_seqlens",
     "check_head_dim",
@@ -151,3 +152,22 @@ def check_cu_seqlens(name: str, cu: object, *, total: int, device: torch.device)
             + ("..." if len(shown) > 8 else "")
         )
     return host
+
+
+def check_block_indices(
+    block_indices: object, *, rows: int, kv_heads: int, device: torch.device
+) -> torch.Tensor:
+    """Selection attention's block_indices: int32/int64 [Tq, H_kv, n_sel] on `device`."""
+    t = check_tensor(
+        "block_indices",
+        block_indices,
+        ndim=3,
+        dtypes=(torch.int32, torch.int64),
+        device=device,
+        dims="[Tq, H_kv, n_sel]",
+    )
+    if tuple(t.shape[:2]) != (rows, kv_heads):
+        raise InputError(
+            f"block_indices: expected shape [{rows}, {kv_heads}, n_sel], got {list(t.shape)}"
+        )
+    return t

@@ -16,6 +16,7 @@ import torch
 from tabattn_core.checks import (
     FLOAT_DTYPES,
     InputError,
+    check_block_indices,
     check_cu_seqlens,
     check_gqa,
     check_head_dim,
@@ -425,19 +426,7 @@ def selection_attention(
     group, cq, ck = _check_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, q_dims="[Tq, H, D]", kv_dims="[Tk, H_kv, D]"
     )
-    check_tensor(
-        "block_indices",
-        block_indices,
-        ndim=3,
-        dtypes=(torch.int32, torch.int64),
-        device=q.device,
-        dims="[Tq, H_kv, n_sel]",
-    )
-    if tuple(block_indices.shape[:2]) != (q.shape[0], k.shape[1]):
-        raise InputError(
-            f"block_indices: expected shape [{q.shape[0]}, {k.shape[1]}, n_sel], "
-            f"got {list(block_indices.shape)}"
-        )
+    check_block_indices(block_indices, rows=q.shape[0], kv_heads=k.shape[1], device=q.device)
     out = torch.zeros_like(q)
     lse = q.new_full((q.shape[1], q.shape[0]), float("-inf"), dtype=_compute_dtype(q))
     for b in range(cq.numel() - 1):

@@ -18,6 +18,7 @@ import triton
 from tabattn_core import reference
 from tabattn_core.checks import (
     InputError,
+    check_block_indices,
     check_cu_seqlens,
     check_gqa,
     check_head_dim,
@@ -242,19 +243,7 @@ def _check(q, k, v, cu_seqlens_q, cu_seqlens_k, block_indices, block_size):
         raise InputError(
             f"cu_seqlens_k: expected {cu_q.numel()} offsets (as cu_seqlens_q), got {cu_k.numel()}"
         )
-    check_tensor(
-        "block_indices",
-        block_indices,
-        ndim=3,
-        dtypes=(torch.int32, torch.int64),
-        device=q.device,
-        dims="[Tq, H_kv, n_sel]",
-    )
-    if tuple(block_indices.shape[:2]) != (q.shape[0], k.shape[1]):
-        raise InputError(
-            f"block_indices: expected shape [{q.shape[0]}, {k.shape[1]}, n_sel], "
-            f"got {list(block_indices.shape)}"
-        )
+    check_block_indices(block_indices, rows=q.shape[0], kv_heads=k.shape[1], device=q.device)
     if isinstance(block_size, bool) or int(block_size) != block_size or block_size < 1:
         raise InputError(f"block_size: expected a positive int, got {block_size!r}")
     return group, cu_q, cu_k
