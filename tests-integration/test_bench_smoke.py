@@ -1,5 +1,5 @@
 """The benchmark harness end to end on tiny shapes: `python -m bench <suite> --smoke`
-(context_target and shared_context)."""
+(every suite)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -121,3 +123,19 @@ def test_bench_smoke_shared_context(tmp_path: Path) -> None:
 
     png = tmp_path / "shared_context.png"
     assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize("suite", ["selection", "training_kernels", "training", "fp8"])
+def test_bench_smoke_other_suites(suite: str, tmp_path: Path) -> None:
+    """Every other suite runs end to end on tiny shapes: a complete JSON with its header,
+    every row timed or saying why not, and no provider erroring."""
+    _run_smoke(suite, tmp_path)
+    result = json.loads((tmp_path / f"{suite}.json").read_text())
+    header, rows = result["header"], result["rows"]
+    assert result["complete"] is True
+    assert header["suite"] == suite and header.get("git_commit")
+    assert rows
+    for row in rows:
+        assert row["status"] in ("ok", "skipped", "failed"), row
+        assert row["status"] == "ok" or row["reason"], row
+    assert any(r["status"] == "ok" and r["ms"] for r in rows), rows
