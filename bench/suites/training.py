@@ -9,8 +9,8 @@ datasets with M context and N target rows:
     large  B=1   M=200_000  N=5_000   (checkpointed providers only)
 
 Providers differ only in the backend of each kernel, block checkpointing and CUDA graphs:
-`sdpa` is the all-PyTorch baseline (torch's scaled_dot_product_attention, the "torch"
-registry backend for the head, MLP and loss); `attention-triton`, `head-triton`,
+`sdpa` is the all-PyTorch baseline (torch's scaled_dot_product_attention, eager PyTorch
+in the compute dtype for the head and the FFN (cuBLAS), tabattn-core's fp32 loss); `attention-triton`, `head-triton`,
 `mlp-triton` and `loss-triton` switch one kernel to the Triton backend; `all-triton`
 switches all four; `+ckpt` recomputes each block in the backward pass; `+graph` replays the
 whole step as one CUDA graph (`tabpfn_infer.train_tnp.TNPTrainer`).

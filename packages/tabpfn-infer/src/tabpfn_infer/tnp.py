@@ -42,10 +42,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tabattn_core.checks import InputError, check_head_dim, check_tensor
+from tabattn_core.mlp import activation_fn
 from tabattn_core.registry import get_op
 from tabpfn_infer.model import MultiheadAttention
 
-__all__ = ["KERNELS", "SDPA", "TNPConfig", "TransformerNP"]
+__all__ = ["KERNELS", "KERNEL_DEFAULTS", "SDPA", "TNPConfig", "TransformerNP"]
 
 #: Kernel name -> registry op it runs through (the keys of TNPConfig's per-kernel backends).
 KERNELS: dict[str, str] = {
@@ -56,6 +57,10 @@ KERNELS: dict[str, str] = {
 }
 #: Attention backend name for torch's scaled_dot_product_attention (outside the registry).
 SDPA = "sdpa"
+#: Kernels whose default is not `TNPConfig.backend`: the FFN stays on cuBLAS, because the
+#: Triton FFN loses forward+backward (H200, bf16, 512 -> 1365 -> 512: 0.55x at 8k rows,
+#: 0.97x at 64k; bench/results/training_kernels.json).
+KERNEL_DEFAULTS: dict[str, str] = {"mlp": "torch"}
 
 
 @dataclass
@@ -63,8 +68,10 @@ class TNPConfig:
     """Model size and the backend of each kernel.
 
     `backend` is the default of every kernel ("auto", "torch", "triton", "fp8", "flex", or
-    any registered backend); `attention_backend`, `head_backend`, `mlp_backend` and
-    `loss_backend` override it per kernel (None: `backend`); attention also takes "sdpa".
+    any registered backend) but the FFN's (KERNEL_DEFAULTS); `attention_backend`,
+    `head_backend`, `mlp_backend` and `loss_backend` override it per kernel; attention also
+    takes "sdpa". For the head and the FFN "torch" is eager PyTorch in the compute dtype
+    (cuBLAS matmuls and torch's activation), not the fp32 reference of tabattn-core.
     `checkpoint_blocks` recomputes each block in the backward pass
     (torch.utils.checkpoint, use_reentrant=False) to hold one block's activations at a time.
     """
@@ -98,7 +105,9 @@ class TNPConfig:
         if kernel not in KERNELS:
             raise InputError(f"kernel: expected one of {list(KERNELS)}, got {kernel!r}")
         override = getattr(self, f"{kernel}_backend")
-        return self.backend if override is None else override
+        if override is not None:
+            return override
+        return KERNEL_DEFAULTS.get(kernel, self.backend)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -121,6 +130,12 @@ def _sdpa_context_target(q, k, v, *, context_lens=None, scale=None):
     return F.scaled_dot_product_attention(q, k, v, scale=scale), None
 
 
+def _eager_mlp(x, w1, w2, *, activation="gelu"):
+    """The "mlp" / "grouped_mlp" contract as a PyTorch user writes it, in x's dtype:
+    act(x @ w1) @ w2 (x [N, d] against w1 [K, d, h] broadcasts to the K groups)."""
+    return activation_fn(activation)(x @ w1) @ w2
+
+
 class _Ops:
     """The four kernels' implementations for one device, each called with autocast off and
     its floating inputs cast to `dtype` (the loss's to fp32: labels stay exact)."""
@@ -132,6 +147,8 @@ class _Ops:
             name = config.backend_of(kernel)
             if kernel == "attention" and name == SDPA:
                 self.fns[kernel] = _sdpa_context_target
+            elif kernel in ("head", "mlp") and name == "torch":
+                self.fns[kernel] = _eager_mlp
             else:
                 self.fns[kernel] = get_op(op, name, device=device)
 
