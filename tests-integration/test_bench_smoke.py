@@ -125,7 +125,7 @@ def test_bench_smoke_shared_context(tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == PNG_MAGIC
 
 
-@pytest.mark.parametrize("suite", ["selection", "training_kernels", "training", "fp8"])
+@pytest.mark.parametrize("suite", ["selection", "training_kernels", "training", "fp8", "predictor"])
 def test_bench_smoke_other_suites(suite: str, tmp_path: Path) -> None:
     """Every other suite runs end to end on tiny shapes: a complete JSON with its header,
     every row timed or saying why not, and no provider erroring."""

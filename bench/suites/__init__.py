@@ -3,6 +3,7 @@
 from bench.suites import (
     context_target,
     fp8,
+    predictor,
     selection,
     shared_context,
     training,
@@ -12,6 +13,7 @@ from bench.suites import (
 __all__ = [
     "context_target",
     "fp8",
+    "predictor",
     "selection",
     "shared_context",
     "training",

@@ -78,12 +78,17 @@ def test_bad_cell_is_named(checkpoint, tmp_path, capsys):
     assert "ctx.csv" in err and "'oops' at row 1, column 1" in err
 
 
-def test_demo_runs_on_a_checkpoint(checkpoint, tmp_path, monkeypatch, capsys):
-    import importlib.util
-
+@pytest.fixture
+def demo_checkpoint(checkpoint, monkeypatch):
     import tabpfn_infer.demo as demo
 
     monkeypatch.setattr(demo, "CHECKPOINT", checkpoint)
+    return demo
+
+
+def test_demo_runs_on_a_checkpoint(demo_checkpoint, tmp_path, capsys):
+    import importlib.util
+
     png = tmp_path / "paths.png"
     assert (
         main(
@@ -92,8 +97,56 @@ def test_demo_runs_on_a_checkpoint(checkpoint, tmp_path, monkeypatch, capsys):
         == 0
     )
     out = capsys.readouterr().out
+    assert "data: diabetes" in out and "features bmi, s5 -> label progression" in out
+    assert "context 100 rows, targets 25, 8 joint sample paths" in out
     assert "joint log density of the held-out labels" in out and "90% marginal intervals" in out
     if importlib.util.find_spec("matplotlib") is None:
         assert "plot skipped: matplotlib is not installed" in out
     else:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_diabetes_split():
+    from tabpfn_infer.demo import DIABETES, diabetes_dataset
+
+    table = np.loadtxt(DIABETES, delimiter=",", skiprows=1)
+    assert table.shape == (442, 11)
+    d = diabetes_dataset(seed=3)
+    assert d.x_context.shape == (100, 2) and d.x_target.shape == (25, 2)
+    rows = {tuple(r) for r in table[:, [2, 8, 10]]}  # bmi, s5, progression: raw units
+    context = np.column_stack([d.x_context, d.y_context])
+    target = np.column_stack([d.x_target, d.y_target])
+    assert all(tuple(r) in rows for r in np.concatenate([context, target]))
+    assert not {tuple(r) for r in context} & {tuple(r) for r in target}
+    again, other = diabetes_dataset(seed=3), diabetes_dataset(seed=4)
+    assert np.array_equal(again.y_target, d.y_target)
+    assert not np.array_equal(other.y_target, d.y_target)
+
+
+def test_demo_reports_data_units(demo_checkpoint, tmp_path):
+    """Labels scaled by 10: the model sees the same z-normalised task, so RMSE and interval
+    widths scale by 10 and the joint log density moves by -Nt log 10."""
+    data = demo_checkpoint.diabetes_dataset()
+    kw = dict(n_samples=2, device="cpu", backend="torch", out=tmp_path / "p.png")
+    base = demo_checkpoint.run_demo(data, **kw)
+    data.y_context, data.y_target = 10 * data.y_context, 10 * data.y_target
+    scaled = demo_checkpoint.run_demo(data, **kw)
+    for key in ("rmse", "rmse_context_mean", "interval_width_90"):
+        assert scaled[key] == pytest.approx(10 * base[key], rel=1e-6)
+    for key in ("joint_log_density", "marginal_gaussian_log_density"):
+        assert scaled[key] == pytest.approx(base[key] - 25 * np.log(10), rel=1e-6)
+    assert scaled["coverage_90"] == base["coverage_90"]
+
+
+def test_demo_on_a_user_csv(demo_checkpoint, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    table = write(tmp_path / "t.csv", rng.normal(size=(12, 4)).tolist(), header="a,b,c,y")
+    args = ["demo", "--n-samples", "3", "--device", "cpu", "--backend", "torch"]
+    assert main([*args, "--data", str(table), "--out", str(tmp_path / "p.png")]) == 0
+    assert "context 10 rows, targets 2, 3 joint sample paths" in capsys.readouterr().out
+    bad = write(tmp_path / "bad.csv", [[0.1, 1.0], [0.3, 2.0], [0.5, float("nan")]])
+    assert main([*args, "--data", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.csv: expected finite values, got nan at row 2, column 1" in err
+    assert main([*args, "--data", "diabetis"]) == 2
+    assert "expected diabetes, synthetic or a CSV file, got 'diabetis'" in capsys.readouterr().err

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tabpfn-infer",
         description=(
             f"tabpfn-infer {__version__}: joint sampling and joint densities with AR-TabPFN. "
-            "`demo` runs the shipped checkpoint on an embedded default dataset."
+            "`demo` runs the shipped checkpoint on the embedded diabetes data."
         ),
     )
     parser.add_argument(
@@ -70,9 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
 
     p_demo = sub.add_parser(
-        "demo", help="joint samples and densities on an embedded default dataset"
+        "demo", help="joint samples and densities on the embedded diabetes data (or others)"
+    )
+    p_demo.add_argument(
+        "--data",
+        default="diabetes",
+        help="diabetes (embedded; bmi, s5 -> progression), synthetic, or a CSV: features..., y",
     )
     p_demo.add_argument("--n-samples", type=int, default=200)
+    p_demo.add_argument("--seed", type=int, default=0, help="seed of the row split and sampler")
     p_demo.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     p_demo.add_argument("--backend", default="auto")
     p_demo.add_argument("--out", type=Path, help="PNG of sample paths (default tabpfn_demo.png)")
@@ -156,6 +162,34 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from tabpfn_infer import demo
+
+    try:
+        if args.data == "diabetes":
+            data = demo.diabetes_dataset(seed=args.seed)
+        elif args.data == "synthetic":
+            data = demo.synthetic_dataset(seed=args.seed)
+        elif not Path(args.data).is_file():
+            raise InputError(
+                f"--data: expected diabetes, synthetic or a CSV file, got {args.data!r}"
+            )
+        else:
+            data = demo.split_table(read_csv(args.data), name=args.data, seed=args.seed)
+        demo.run_demo(
+            data,
+            n_samples=args.n_samples,
+            device=args.device,
+            backend=args.backend,
+            out=args.out,
+            seed=args.seed,
+        )
+    except InputError as err:
+        print(f"tabpfn-infer: demo: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _train_tnp(args: argparse.Namespace) -> int:
     from tabpfn_infer.train_tnp import TNPTrainConfig, train_tnp
 
@@ -191,10 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "train-tnp":
         return _train_tnp(args)
     if args.command == "demo":
-        from tabpfn_infer.demo import run_demo
-
-        run_demo(n_samples=args.n_samples, device=args.device, backend=args.backend, out=args.out)
-        return 0
+        return _demo(args)
     if args.command in ("sample", "density"):
         return _predict(args)
     parser.print_help()

@@ -124,15 +124,18 @@ class ARTabPFNPredictor:
         ):
             if t is not None:
                 check_finite(name, t, axes)
-        x_context, y_context, x_target = (t.to(dev, dt) for t in (x_context, y_context, x_target))
-        y_target = None if y_target is None else y_target.to(dev, dt)
         shared = b > 1 and bool(
             (x_context == x_context[:1]).all() and (y_context == y_context[:1]).all()
         )
         g, s = (1, b) if shared else (b, 1)
+        # Only the distinct contexts are converted (an expanded shared context is never
+        # copied B times).
+        x_context, y_context = (t[:g].to(dev, dt) for t in (x_context, y_context))
+        x_target = x_target.to(dev, dt)
+        y_target = None if y_target is None else y_target.to(dev, dt)
         return _Batch(
-            x_context[:g],
-            y_context[:g],
+            x_context,
+            y_context,
             x_target.view(g, s, nt, c),
             None if y_target is None else y_target.view(g, s, nt),
             b,
