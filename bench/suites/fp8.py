@@ -4,7 +4,8 @@ kernel and SDPA, for speed and accuracy.
 Shapes as the `context_target` suite (q [B, H, M+N, D] over k/v [B, H, M, D], H=8,
 D in {64, 128}, bf16), each on two inputs: `gaussian` (standard normal) and `outliers`
 (channels 0 and 1 of q and k 100x larger, as activation outliers in trained models).
-Providers: `fp8` (P·V in FP8), `fp8-pbf16` (P·V in bf16 with the unquantised v), `tabattn`
+Providers: `fp8` (P·V in FP8, q/k rotated), `fp8-norotate` (the same without the rotation),
+`fp8-pbf16` (P·V in bf16 with the unquantised v), `tabattn`
 (our bf16 kernel), `sdpa-cudnn` / `sdpa-flash` (the baselines of fwd / fwd+bwd). fwd+bwd
 (FP8 forward + our bf16 backward) runs on the Gaussian inputs.
 
@@ -13,6 +14,10 @@ held to `FP8_REL_TOL` instead of the bf16 bound (FP8 is a precision trade; on ou
 inputs they are expected to fail it and are then not timed). Every provider's forward also
 gets accuracy figures on the same rows, stored per row under `accuracy` and shown in the
 table: relative L2 error, max abs error, cosine similarity of out against fp64.
+
+`python -m bench.suites.fp8` (CPU, no kernels) prints the accuracy of the FP8-emulated
+reference (`tabattn_fp8.reference.attention`) against fp64 on the same kinds of inputs, with
+and without the rotation, P in E4M3 or bf16 (`emulated_accuracy`).
 """
 
 from __future__ import annotations
@@ -96,7 +101,7 @@ def _with_accuracy(name: str, make):
     return wrapped
 
 
-def _make_fp8(p_fp8: bool):
+def _make_fp8(p_fp8: bool, rotate: bool = True):
     def make(case: dict[str, Any], inputs: Inputs):
         q, k, v = ct._qkv(inputs)
         need_gpu_or_interpreter(q, "tabattn-fp8")
@@ -111,9 +116,64 @@ def _make_fp8(p_fp8: bool):
 
         mask = ContextTargetMask(q.shape[-2], k.shape[-2], case["M"])
         scale = inputs.extra["scale"]
-        return lambda: fp8_attention(q, k, v, mask=mask, scale=scale, p_fp8=p_fp8, return_lse=True)
+        return lambda: fp8_attention(
+            q, k, v, mask=mask, scale=scale, p_fp8=p_fp8, rotate=rotate, return_lse=True
+        )
 
     return make
+
+
+FA3_OUTLIER_FRACTION = 1e-3  # FlashAttention-3's error test: 0.1% of entries N(0, 10^2)
+FA3_OUTLIER_STD = 10.0
+
+
+def emulated_inputs(kind: str, lq: int, lk: int, d: int, *, heads: int = 2, seed: int = 0):
+    """bf16-valued q [1, H, Lq, D], k/v [1, H, Lk, D] (returned in fp32): `gaussian`,
+    `outliers` (as the suite's: channels :OUTLIER_CHANNELS of q and k times OUTLIER_FACTOR),
+    or `fa3` (FlashAttention-3's: N(0, 1) with a fraction of q, k, v entries N(0, 10^2))."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, heads, n, d, generator=gen) for n in (lq, lk, lk))
+    if kind == "outliers":
+        q[..., :OUTLIER_CHANNELS] *= OUTLIER_FACTOR
+        k[..., :OUTLIER_CHANNELS] *= OUTLIER_FACTOR
+    elif kind == "fa3":
+        for t in (q, k, v):
+            hit = torch.rand(t.shape, generator=gen) < FA3_OUTLIER_FRACTION
+            t[hit] = torch.randn(int(hit.sum()), generator=gen) * FA3_OUTLIER_STD
+    return tuple(t.bfloat16().float() for t in (q, k, v))
+
+
+def emulated_accuracy(
+    kinds=("gaussian", "outliers", "fa3"), dims=(64, 128), lq: int = 1024, lk: int = 2048
+) -> list[dict[str, Any]]:
+    """Relative L2, max abs, RMS error and cosine of the FP8-emulated reference's out
+    against fp64 attention of the same (bf16-valued) inputs, rotation on/off, P·V in FP8
+    (V and P in E4M3) or in bf16 (V unquantised)."""
+    from tabattn_core import reference as core_reference
+    from tabattn_fp8 import reference
+
+    rows = []
+    for kind in kinds:
+        for d in dims:
+            q, k, v = emulated_inputs(kind, lq, lk, d)
+            exact = core_reference.attention(q.double(), k.double(), v.double())[0]
+            for rotate in (True, False):
+                for p_fp8 in (True, False):
+                    out, _ = reference.attention(
+                        q, k, v, rotate=rotate, quantize_v=p_fp8, quantize_p=p_fp8
+                    )
+                    err = out - exact
+                    rows.append({
+                        "inputs": kind, "D": d, "rotate": rotate,
+                        "P": "fp8" if p_fp8 else "bf16",
+                        "rel_l2": float(err.norm() / exact.norm()),
+                        "max_abs": float(err.abs().max()),
+                        "rmse": float(err.square().mean().sqrt()),
+                        "cosine": float(
+                            (out.flatten() @ exact.flatten()) / (out.norm() * exact.norm())
+                        ),
+                    })  # fmt: skip
+    return rows
 
 
 def _annotate(case, mode, rows, calibration, cfg) -> None:
@@ -134,13 +194,20 @@ SUITE = register_suite(
             "fp8": Provider(
                 "fp8",
                 _with_accuracy("fp8", _make_fp8(True)),
-                "tabattn_fp8 fp8_attention (Q, K, P·V in E4M3), bf16 backward",
+                "tabattn_fp8 fp8_attention (Q, K rotated; Q, K, P·V in E4M3), bf16 backward",
+                rel_tol=FP8_REL_TOL,
+            ),
+            "fp8-norotate": Provider(
+                "fp8-norotate",
+                _with_accuracy("fp8-norotate", _make_fp8(True, rotate=False)),
+                "tabattn_fp8 fp8_attention(rotate=False): Q, K, P·V in E4M3",
+                modes=("fwd",),
                 rel_tol=FP8_REL_TOL,
             ),
             "fp8-pbf16": Provider(
                 "fp8-pbf16",
                 _with_accuracy("fp8-pbf16", _make_fp8(False)),
-                "tabattn_fp8 fp8_attention(p_fp8=False): Q, K in E4M3, P·V in bf16",
+                "tabattn_fp8 fp8_attention(p_fp8=False): Q, K rotated, in E4M3, P·V in bf16",
                 modes=("fwd",),
                 rel_tol=FP8_REL_TOL,
             ),
@@ -192,3 +259,13 @@ SUITE = register_suite(
         ),
     )
 )
+
+
+if __name__ == "__main__":
+    print(f"{'inputs':9} {'D':>4} {'rotate':>6} {'P':>4} {'rel L2':>9} {'max abs':>9} "
+          f"{'RMSE':>9} {'cosine':>9}")  # fmt: skip
+    for r in emulated_accuracy():
+        print(
+            f"{r['inputs']:9} {r['D']:>4} {r['rotate']!s:>6} {r['P']:>4} {r['rel_l2']:9.2e} "
+            f"{r['max_abs']:9.2e} {r['rmse']:9.2e} {r['cosine']:9.6f}"
+        )

@@ -1,6 +1,7 @@
 """FP8 attention against the fp64 reference (tabattn_core.reference.attention) and the
 FP8-emulated reference (tabattn_fp8.reference.attention): output, true LSE (with K
-smoothing), empty rows, saturation, backward, device checks and the registry backend.
+smoothing), the q/k rotation (exactness, outlier channels), empty rows, saturation,
+backward, device checks and the registry backend.
 
 CPU: the Triton interpreter, fp32 inputs, tiny shapes. GPU (`-m gpu`, Hopper): bf16 at
 real sizes, with bounds that a wrong scale (off by 2x) or a missing saturation break.
@@ -37,9 +38,7 @@ MASKS = {
     ),
     "causal": lambda s: masks.CausalMask(s.Lq, s.Lk),
     "ar-rows": lambda s: (
-        masks.ARTrainingRowMask(20, 10, s.Lq - 30, attending_chunks=1)
-        if s.Lq == s.Lk
-        else None
+        masks.ARTrainingRowMask(20, 10, s.Lq - 30, attending_chunks=1) if s.Lq == s.Lk else None
     ),
 }
 # GQA 4:2, Lq 70 over Lk 45 (partial tiles), D 48 (padded); B=1 one query over 33 keys.
@@ -94,6 +93,61 @@ def test_smoothing_keeps_out_and_true_lse():
     assert rel_error(smooth_lse, ref_lse) < rel_error(plain_lse, ref_lse)
     assert rel_error(smooth_out, ref_out) < 0.6 * rel_error(plain_out, ref_out)
     assert rel_error(smooth_out, ref_out) < FP8_REL_TOL
+
+
+def outlier_inputs(shape: AttentionShape, channels: int = 2, factor: float = 100.0):
+    """Gaussian q, k, v with `channels` channels of q and k `factor` times larger (the bench
+    suite's outlier inputs)."""
+    q, k, v = core_reference_inputs(shape)
+    q[..., :channels] *= factor
+    k[..., :channels] *= factor
+    return q, k, v
+
+
+@pytest.mark.parametrize("d", [64, 48], ids=["hadamard-64", "qr-48"])
+def test_rotation_is_orthogonal_cached_and_exact(d):
+    m = reference.rotation_matrix(d, torch.device("cpu"), torch.float64)
+    assert m is reference.rotation_matrix(d, torch.device("cpu"), torch.float64)
+    assert torch.allclose(m @ m.T, torch.eye(d, dtype=torch.float64), atol=1e-12)
+    if d == 64:  # random signs times a Hadamard matrix: every entry ±1/8
+        assert torch.equal(m.abs(), torch.full_like(m, 0.125))
+    # q Rᵀ (k Rᵀ)ᵀ = q kᵀ: exact attention (out and LSE) unchanged, and the smoothing's LSE
+    # correction q · mean(k) is the same computed from the rotated q and k.
+    q, k, v = (t.double() for t in core_reference_inputs(AttentionShape(2, 4, 2, 30, 50, d)))
+    k = k + 3.0
+    qr, kr = reference.apply_rotation(q), reference.apply_rotation(k)
+    for got, want in zip(exact(qr, kr, v), exact(q, k, v), strict=True):
+        assert_rel_close(got, want, tol=1e-12)
+    mean, mean_r = reference.key_mean(k).double(), reference.key_mean(kr).double()
+    dot = q @ mean.repeat_interleave(2, 1)[..., None]
+    assert_rel_close(qr @ mean_r.repeat_interleave(2, 1)[..., None], dot, tol=1e-6)
+
+
+def test_rotation_recovers_outlier_channels():
+    # FP8 emulation (fp64, CPU): two q/k channels 100x larger. The rotation spreads them
+    # over all 128 channels; measured LSE error 0.004-0.007 rotated vs 0.025-0.028 not
+    # (seeds 42-47), out 0.10-0.25 vs 0.27-0.53 (bench/suites/fp8.py's emulated table).
+    q, k, v = outlier_inputs(AttentionShape(1, 2, 2, 768, 1024, 128))
+    ref_out, ref_lse = exact(q, k, v)
+    rot_out, rot_lse = reference.attention(q, k, v, rotate=True, quantize_v=False)
+    out, lse = reference.attention(q, k, v, rotate=False, quantize_v=False)
+    assert rel_error(rot_lse, ref_lse) < 0.012 < rel_error(lse, ref_lse)
+    assert rel_error(rot_out, ref_out) < 0.3
+    assert rel_error(rot_out, ref_out) < 0.75 * rel_error(out, ref_out)
+
+
+@pytest.mark.parametrize("rotate", [True, False], ids=["rotate", "no-rotate"])
+def test_kernel_rotation_matches_emulated_on_outliers(rotate):
+    # The kernel must quantise exactly what the reference does: with P·V unquantised it
+    # matches to fp32 rounding, so a kernel that dropped (or misapplied) the rotation fails.
+    q, k, v = (t.to(DEVICE) for t in outlier_inputs(AttentionShape(1, 2, 1, 40, 72, 64)))
+    mask = masks.CausalMask(40, 72)
+    out, lse = fp8_attention(q, k, v, mask=mask, p_fp8=False, rotate=rotate, return_lse=True)
+    emu_out, emu_lse = reference.attention(q, k, v, mask=mask, rotate=rotate, quantize_v=False)
+    other_out, _ = reference.attention(q, k, v, mask=mask, rotate=not rotate, quantize_v=False)
+    assert_rel_close(out, emu_out, tol=1e-5, name="out vs emulated")
+    assert_rel_close(lse, emu_lse, tol=1e-5, name="lse vs emulated")
+    assert rel_error(out, other_out) > 1e-3
 
 
 def test_empty_rows_and_empty_keys():
@@ -189,6 +243,24 @@ def test_gpu_bf16_vs_fp64(shape, mask_name, p_fp8):
     # the FP8-emulated reference explains the error: only P's rounding is left
     emu_out, _ = reference.attention(q, k, v, mask=mask, quantize_v=p_fp8)
     assert_rel_close(out, emu_out, tol=0.05 if p_fp8 else 1e-2, name="out vs emulated")
+
+
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_gpu_rotation_on_outlier_channels():
+    # Bounds from the CPU emulation (test_rotation_recovers_outlier_channels): the LSE of
+    # the rotated path within 0.012 of fp64, the unrotated one beyond it.
+    shape = GPU_SHAPES[1]
+    q, k, v = (t.cuda().bfloat16() for t in outlier_inputs(shape))
+    ref_out, ref_lse = exact(q, k, v)
+    errors = {}
+    for rotate in (True, False):
+        out, lse = fp8_attention(q, k, v, rotate=rotate, return_lse=True)
+        emu_out, _ = reference.attention(q, k, v, rotate=rotate, quantize_v=False)
+        assert_rel_close(out, emu_out, tol=0.1, name=f"out vs emulated (rotate={rotate})")
+        errors[rotate] = (rel_error(out, ref_out), rel_error(lse, ref_lse))
+    assert errors[True][1] < 0.012 < errors[False][1], errors
+    assert errors[True][0] < 0.3 and errors[True][0] < errors[False][0], errors
 
 
 @pytest.mark.gpu

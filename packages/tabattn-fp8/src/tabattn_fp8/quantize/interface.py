@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -18,7 +18,7 @@ from tabattn_fp8.quantize.kernel import (
     MEAN_SUBTRACT,
     quantize_fp8_kernel,
 )
-from tabattn_fp8.reference import FP8_DTYPE
+from tabattn_fp8.reference import FP8_DTYPE, apply_rotation, key_mean
 from tabattn_triton.ops.common import check_device, head_block, interpreting
 
 __all__ = ["Fp8Tensor", "quantize_fp8", "quantize_fp8_launch"]
@@ -32,17 +32,20 @@ class Fp8Tensor:
     """A quantised [B, H, L, D] tensor: `data` float8_e4m3fn (a view; with `transposed` of
     a [B, H, D, L] buffer whose L axis is contiguous), `scales` fp32 [B, H, cdiv(L, block)]
     (per block of `block` rows) or [B, H] (one static scale per (batch, head)). The value
-    of an element is data * its scale."""
+    of an element is data * its scale; with `rotated` that is the value of the rotated
+    tensor (`tabattn_fp8.reference.apply_rotation`)."""
 
     data: torch.Tensor
     scales: torch.Tensor
     block: int
     transposed: bool = False
+    rotated: bool = False
 
     def dequantize(self) -> torch.Tensor:
+        """fp64 values, rotated back when `rotated`."""
         from tabattn_fp8.reference import dequantize
 
-        return dequantize(self.data, self.scales, block=self.block)
+        return dequantize(self.data, self.scales, block=self.block, rotate=self.rotated)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -100,6 +103,7 @@ def quantize_fp8(
     scale: torch.Tensor | None = None,
     subtract_mean: bool = False,
     transpose: bool = False,
+    rotate: bool = False,
 ) -> Fp8Tensor:
     """Quantise x [B, H, L, D] (fp16, bf16 or fp32, any strides with a unit stride on D) to
     E4M3 with one fp32 scale per (batch, head, block of `block` rows): amax / 448 (1 for a
@@ -109,7 +113,9 @@ def quantize_fp8(
     subtract_mean: quantise x minus its mean over L per (batch, head) (K smoothing; the mean
     is `tabattn_fp8.reference.key_mean(x)`). transpose: store the data as [B, H, D, L] with
     L contiguous (returned as a [B, H, L, D] view), the layout of V for the FP8 P·V dot.
-    block: a power of two, 16..256. Returns an `Fp8Tensor`.
+    rotate: quantise x times the orthogonal matrix `tabattn_fp8.reference.rotation_matrix`
+    along D (computed in fp32 first; the mean, if subtracted, is that of the rotated rows).
+    block: a power of two, 16..256. Returns an `Fp8Tensor` (`dequantize()` rotates back).
     """
     check_tensor("x", x, ndim=4, dtypes=INPUT_DTYPES, unit_last_stride=True, dims="[B, H, L, D]")
     check_device("x", x)
@@ -121,13 +127,11 @@ def quantize_fp8(
             dims="[B, H]",
         )  # fmt: skip
         scale = scale.contiguous()
-    mean = None
-    if subtract_mean:
-        from tabattn_fp8.reference import key_mean
-
-        mean = key_mean(x)
+    if rotate:
+        x = apply_rotation(x)
+    mean = key_mean(x) if subtract_mean else None
     mode = MEAN_SUBTRACT if subtract_mean else MEAN_NONE
     quantized, _ = quantize_fp8_launch(
         x, block=block, scale=scale, mean=mean, mean_mode=mode, transpose=transpose
     )
-    return quantized
+    return replace(quantized, rotated=rotate)
