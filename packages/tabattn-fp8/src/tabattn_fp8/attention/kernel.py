@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from tabattn_fp8.quantize.kernel import to_e4m3
-from tabattn_triton.ops.attention.kernel import _key_tiles, _query_block
+from tabattn_triton.ops.attention.kernel import key_tiles, query_block
 from tabattn_triton.ops.common import (
     finish_softmax,
     load_rows,
@@ -163,7 +163,7 @@ def fp8_attention_fwd_kernel(
     rows) and SK [B, H_kv, k_blocks] (blocks of KB rows); V: E4M3 with SV [B, H_kv]
     (P_FP8) or the input V; ROW_DOT [B, H, Lq]: q · mean_k, added to the LSE (SMOOTH_K);
     qk_scale = sm_scale * log2(e). O [B, H, Lq, D], LSE [B, H, Lq] fp32 natural log."""
-    tb, h, h_kv, _q0, _k0, Lq, Lk, ctx_len, causal_offset, offs_m, row_ok = _query_block(
+    tb, h, h_kv, _q0, _k0, Lq, Lk, ctx_len, causal_offset, offs_m, row_ok = query_block(
         CTX_LENS, None, None, H, GROUP, Lq, Lk, ctx_len, causal_offset,
         HAS_CTX_LENS, False, BLOCK_M,
     )  # fmt: skip
@@ -177,7 +177,7 @@ def fp8_attention_fwd_kernel(
     )
     row_scale = tl.load(SQ + bh * q_blocks + offs_m // Q_BLOCK, mask=row_ok, other=0.0) * qk_scale
 
-    kv_end, full_stop, any_end = _key_tiles(
+    kv_end, full_stop, any_end = key_tiles(
         offs_m, row_ok, Lq, Lk, ctx_len, causal_offset, ar_buffer, ar_chunked, MASK, BLOCK_N
     )
     k_base = K8 + tb * stride_kb + h_kv * stride_kh

@@ -93,7 +93,7 @@ def _sequence(CU_Q, CU_K, b, Lq, Lk, causal_offset, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _query_block(
+def query_block(
     CTX_LENS, CU_Q, CU_K, H, GROUP, Lq, Lk, ctx_len, causal_offset,
     HAS_CTX_LENS: tl.constexpr,
     IS_VARLEN: tl.constexpr,
@@ -118,7 +118,7 @@ def _query_block(
 
 
 @triton.jit
-def _key_tiles(
+def key_tiles(
     offs_m, row_ok, Lq, Lk, ctx_len, causal_offset, ar_buffer, ar_chunked,
     MASK: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -186,7 +186,7 @@ def attention_fwd_kernel(
     BLOCK_N: tl.constexpr,
 ):
     """Grid: (B * H * cdiv(Lq, BLOCK_M),). One program: BLOCK_M query rows of one (b, h)."""
-    tb, h, h_kv, q_start, k_start, Lq, Lk, ctx_len, causal_offset, offs_m, row_ok = _query_block(
+    tb, h, h_kv, q_start, k_start, Lq, Lk, ctx_len, causal_offset, offs_m, row_ok = query_block(
         CTX_LENS, CU_Q, CU_K, H, GROUP, Lq, Lk, ctx_len, causal_offset,
         HAS_CTX_LENS, IS_VARLEN, BLOCK_M,
     )  # fmt: skip
@@ -203,7 +203,7 @@ def attention_fwd_kernel(
         d_ok,
     )
 
-    kv_end, full_stop, any_end = _key_tiles(
+    kv_end, full_stop, any_end = key_tiles(
         offs_m, row_ok, Lq, Lk, ctx_len, causal_offset, ar_buffer, ar_chunked, MASK, BLOCK_N
     )
 
@@ -283,7 +283,7 @@ def attention_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _load_row_stats(LSE, DELTA, stat_row, offs_m, row_ok):
+def load_row_stats(LSE, DELTA, stat_row, offs_m, row_ok):
     """Saved LSE in log2 units (+inf for rows that saw nothing, so P = 0) and delta."""
     lse = tl.load(LSE + stat_row + offs_m, mask=row_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
@@ -327,7 +327,7 @@ def _dkdv_tile(
     row_ok = offs_m < Lq
     q = load_rows(q_base, offs_m, stride_qm, stride_qd, offs_d, row_ok, d_ok)
     do = load_rows(do_base, offs_m, stride_dom, stride_dod, offs_d, row_ok, d_ok)
-    lse, delta = _load_row_stats(LSE, DELTA, stat_row, offs_m, row_ok)
+    lse, delta = load_row_stats(LSE, DELTA, stat_row, offs_m, row_ok)
     s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
     p_t = tl.math.exp2(s_t - lse[None, :])
     if MASKED:
@@ -494,7 +494,7 @@ def attention_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_tile(
+def dq_tile(
     dq,
     q,
     do,
@@ -592,7 +592,7 @@ def attention_bwd_dq_kernel(
     BLOCK_N: tl.constexpr,
 ):
     """Grid: (B * H * cdiv(Lq, BLOCK_M),). One program: dQ of BLOCK_M rows of one (b, h)."""
-    tb, h, h_kv, q_start, k_start, Lq, Lk, ctx_len, causal_offset, offs_m, row_ok = _query_block(
+    tb, h, h_kv, q_start, k_start, Lq, Lk, ctx_len, causal_offset, offs_m, row_ok = query_block(
         CTX_LENS, CU_Q, CU_K, H, GROUP, Lq, Lk, ctx_len, causal_offset,
         HAS_CTX_LENS, IS_VARLEN, BLOCK_M,
     )  # fmt: skip
@@ -617,9 +617,9 @@ def attention_bwd_dq_kernel(
         row_ok,
         d_ok,
     )
-    lse, delta = _load_row_stats(LSE, DELTA, (tb * H + h) * lse_len + q_start, offs_m, row_ok)
+    lse, delta = load_row_stats(LSE, DELTA, (tb * H + h) * lse_len + q_start, offs_m, row_ok)
 
-    kv_end, full_stop, any_end = _key_tiles(
+    kv_end, full_stop, any_end = key_tiles(
         offs_m, row_ok, Lq, Lk, ctx_len, causal_offset, ar_buffer, ar_chunked, MASK, BLOCK_N
     )
 
@@ -627,13 +627,13 @@ def attention_bwd_dq_kernel(
     v_base = V + tb * stride_vb + h_kv * stride_vh + k_start * stride_vn
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, full_stop, BLOCK_N):
-        dq = _dq_tile(
+        dq = dq_tile(
             dq, q, do, lse, delta, k_base, v_base, start, offs_n, kv_end,
             stride_kn, stride_kd, stride_vn, stride_vd, Lk, qk_scale, offs_d, d_ok,
             False, DOT_PRECISION,
         )  # fmt: skip
     for start in range(full_stop, any_end, BLOCK_N):
-        dq = _dq_tile(
+        dq = dq_tile(
             dq, q, do, lse, delta, k_base, v_base, start, offs_n, kv_end,
             stride_kn, stride_kd, stride_vn, stride_vd, Lk, qk_scale, offs_d, d_ok,
             True, DOT_PRECISION,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from tabattn_triton.ops.attention.kernel import _dq_tile, _load_row_stats
+from tabattn_triton.ops.attention.kernel import dq_tile, load_row_stats
 from tabattn_triton.ops.common import finish_softmax, load_rows, online_softmax_tile, pick_configs
 
 # (warps, stages); BLOCK_N is chosen by the launcher from the block size and head dim. The
@@ -199,7 +199,7 @@ def selection_bwd_dq_kernel(
             for sub in tl.static_range(0, BLOCK_SIZE, BLOCK_N):
                 # keys past the block (sub tiles wider than it) are masked by the block end
                 ends = tl.minimum(kv_end, start + BLOCK_SIZE)
-                dq = _dq_tile(
+                dq = dq_tile(
                     dq, q, do, lse, delta, k_base, v_base, start + sub, offs_n, ends,
                     stride_kt, stride_kd, stride_vt, stride_vd, limit, qk_scale, offs_d, d_ok,
                     True, DOT_PRECISION,
@@ -281,7 +281,7 @@ def selection_bwd_dkdv_kernel(
         do = tl.load(
             do_ptrs + offs_d[None, :] * stride_dod, mask=ok[:, None] & d_ok[None, :], other=0.0
         )
-        lse, delta = _load_row_stats(LSE, DELTA, row, heads * Tq, ok)
+        lse, delta = load_row_stats(LSE, DELTA, row, heads * Tq, ok)
         end = tl.zeros_like(row) + seq_k
         if CAUSAL:
             end = tl.minimum(tl.maximum(seq_k - seq_q + (row - q_start) + 1, 0), seq_k)
