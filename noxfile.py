@@ -152,6 +152,8 @@ def wheels(session: nox.Session) -> None:
             python,
             "--find-links",
             str(dist),
+            # the siblings keep one version while in development: never reuse a cached build
+            *(arg for name in PACKAGES for arg in ("--refresh-package", name)),
             str(wheels_found[0]),
             external=True,
         )
