@@ -273,3 +273,122 @@ def test_gpu_cuda_graph_decode_matches_eager():
     ]
     assert torch.isfinite(draws[0]).all()
     torch.testing.assert_close(draws[0], draws[1], rtol=1e-3, atol=1e-3)
+
+
+def all_outputs(predictor, xc, yc, xt, yt):
+    """Joint density, stepwise density and the marginal mixture, concatenated: [B, *]."""
+    return torch.cat(
+        [
+            predictor.evaluate_joint_density(xc, yc, xt, yt),
+            predictor.stepwise_log_density(xc, yc, xt, yt),
+            *(t.flatten(1) for t in predictor.marginal_mixture(xc, yc, xt)),
+        ],
+        1,
+    )
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_context_top_k_of_all_blocks_is_exact(shared):
+    """Selecting every context block (37 rows in blocks of 8: 5, the last short) and merging
+    with the exact buffer part gives the dense densities, stepwise densities and marginals."""
+    model = small_model()
+    xc, yc, xt, yt = task(nc=37, shared=shared)
+    dense = all_outputs(ARTabPFNPredictor(model, backend="torch"), xc, yc, xt, yt)
+    for top_k in (5, 6):
+        top = ARTabPFNPredictor(model, backend="torch", context_top_k=top_k, context_block_size=8)
+        torch.testing.assert_close(all_outputs(top, xc, yc, xt, yt), dense, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_context_top_k_changes_results_and_keeps_the_chain_rule(shared, monkeypatch):
+    """One block of 8 of 37 context rows: finite results that differ from the dense ones;
+    decoding and teacher forcing select the same blocks for a row, so the stepwise densities
+    still equal the joint ones; the reference's split calls change nothing."""
+    import tabpfn_infer.predictor as predictor_module
+
+    model = small_model()
+    xc, yc, xt, yt = task(nc=37, shared=shared)
+    top = ARTabPFNPredictor(model, backend="torch", context_top_k=1, context_block_size=8)
+    joint = top.evaluate_joint_density(xc, yc, xt, yt)
+    dense = ARTabPFNPredictor(model, backend="torch").evaluate_joint_density(xc, yc, xt, yt)
+    assert torch.isfinite(joint).all()
+    assert (joint - dense).abs().max() > 1e-3
+    torch.testing.assert_close(
+        top.stepwise_log_density(xc, yc, xt, yt), joint, rtol=1e-10, atol=1e-10
+    )
+    marginals = torch.cat(top.marginal_mixture(xc, yc, xt), -1)
+    assert torch.isfinite(marginals).all()
+    samples = top.sample_sequence(xc, yc, xt, generator=torch.Generator().manual_seed(0))
+    assert samples.shape == (3, 5) and torch.isfinite(samples).all()
+    monkeypatch.setattr(predictor_module, "SCORE_BUDGET", 1)
+    torch.testing.assert_close(
+        top.evaluate_joint_density(xc, yc, xt, yt), joint, rtol=1e-12, atol=1e-12
+    )
+    torch.testing.assert_close(
+        torch.cat(top.marginal_mixture(xc, yc, xt), -1), marginals, rtol=1e-12, atol=1e-12
+    )
+
+
+def test_context_top_k_with_an_empty_context():
+    model = small_model()
+    xc, yc, xt, yt = task(nc=0, nt=3)
+    top = ARTabPFNPredictor(model, backend="torch", context_top_k=2, context_block_size=4)
+    dense = ARTabPFNPredictor(model, backend="torch")
+    torch.testing.assert_close(
+        all_outputs(top, xc, yc, xt, yt), all_outputs(dense, xc, yc, xt, yt), rtol=0, atol=1e-10
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"context_top_k": 0}, "context_top_k"),
+        ({"context_top_k": -2}, "context_top_k"),
+        ({"context_top_k": 2.0}, "context_top_k"),
+        ({"context_top_k": True}, "context_top_k"),
+        ({"context_top_k": 4, "context_block_size": 0}, "context_block_size"),
+        ({"context_block_size": -1}, "context_block_size"),
+        ({"context_block_size": 16.0}, "context_block_size"),
+    ],
+)
+def test_context_top_k_bad_values_named(kwargs, name):
+    with pytest.raises(InputError, match=f"{name}: expected a positive int, got"):
+        ARTabPFNPredictor(small_model(), backend="torch", **kwargs)
+
+
+def test_estimator_passes_context_top_k():
+    from tabpfn_infer.estimator import ARTabPFNRegressor
+
+    xc, yc, xt, yt = task(b=1, nc=37, nt=4)
+    make = lambda **kw: ARTabPFNRegressor(
+        model=small_model(), backend="torch", device="cpu", dtype=torch.float64, **kw
+    ).fit(xc[0], yc[0])
+    dense, top = make(), make(context_top_k=1, context_block_size=8)
+    assert top.predictor_.context_top_k == 1 and top.predictor_.context_block_size == 8
+    a, b = dense.log_density(xt[0], yt[0]), top.log_density(xt[0], yt[0])
+    assert torch.isfinite(b).all() and (a - b).abs().max() > 1e-3
+    with pytest.raises(InputError, match="context_top_k"):
+        make(context_top_k=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_gpu_context_top_k(backend):
+    """float32 on the GPU, 1000 context rows in 16 blocks of 64: all 16 blocks match the
+    dense path; 4 blocks keep the chain rule (decoding eagerly, without the CUDA graph) and
+    match the same selection run in float64 on the CPU (on CPU, float32 is within 3e-6 of it,
+    the dense path 0.15 away)."""
+    model = small_model(dtype=torch.float32).cuda()
+    task64 = task(b=64, nc=1000, nt=6, shared=True)
+    gpu = [t.float().cuda() for t in task64]
+    dense = ARTabPFNPredictor(model, backend=backend).evaluate_joint_density(*gpu)
+    every = ARTabPFNPredictor(model, backend=backend, context_top_k=16)
+    torch.testing.assert_close(every.evaluate_joint_density(*gpu), dense, rtol=5e-3, atol=5e-3)
+    top = ARTabPFNPredictor(model, backend=backend, context_top_k=4)
+    joint = top.evaluate_joint_density(*gpu)
+    assert torch.isfinite(joint).all()
+    torch.testing.assert_close(top.stepwise_log_density(*gpu), joint, rtol=5e-3, atol=5e-3)
+    assert torch.isfinite(torch.cat(top.marginal_mixture(*gpu[:3]), -1)).all()
+    cpu64 = ARTabPFNPredictor(small_model(), backend="torch", context_top_k=4)
+    want = cpu64.evaluate_joint_density(*task64)
+    assert (joint.double().cpu() - want).abs().max() < 2e-2

@@ -46,6 +46,9 @@ class ARTabPFNRegressor:
 
     model: a trained `ARTabPFN`; backend: the attention backend ("auto", "torch", "triton");
     device: "auto" (CUDA when present), "cpu", "cuda", ...; dtype: the model's compute dtype.
+    context_top_k, context_block_size: target rows attend to their top-k context blocks of
+    that many rows (selection attention, for very large contexts); None (default) is exact.
+    See `ARTabPFNPredictor`.
     """
 
     def __init__(
@@ -55,11 +58,15 @@ class ARTabPFNRegressor:
         backend: str = "auto",
         device: str | torch.device = "auto",
         dtype: torch.dtype = torch.float32,
+        context_top_k: int | None = None,
+        context_block_size: int = 64,
     ):
         self.model = model
         self.backend = backend
         self.device = device
         self.dtype = dtype
+        self.context_top_k = context_top_k
+        self.context_block_size = context_block_size
 
     def _device(self) -> torch.device:
         if self.device == "auto":
@@ -78,7 +85,12 @@ class ARTabPFNRegressor:
             raise InputError("X_context: expected at least one column, got 0")
         self.device_ = self._device()
         self.model_ = self.model.to(self.device_, self.dtype).eval()
-        self.predictor_ = ARTabPFNPredictor(self.model_, backend=self.backend)
+        self.predictor_ = ARTabPFNPredictor(
+            self.model_,
+            backend=self.backend,
+            context_top_k=self.context_top_k,
+            context_block_size=self.context_block_size,
+        )
         self.n_features_in_ = X.shape[1]
         ones = torch.ones(X.shape[1], dtype=torch.float64)
         self.x_mean_ = X.mean(0) if len(X) else torch.zeros_like(ones)

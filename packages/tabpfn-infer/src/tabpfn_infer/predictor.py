@@ -6,6 +6,10 @@ Batch rows that share one context (all rows equal) are run as one dataset with m
 paths: the context K/V is computed once and read by every path, never copied. Otherwise each
 row is its own dataset. The KV cache belongs to the call (nothing is stored on the model), so
 predictors and threads sharing a model do not interfere.
+
+With `context_top_k` the buffer and target rows read, of the context, only the top-k blocks
+that `select_blocks` picks for each row (selection attention, for contexts of 100k rows and
+more); their buffer part stays exact, and the two parts are merged by their LSEs.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ import torch
 
 from tabattn_core.checks import InputError, check_tensor
 from tabattn_core.kv_cache import SharedContextKVCache
+from tabattn_core.reference import merge_states
 from tabattn_core.registry import get_backend
+from tabattn_core.selection import select_blocks
 from tabpfn_infer.model import ARTabPFN
 
 __all__ = ["ARTabPFNPredictor", "check_finite"]
@@ -32,6 +38,9 @@ def check_finite(name: str, t: torch.Tensor, axes: tuple[str, ...]) -> None:
         raise InputError(f"{name}: expected finite values, got {t[tuple(where)].item()} at {at}")
 
 
+# The ops whose context part `context_top_k` replaces by selection attention.
+CONTEXT_OPS = ("shared_context_attention", "teacher_forcing_attention")
+
 SCORE_BUDGET = 512 * 2**20  # bytes of fp32 scores per reference attention call
 
 
@@ -39,8 +48,8 @@ def _split_call(
     op, name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *buffers, **kwargs
 ):
     """Run a reference op in slices so its dense scores stay under SCORE_BUDGET: "attention"
-    (q [B, H, L, D]) along B; the shared-context ops (q [G, S, H, L, D]) along S, or along
-    G (with the context) when S = 1. Returns (out, lse) like the op."""
+    (q [B, H, L, D]) along B; the shared-context ops and the top-k context (q [G, S, H, L,
+    D]) along S, or along G (with the context) when S = 1. Returns (out, lse) like the op."""
     keys = k.shape[-2] + (buffers[0].shape[-2] if buffers and buffers[0] is not None else 0)
     dim = 0 if name == "attention" or q.shape[1] == 1 else 1
     per_slice = 4 * keys * (q.numel() // q.shape[-1]) // max(q.shape[dim], 1)
@@ -68,6 +77,51 @@ def _split_call(
     return torch.cat(outs, dim), torch.cat(lses, dim)
 
 
+def _top_k_context(
+    attend,
+    q: torch.Tensor,
+    k_ctx: torch.Tensor,
+    v_ctx: torch.Tensor,
+    *,
+    block_size: int,
+    top_k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows q [G, S, H, L, D] over the top-k blocks of their dataset's context k_ctx, v_ctx
+    [G, H_kv, Nc, D], chosen by `select_blocks` per row and kv head. Dataset g is one varlen
+    sequence: its S*L rows over its Nc keys. attend: the registry's "selection_attention".
+    Returns out [G, S, H, L, D], lse [G, S, H, L] (strided views of the packed results)."""
+    g, s, h, rows, d = q.shape
+    nc = k_ctx.shape[2]
+    # [G, S, L, H, D] and [G, Nc, H_kv, D] are the projections' own layouts: views, no copies.
+    q_rows = q.permute(0, 1, 3, 2, 4).reshape(g * s * rows, h, d)
+    k, v = (t.transpose(1, 2).reshape(g * nc, t.shape[1], d) for t in (k_ctx, v_ctx))
+    offsets = torch.arange(g + 1, device=q.device, dtype=torch.int64)
+    cu = {"cu_seqlens_q": offsets * (s * rows), "cu_seqlens_k": offsets * nc}
+    blocks = select_blocks(q_rows, k, block_size=block_size, top_k=top_k, **cu)
+    out, lse = attend(q_rows, k, v, block_indices=blocks, block_size=block_size, **cu)
+    return (
+        out.unflatten(0, (g, s, rows)).permute(0, 1, 3, 2, 4),
+        lse.unflatten(1, (g, s, rows)).permute(1, 2, 0, 3),
+    )
+
+
+def _merge_with_buffer(context, op, q, k_ctx, v_ctx, k_buf=None, v_buf=None, **kwargs):
+    """A decode or teacher-forcing `op` whose context part is `context(q, k_ctx, v_ctx)`
+    (the top-k selection): `op` runs over the buffer alone (an empty context, Nc = 0) and the
+    two parts are merged by their LSEs. Without a buffer, the context part alone."""
+    part = context(q, k_ctx, v_ctx)
+    if k_buf is None:
+        return part
+    empty = k_ctx[:, :, :0], v_ctx[:, :, :0]
+    return merge_states(*part, *op(q, *empty, k_buf, v_buf, **kwargs))
+
+
+def _check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{name}: expected a positive int, got {value!r}")
+    return value
+
+
 @dataclass
 class _Batch:
     """Inputs arranged as G datasets x S sample paths."""
@@ -86,12 +140,35 @@ class ARTabPFNPredictor:
     "triton", ... for every attention op. cuda_graph: on a CUDA device with a kernel backend,
     decode steps 1.. replay one captured CUDA graph (the step index lives on the device)
     instead of launching every kernel from Python.
+
+    context_top_k: None (default) for exact attention; an int k for selection attention over
+    large contexts: every buffer and target row (joint density, decode steps, marginals)
+    reads, per layer and kv head, only the k context blocks of `context_block_size` rows
+    whose mean key scores highest against its query (`tabattn_core.selection.select_blocks`),
+    through the registry's "selection_attention"; its attention over the buffer stays exact,
+    and the two parts are merged by their LSEs. A row's blocks depend only on its query and
+    the context, so decoding and teacher forcing pick the same ones (the chain rule holds).
+    k >= the number of blocks is exact. The context rows' own attention
+    (`prefill_context`) stays dense. Block selection synchronises with the host (not
+    graph-safe): with top-k, decoding runs eagerly, without the CUDA graph.
     """
 
-    def __init__(self, model: ARTabPFN, *, backend: str = "auto", cuda_graph: bool = True):
+    def __init__(
+        self,
+        model: ARTabPFN,
+        *,
+        backend: str = "auto",
+        cuda_graph: bool = True,
+        context_top_k: int | None = None,
+        context_block_size: int = 64,
+    ):
         self.model = model
         self.backend = backend
         self.cuda_graph = cuda_graph
+        if context_top_k is not None:
+            _check_positive_int("context_top_k", context_top_k)
+        self.context_top_k = context_top_k
+        self.context_block_size = _check_positive_int("context_block_size", context_block_size)
 
     @classmethod
     def from_trained_model(cls, model: ARTabPFN, backend: str = "auto") -> ARTabPFNPredictor:
@@ -144,12 +221,24 @@ class ARTabPFNPredictor:
     def _op(self, name: str, device: torch.device):
         """The registry's implementation of `name`; the PyTorch references materialise the
         scores, so there the call is split along datasets or sample paths to keep them
-        under SCORE_BUDGET bytes (the kernels need no split)."""
+        under SCORE_BUDGET bytes (the kernels need no split). With `context_top_k`, the
+        decode and teacher-forcing ops read the context through `_top_k_context`."""
         backend = get_backend(self.backend, device=device, op=name)
         op = backend.ops[name]
-        if backend.name != "torch":
+        if backend.name == "torch":
+            op = functools.partial(_split_call, op, name)
+        if self.context_top_k is None or name not in CONTEXT_OPS:
             return op
-        return functools.partial(_split_call, op, name)
+        selection = get_backend(self.backend, device=device, op="selection_attention")
+        context = functools.partial(
+            _top_k_context,
+            selection.ops["selection_attention"],
+            block_size=self.context_block_size,
+            top_k=self.context_top_k,
+        )
+        if selection.name == "torch":
+            context = functools.partial(_split_call, context, "selection_attention")
+        return functools.partial(_merge_with_buffer, context, op)
 
     # ---- the three passes -------------------------------------------------------------
 
@@ -269,28 +358,31 @@ class ARTabPFNPredictor:
         the context and buffer rows 0..t-1, the target the same; nobody sees a target.
         Returns samples, or with `fixed` the log densities of the fixed values [B, Nt].
 
-        Steps 1.. have one shape; on CUDA with a kernel backend (and `cuda_graph`) the step
-        up to the target row's final norm is captured once and replayed with the step index
-        in a device tensor; the head (sampling, density) runs after each replay."""
+        Steps 1.. have one shape; on CUDA with a kernel backend (and `cuda_graph`, without
+        `context_top_k`, whose block selection is not graph-safe) the step up to the target
+        row's final norm is captured once and replayed with the step index in a device
+        tensor; the head (sampling, density) runs after each replay."""
         model = self.model
         g, s, nt, _ = data.x_target.shape
         first = next(iter(model.backbone.layers)).attn_rows
         ctx_kv = self.prefill_context(data.x_context, data.y_context)
         k0 = ctx_kv[0][0]
         dev = k0.device
+        selected = self.context_top_k is not None  # top-k reads ctx_kv: no context in the cache
         cache = SharedContextKVCache.allocate(
             num_layers=len(ctx_kv),
             num_datasets=g,
             num_samples=s,
             kv_heads=first.n_heads,
             head_dim=k0.shape[-1],
-            context_capacity=k0.shape[2],
+            context_capacity=0 if selected else k0.shape[2],
             buffer_capacity=max(nt, 1),
             dtype=k0.dtype,
             device=dev,
         )
-        for layer_idx, (k, v) in enumerate(ctx_kv):
-            cache.write_context(layer_idx, k, v)
+        if not selected:
+            for layer_idx, (k, v) in enumerate(ctx_kv):
+                cache.write_context(layer_idx, k, v)
         backend = get_backend(self.backend, device=dev, op="shared_context_attention")
         decode = self._op("shared_context_attention", dev)
         targets = model.embedder.target(data.x_target)  # [G, S, Nt, D]
@@ -314,7 +406,7 @@ class ARTabPFNPredictor:
                 x1 = layer.features(x)
                 q, k, v = layer.attn_rows.qkv(x1)
                 cache.write_buffer(layer_idx, k, v, start=start)
-                k_ctx, v_ctx, _ = cache.context(layer_idx)
+                k_ctx, v_ctx = ctx_kv[layer_idx] if selected else cache.context(layer_idx)[:2]
                 length = cache.buffer_capacity if on_device else buffer_len
                 k_buf, v_buf = cache.buffer(layer_idx, length=length)
                 out, _ = decode(q, k_ctx, v_ctx, k_buf, v_buf, buffer_len=buffer_len, row_rule=rule)
@@ -333,7 +425,8 @@ class ARTabPFNPredictor:
 
         previous = head(run_layers(targets[:, :, :1], 0, ("strict",)), 0)
         rule = ("causal", "strict")
-        if nt > 2 and self.cuda_graph and dev.type == "cuda" and backend.name != "torch":
+        graph_safe = backend.name != "torch" and not selected
+        if nt > 2 and self.cuda_graph and dev.type == "cuda" and graph_safe:
             step = torch.ones((), dtype=torch.long, device=dev)
             prev = previous.clone()
             side = torch.cuda.Stream(dev)
