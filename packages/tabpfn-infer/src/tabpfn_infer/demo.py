@@ -20,7 +20,7 @@ import torch
 
 from tabattn_core.checks import InputError
 from tabattn_core.registry import registry
-from tabpfn_infer.estimator import ARTabPFNRegressor, _as_tensor
+from tabpfn_infer.estimator import ARTabPFNRegressor, table_tensor
 from tabpfn_infer.train import load_checkpoint
 
 __all__ = [
@@ -93,7 +93,7 @@ def split_table(
     (seeded) into n_target target rows and n_context context rows; a table with fewer rows
     keeps a fifth of them (at least one) as targets and the rest as context. Bad cells are
     named by row and column of the table."""
-    values = _as_tensor(name, table, 2, torch.float64).numpy()
+    values = table_tensor(name, table, 2, torch.float64).numpy()
     n = len(values)
     if n < 2 or values.shape[1] < 2:
         raise InputError(

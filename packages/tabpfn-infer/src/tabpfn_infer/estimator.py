@@ -14,10 +14,10 @@ from tabattn_core.gmm import gmm_mean_var, gmm_quantile
 from tabpfn_infer.model import ARTabPFN
 from tabpfn_infer.predictor import ARTabPFNPredictor, check_finite
 
-__all__ = ["ARTabPFNRegressor"]
+__all__ = ["ARTabPFNRegressor", "table_tensor"]
 
 
-def _as_tensor(name: str, value: object, ndim: int, dtype: torch.dtype) -> torch.Tensor:
+def table_tensor(name: str, value: object, ndim: int, dtype: torch.dtype) -> torch.Tensor:
     """An array-like of numbers as a tensor; non-numbers and NaN/inf are rejected naming the
     first bad cell by row (and column)."""
     axes = ("row", "column")[:ndim]
@@ -75,8 +75,8 @@ class ARTabPFNRegressor:
 
     def fit(self, X_context, y_context) -> ARTabPFNRegressor:
         """X_context [N, C], y_context [N] (array-likes or tensors, finite)."""
-        X = _as_tensor("X_context", X_context, 2, torch.float64)
-        y = _as_tensor("y_context", y_context, 1, torch.float64)
+        X = table_tensor("X_context", X_context, 2, torch.float64)
+        y = table_tensor("y_context", y_context, 1, torch.float64)
         if y.shape[0] != X.shape[0]:
             raise InputError(
                 f"y_context: expected {X.shape[0]} rows (as X_context), got {y.shape[0]}"
@@ -117,7 +117,7 @@ class ARTabPFNRegressor:
 
     def _targets(self, X_target) -> torch.Tensor:
         self._check_fitted()
-        X = _as_tensor("X_target", X_target, 2, torch.float64)
+        X = table_tensor("X_target", X_target, 2, torch.float64)
         if X.shape[1] != self.n_features_in_:
             raise InputError(
                 f"X_target: expected {self.n_features_in_} columns (as X_context), got {X.shape[1]}"
@@ -148,7 +148,7 @@ class ARTabPFNRegressor:
         """Per-target conditionals log p(y_t | context, y_0..y_{t-1}) [Nt] in data units;
         the joint log density is their sum."""
         X = self._targets(X_target)
-        y = _as_tensor("y_target", y_target, 1, torch.float64)
+        y = table_tensor("y_target", y_target, 1, torch.float64)
         if y.shape[0] != X.shape[0]:
             raise InputError(
                 f"y_target: expected {X.shape[0]} rows (as X_target), got {y.shape[0]}"
