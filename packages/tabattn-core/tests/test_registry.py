@@ -161,3 +161,11 @@ def test_package_attribute_registry_is_the_module():
 
     assert isinstance(tabattn_core.registry, types.ModuleType)
     assert isinstance(tabattn_core.registry.registry, Registry)
+
+
+def test_self_check_covers_every_op():
+    """`tabattn` checks every registry op; a new op without a default problem would be
+    skipped silently."""
+    from tabattn_core.__main__ import default_problems
+
+    assert set(default_problems(torch.device("cpu"), torch.float32)) == set(OPS)

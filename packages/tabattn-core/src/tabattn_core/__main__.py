@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from tabattn_core import gmm, reference
+from tabattn_core import gmm, mlp, reference
 from tabattn_core.registry import OPS, registry
 from tabattn_core.testing import REL_TOL, rel_error
 
@@ -73,6 +73,8 @@ def default_problems(device: torch.device, dtype: torch.dtype) -> dict[str, tupl
             (randn(64), randn(64, k_logits), randn(64, k_logits), randn(64, k_logits).abs() + 0.1),
             {},
         ),
+        "mlp": ((randn(2, 17, 24), randn(24, 40) * 0.2, randn(40, 24) * 0.2), {}),
+        "grouped_mlp": ((randn(33, 24), randn(3, 24, 40) * 0.2, randn(3, 40, 3) * 0.2), {}),
     }
 
 
@@ -81,7 +83,8 @@ def _fp64(x: object) -> object:
 
 
 def _ground_truth(op: str) -> Callable:
-    return gmm.gmm_nll if op == "gmm_nll" else getattr(reference, op)
+    outside_reference = {"gmm_nll": gmm.gmm_nll, "mlp": mlp.mlp, "grouped_mlp": mlp.grouped_mlp}
+    return outside_reference.get(op) or getattr(reference, op)
 
 
 def check_ops(device: torch.device, backend: str, dtype: torch.dtype) -> bool:
