@@ -94,10 +94,11 @@ class ARTabPFNRegressor:
         self.n_features_in_ = X.shape[1]
         ones = torch.ones(X.shape[1], dtype=torch.float64)
         self.x_mean_ = X.mean(0) if len(X) else torch.zeros_like(ones)
-        self.x_std_ = X.std(0, correction=0).clamp(min=1e-8) if len(X) > 1 else ones
+        # Sample standard deviations (correction=1), as the training prior normalises.
+        self.x_std_ = X.std(0).clamp(min=1e-8) if len(X) > 1 else ones
         self.y_mean_ = y.mean() if len(y) else torch.zeros((), dtype=torch.float64)
         self.y_std_ = (
-            y.std(correction=0).clamp(min=1e-8)
+            y.std().clamp(min=1e-8)
             if len(y) > 1
             else torch.ones((), dtype=torch.float64)
         )
