@@ -9,6 +9,8 @@ import torch
 
 __all__ = [
     "check_block_indices",
+    "check_cu_seqlens_pair",
+    "check_positive_int",
     "InputError",
     "check_cu_seqlens",
     "check_head_dim",
@@ -152,6 +154,34 @@ def check_cu_seqlens(name: str, cu: object, *, total: int, device: torch.device)
             + ("..." if len(shown) > 8 else "")
         )
     return host
+
+
+def check_cu_seqlens_pair(
+    cu_seqlens_q: object,
+    cu_seqlens_k: object,
+    *,
+    total_q: int,
+    total_k: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The query and key offsets of one packed batch (`check_cu_seqlens` each, and as many
+    sequences on both sides); returns both as int64 CPU tensors."""
+    cq = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total=total_q, device=device)
+    ck = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, total=total_k, device=device)
+    if cq.numel() != ck.numel():
+        raise InputError(
+            f"cu_seqlens_k: expected {cq.numel()} offsets (as cu_seqlens_q), got {ck.numel()}"
+        )
+    return cq, ck
+
+
+def check_positive_int(name: str, value: object, *, allow_zero: bool = False) -> int:
+    """An int >= 1 (>= 0 with allow_zero); bools are not ints here."""
+    lo = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        want = "a non-negative int" if allow_zero else "a positive int"
+        raise InputError(f"{name}: expected {want}, got {value!r}")
+    return value
 
 
 def check_block_indices(

@@ -17,7 +17,7 @@ from tabattn_core.checks import (
     FLOAT_DTYPES,
     InputError,
     check_block_indices,
-    check_cu_seqlens,
+    check_cu_seqlens_pair,
     check_gqa,
     check_head_dim,
     check_lengths,
@@ -361,12 +361,9 @@ def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, q_dims: str, kv_dims: 
     if k.shape[-1] != q.shape[-1]:
         raise InputError(f"k: expected head dim {q.shape[-1]} (as q), got {k.shape[-1]}")
     group = check_gqa(q.shape[1], k.shape[1])
-    cq = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total=q.shape[0], device=q.device)
-    ck = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, total=k.shape[0], device=q.device)
-    if cq.numel() != ck.numel():
-        raise InputError(
-            f"cu_seqlens_k: expected {cq.numel()} offsets (as cu_seqlens_q), got {ck.numel()}"
-        )
+    cq, ck = check_cu_seqlens_pair(
+        cu_seqlens_q, cu_seqlens_k, total_q=q.shape[0], total_k=k.shape[0], device=q.device
+    )
     return group, cq, ck
 
 

@@ -16,22 +16,15 @@ import torch
 from tabattn_core.checks import (
     FLOAT_DTYPES,
     InputError,
-    check_cu_seqlens,
+    check_cu_seqlens_pair,
     check_gqa,
+    check_positive_int,
     check_tensor,
 )
 
 __all__ = ["select_blocks"]
 
 MAX_SCORE_ELEMENTS = 2**24  # scores held at once: rows per chunk = this // (H_kv * blocks)
-
-
-def _positive_int(name: str, value: object, *, allow_zero: bool = False) -> int:
-    lo = 0 if allow_zero else 1
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        want = "a non-negative int" if allow_zero else "a positive int"
-        raise InputError(f"{name}: expected {want}, got {value!r}")
-    return value
 
 
 def select_blocks(
@@ -67,14 +60,11 @@ def select_blocks(
     if k.shape[2] != q.shape[2]:
         raise InputError(f"k: expected head dim {q.shape[2]} (as q), got {k.shape[2]}")
     group = check_gqa(q.shape[1], k.shape[1])
-    cq = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total=q.shape[0], device=q.device)
-    ck = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, total=k.shape[0], device=q.device)
-    if cq.numel() != ck.numel():
-        raise InputError(
-            f"cu_seqlens_k: expected {cq.numel()} offsets (as cu_seqlens_q), got {ck.numel()}"
-        )
-    bs = _positive_int("block_size", block_size)
-    top_k = _positive_int("top_k", top_k, allow_zero=True)
+    cq, ck = check_cu_seqlens_pair(
+        cu_seqlens_q, cu_seqlens_k, total_q=q.shape[0], total_k=k.shape[0], device=q.device
+    )
+    bs = check_positive_int("block_size", block_size)
+    top_k = check_positive_int("top_k", top_k, allow_zero=True)
     always = [int(a) for a in always]
     if len(always) > top_k:
         raise InputError(f"always: expected at most top_k={top_k} blocks, got {len(always)}")

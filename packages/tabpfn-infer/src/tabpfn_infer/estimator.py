@@ -97,11 +97,7 @@ class ARTabPFNRegressor:
         # Sample standard deviations (correction=1), as the training prior normalises.
         self.x_std_ = X.std(0).clamp(min=1e-8) if len(X) > 1 else ones
         self.y_mean_ = y.mean() if len(y) else torch.zeros((), dtype=torch.float64)
-        self.y_std_ = (
-            y.std().clamp(min=1e-8)
-            if len(y) > 1
-            else torch.ones((), dtype=torch.float64)
-        )
+        self.y_std_ = y.std().clamp(min=1e-8) if len(y) > 1 else torch.ones((), dtype=torch.float64)
         self.X_context_ = self._x(X)
         self.y_context_ = self._y(y)
         return self

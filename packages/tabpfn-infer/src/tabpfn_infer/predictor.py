@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tabattn_core.checks import InputError, check_tensor
+from tabattn_core.checks import InputError, check_positive_int, check_tensor
 from tabattn_core.kv_cache import SharedContextKVCache
 from tabattn_core.reference import merge_states
 from tabattn_core.registry import get_backend
@@ -116,12 +116,6 @@ def _merge_with_buffer(context, op, q, k_ctx, v_ctx, k_buf=None, v_buf=None, **k
     return merge_states(*part, *op(q, *empty, k_buf, v_buf, **kwargs))
 
 
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InputError(f"{name}: expected a positive int, got {value!r}")
-    return value
-
-
 @dataclass
 class _Batch:
     """Inputs arranged as G datasets x S sample paths."""
@@ -166,9 +160,9 @@ class ARTabPFNPredictor:
         self.backend = backend
         self.cuda_graph = cuda_graph
         if context_top_k is not None:
-            _check_positive_int("context_top_k", context_top_k)
+            check_positive_int("context_top_k", context_top_k)
         self.context_top_k = context_top_k
-        self.context_block_size = _check_positive_int("context_block_size", context_block_size)
+        self.context_block_size = check_positive_int("context_block_size", context_block_size)
 
     @classmethod
     def from_trained_model(cls, model: ARTabPFN, backend: str = "auto") -> ARTabPFNPredictor:

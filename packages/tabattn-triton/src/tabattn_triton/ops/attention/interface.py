@@ -14,7 +14,7 @@ import triton
 
 from tabattn_core.checks import (
     InputError,
-    check_cu_seqlens,
+    check_cu_seqlens_pair,
     check_gqa,
     check_head_dim,
     check_lengths,
@@ -312,12 +312,9 @@ def varlen_attention(
     check_tensor("v", v, ndim=3, dims="[Tk, H_kv, D]")
     q4, k4, v4 = (t.permute(1, 0, 2).unsqueeze(0) for t in (q, k, v))
     group = _check_inputs(q4, k4, v4)
-    cu_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total=q.shape[0], device=q.device)
-    cu_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, total=k.shape[0], device=q.device)
-    if cu_q.numel() != cu_k.numel():
-        raise InputError(
-            f"cu_seqlens_k: expected {cu_q.numel()} offsets (as cu_seqlens_q), got {cu_k.numel()}"
-        )
+    cu_q, cu_k = check_cu_seqlens_pair(
+        cu_seqlens_q, cu_seqlens_k, total_q=q.shape[0], total_k=k.shape[0], device=q.device
+    )
     longest_q, longest_k = (int(cu.diff().max()) if cu.numel() > 1 else 0 for cu in (cu_q, cu_k))
     varlen = Varlen(cu_q.to(q.device), cu_k.to(q.device), longest_q, longest_k)
     pm = PrefixMask(MASK_CAUSAL) if causal else PrefixMask()

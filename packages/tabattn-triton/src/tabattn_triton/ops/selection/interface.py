@@ -19,9 +19,10 @@ from tabattn_core import reference
 from tabattn_core.checks import (
     InputError,
     check_block_indices,
-    check_cu_seqlens,
+    check_cu_seqlens_pair,
     check_gqa,
     check_head_dim,
+    check_positive_int,
     check_scale,
     check_tensor,
 )
@@ -237,15 +238,11 @@ def _check(q, k, v, cu_seqlens_q, cu_seqlens_k, block_indices, block_size):
             )
     check_head_dim("q", q.shape[2])
     group = check_gqa(q.shape[1], k.shape[1])
-    cu_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total=q.shape[0], device=q.device)
-    cu_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, total=k.shape[0], device=q.device)
-    if cu_q.numel() != cu_k.numel():
-        raise InputError(
-            f"cu_seqlens_k: expected {cu_q.numel()} offsets (as cu_seqlens_q), got {cu_k.numel()}"
-        )
+    cu_q, cu_k = check_cu_seqlens_pair(
+        cu_seqlens_q, cu_seqlens_k, total_q=q.shape[0], total_k=k.shape[0], device=q.device
+    )
     check_block_indices(block_indices, rows=q.shape[0], kv_heads=k.shape[1], device=q.device)
-    if isinstance(block_size, bool) or int(block_size) != block_size or block_size < 1:
-        raise InputError(f"block_size: expected a positive int, got {block_size!r}")
+    check_positive_int("block_size", block_size)
     return group, cu_q, cu_k
 
 
