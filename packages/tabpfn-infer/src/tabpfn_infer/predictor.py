@@ -116,6 +116,15 @@ def _merge_with_buffer(context, op, q, k_ctx, v_ctx, k_buf=None, v_buf=None, **k
     return merge_states(*part, *op(q, *empty, k_buf, v_buf, **kwargs))
 
 
+def _through_layers(model: ARTabPFN, x: torch.Tensor, attend) -> torch.Tensor:
+    """Rows x [..., L, D] through every layer of the backbone; attend(layer_idx, q, k, v)
+    gives the row attention's output [..., H, L, Dh] from that layer's projections."""
+    for layer_idx, layer in enumerate(model.backbone.layers):
+        x1 = layer.features(x)
+        x = layer.finish(x1, attend(layer_idx, *layer.attn_rows.qkv(x1)))
+    return x
+
+
 @dataclass
 class _Batch:
     """Inputs arranged as G datasets x S sample paths."""
@@ -242,15 +251,14 @@ class ARTabPFNPredictor:
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Row-attention K/V of the context rows, per layer: x_context [G, Nc, C], y_context
         [G, Nc] -> [(k, v)] with k, v [G, H, Nc, Dh]. Context rows attend to each other."""
-        model = self.model
         attention = self._op("attention", x_context.device)
-        x = model.embedder.context(x_context, y_context)
         kv = []
-        for layer in model.backbone.layers:
-            x1 = layer.features(x)
-            q, k, v = layer.attn_rows.qkv(x1)
+
+        def attend(_, q, k, v):
             kv.append((k, v))
-            x = layer.finish(x1, attention(q, k, v)[0])
+            return attention(q, k, v)[0]
+
+        _through_layers(self.model, self.model.embedder.context(x_context, y_context), attend)
         return kv
 
     @torch.no_grad()
@@ -280,12 +288,11 @@ class ARTabPFNPredictor:
             ],
             2,
         )  # [G, S, 2 Nt, D]
-        x = rows
-        for layer, (k_ctx, v_ctx) in zip(model.backbone.layers, ctx_kv, strict=True):
-            x1 = layer.features(x)
-            q, k, v = layer.attn_rows.qkv(x1)
-            out, _ = teacher_forcing(q, k_ctx, v_ctx, k[..., :nt, :], v[..., :nt, :])
-            x = layer.finish(x1, out)
+        x = _through_layers(
+            model,
+            rows,
+            lambda i, q, k, v: teacher_forcing(q, *ctx_kv[i], k[..., :nt, :], v[..., :nt, :])[0],
+        )
         z = model.backbone.norm(x[:, :, nt:])
         return model.head.log_likelihood(z, data.y_target).reshape(data.batch, nt)
 
@@ -331,11 +338,8 @@ class ARTabPFNPredictor:
         model = self.model
         ctx_kv = self.prefill_context(data.x_context, data.y_context)
         decode = self._op("shared_context_attention", data.x_target.device)
-        x = model.embedder.target(data.x_target)  # [G, S, Nt, D]
-        for layer, (k_ctx, v_ctx) in zip(model.backbone.layers, ctx_kv, strict=True):
-            x1 = layer.features(x)
-            q, _, _ = layer.attn_rows.qkv(x1)
-            x = layer.finish(x1, decode(q, k_ctx, v_ctx)[0])
+        targets = model.embedder.target(data.x_target)  # [G, S, Nt, D]
+        x = _through_layers(model, targets, lambda i, q, k, v: decode(q, *ctx_kv[i])[0])
         nt = data.x_target.shape[2]
         mixture = model.head.mixture(model.backbone.norm(x))
         return tuple(t.reshape(data.batch, nt, -1) for t in mixture)
@@ -362,21 +366,19 @@ class ARTabPFNPredictor:
         ctx_kv = self.prefill_context(data.x_context, data.y_context)
         k0 = ctx_kv[0][0]
         dev = k0.device
-        selected = self.context_top_k is not None  # top-k reads ctx_kv: no context in the cache
+        # The prefilled context K/V are read in place (never copied); the cache holds the
+        # per-path buffers only.
         cache = SharedContextKVCache.allocate(
             num_layers=len(ctx_kv),
             num_datasets=g,
             num_samples=s,
             kv_heads=first.n_heads,
             head_dim=k0.shape[-1],
-            context_capacity=0 if selected else k0.shape[2],
+            context_capacity=0,
             buffer_capacity=max(nt, 1),
             dtype=k0.dtype,
             device=dev,
         )
-        if not selected:
-            for layer_idx, (k, v) in enumerate(ctx_kv):
-                cache.write_context(layer_idx, k, v)
         backend = get_backend(self.backend, device=dev, op="shared_context_attention")
         decode = self._op("shared_context_attention", dev)
         targets = model.embedder.target(data.x_target)  # [G, S, Nt, D]
@@ -394,18 +396,15 @@ class ARTabPFNPredictor:
         def run_layers(x, start, rule):
             """All layers over rows x written at buffer slots [start, start + rows); returns
             the last row's final norm [G, S, D]. start: an int or a 0-dim device tensor."""
-            on_device = isinstance(start, torch.Tensor)
             buffer_len = start + x.shape[2]
-            for layer_idx, layer in enumerate(model.backbone.layers):
-                x1 = layer.features(x)
-                q, k, v = layer.attn_rows.qkv(x1)
-                cache.write_buffer(layer_idx, k, v, start=start)
-                k_ctx, v_ctx = ctx_kv[layer_idx] if selected else cache.context(layer_idx)[:2]
-                length = cache.buffer_capacity if on_device else buffer_len
-                k_buf, v_buf = cache.buffer(layer_idx, length=length)
-                out, _ = decode(q, k_ctx, v_ctx, k_buf, v_buf, buffer_len=buffer_len, row_rule=rule)
-                x = layer.finish(x1, out)
-            return model.backbone.norm(x[:, :, -1])
+            length = cache.buffer_capacity if isinstance(start, torch.Tensor) else buffer_len
+
+            def attend(i, q, k, v):
+                cache.write_buffer(i, k, v, start=start)
+                k_buf, v_buf = cache.buffer(i, length=length)
+                return decode(q, *ctx_kv[i], k_buf, v_buf, buffer_len=buffer_len, row_rule=rule)[0]
+
+            return model.backbone.norm(_through_layers(model, x, attend)[:, :, -1])
 
         result = torch.empty((g, s, nt), device=dev, dtype=k0.dtype)
 
@@ -419,7 +418,7 @@ class ARTabPFNPredictor:
 
         previous = head(run_layers(targets[:, :, :1], 0, ("strict",)), 0)
         rule = ("causal", "strict")
-        graph_safe = backend.name != "torch" and not selected
+        graph_safe = backend.name != "torch" and self.context_top_k is None
         if nt > 2 and self.cuda_graph and dev.type == "cuda" and graph_safe:
             step = torch.ones((), dtype=torch.long, device=dev)
             prev = previous.clone()
