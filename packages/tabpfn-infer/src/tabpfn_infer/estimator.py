@@ -13,6 +13,7 @@ from tabattn_core.checks import InputError
 from tabattn_core.gmm import gmm_mean_var, gmm_quantile
 from tabpfn_infer.model import ARTabPFN
 from tabpfn_infer.predictor import ARTabPFNPredictor, check_finite
+from tabpfn_infer.train import resolve_device
 
 __all__ = ["ARTabPFNRegressor", "table_tensor"]
 
@@ -69,9 +70,7 @@ class ARTabPFNRegressor:
         self.context_block_size = context_block_size
 
     def _device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return resolve_device(self.device)
 
     def fit(self, X_context, y_context) -> ARTabPFNRegressor:
         """X_context [N, C], y_context [N] (array-likes or tensors, finite)."""

@@ -77,7 +77,15 @@ def load_checkpoint(
     return load_peer_state_dict(ARTabPFN(**config), data).eval()
 
 
-def _lr_factor(step: int, warmup: int, total: int) -> float:
+def resolve_device(name: str) -> torch.device:
+    """ "auto": CUDA when available, else CPU; any other name as torch reads it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Learning-rate multiplier: linear warm-up over `warmup` steps, then cosine to 0."""
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(total - warmup, 1)
@@ -93,18 +101,14 @@ def train(
         raise InputError(
             f"steps, warmup: expected steps >= 1 and warmup >= 0, got {config.steps}, {config.warmup}"
         )
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu")
-        if config.device == "auto"
-        else config.device
-    )
+    device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     model = ARTabPFN(**config.model_config()).to(device).train()
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=0.0
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: _lr_factor(step, config.warmup, config.steps)
+        optimizer, lambda step: lr_factor(step, config.warmup, config.steps)
     )
     gen = torch.Generator().manual_seed(config.seed)
     tokens = config.batch * (config.num_context + config.num_buffer + config.num_target)

@@ -22,7 +22,6 @@ NCCL_ASYNC_ERROR_HANDLING=0 (set here before the process group starts).
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -36,6 +35,7 @@ from tqdm import tqdm
 from tabattn_core.checks import InputError
 from tabpfn_infer.prior import TaskBatch, sample_tasks
 from tabpfn_infer.tnp import TNPConfig, TransformerNP
+from tabpfn_infer.train import lr_factor, resolve_device
 
 __all__ = [
     "TNPTrainConfig",
@@ -96,12 +96,6 @@ class TNPTrainConfig:
         if unknown:
             raise InputError(f"config: unknown keys {unknown}; expected some of {sorted(names)}")
         return cls(**values)
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 class TNPTrainer:
@@ -268,13 +262,6 @@ def load_tnp_checkpoint(
     return model.eval()
 
 
-def _lr_factor(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(total - warmup, 1)
-    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
 def _data_seed(seed: int, rank: int, step: int) -> int:
     """A data seed per (run seed, rank, first step): ranks and resumed runs draw new tasks."""
     return ((seed * 1_000_003 + rank) * 1_000_003 + step) % 2**63
@@ -284,7 +271,7 @@ def _start_distributed(device_name: str) -> tuple[int, int, torch.device, bool]:
     """(rank, world size, device, whether this call started the process group)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return 0, 1, _resolve_device(device_name), False
+        return 0, 1, resolve_device(device_name), False
     cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
     if cuda:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -356,7 +343,7 @@ def train_tnp(
                 generator=gen,
             )
             trainer.load(tasks)
-            trainer.set_lr(config.lr * _lr_factor(step, config.warmup, config.steps))
+            trainer.set_lr(config.lr * lr_factor(step, config.warmup, config.steps))
             loss = trainer.step()
             window_steps += 1
             if (step + 1) % config.log_every == 0 or step in (start_step, config.steps - 1):
@@ -367,7 +354,7 @@ def train_tnp(
                 row = {
                     "step": step,
                     "loss": float(loss),
-                    "lr": config.lr * _lr_factor(step, config.warmup, config.steps),
+                    "lr": config.lr * lr_factor(step, config.warmup, config.steps),
                     "tokens_per_s": tokens * window_steps / (time.perf_counter() - window_start),
                 }
                 window_start, window_steps = time.perf_counter(), 0
