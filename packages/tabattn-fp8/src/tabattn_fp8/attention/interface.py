@@ -20,8 +20,8 @@ from tabattn_fp8.quantize.kernel import MEAN_NONE, MEAN_ROW_DOT, MEAN_SUBTRACT
 from tabattn_fp8.reference import apply_rotation, key_mean, value_scale
 from tabattn_triton.ops.attention.interface import (
     PrefixMask,
-    _check_inputs,
     attention_bwd,
+    check_attention_inputs,
     prefix_mask_of,
 )
 from tabattn_triton.ops.common import (
@@ -174,7 +174,7 @@ def fp8_attention(
     in q, k, v (tabattn-triton's backward with this forward's out and LSE). Runs on sm90
     only (CPU under TRITON_INTERPRET=1 for tests); elsewhere raises `require_sm90`'s error.
     """
-    group = _check_inputs(q, k, v)
+    group = check_attention_inputs(q, k, v)
     check_fp8_device(q.device)
     pm = prefix_mask_of(mask, q.shape[2], k.shape[2], q.shape[0])
     if pm is None:
@@ -201,7 +201,7 @@ def fp8_context_target_attention(
 
     q: [B, H, M+N, D]; k, v: [B, H_kv, Lk, D]. Returns out [B, H, M+N, D], lse [B, H, M+N].
     """
-    _check_inputs(q, k, v)
+    check_attention_inputs(q, k, v)
     lens = k.shape[2] if context_lens is None else context_lens
     mask = ContextTargetMask(q.shape[2], k.shape[2], lens)
     return fp8_attention(q, k, v, mask=mask, scale=scale, return_lse=True)

@@ -86,7 +86,7 @@ def prefix_mask_of(mask: MaskSpec | None, q_len: int, kv_len: int, batch: int) -
     return None
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
+def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
     """Shapes, dtypes, devices, strides and head dim; returns the GQA group size."""
     check_tensor("q", q, ndim=4, dtypes=KERNEL_DTYPES, unit_last_stride=True, dims="[B, H, Lq, D]")
     check_device("q", q)
@@ -250,7 +250,7 @@ def flash_attention(
     Returns out [B, H, Lq, D], and with return_lse also lse [B, H, Lq] (fp32, natural log;
     -inf with out 0 for rows that see no key).
     """
-    group = _check_inputs(q, k, v)
+    group = check_attention_inputs(q, k, v)
     pm = prefix_mask_of(mask, q.shape[2], k.shape[2], q.shape[0])
     if pm is None:
         raise InputError(
@@ -275,7 +275,7 @@ def context_target_attention(
 
     q: [B, H, M+N, D]; k, v: [B, H_kv, Lk, D]. Returns out [B, H, M+N, D], lse [B, H, M+N].
     """
-    group = _check_inputs(q, k, v)
+    group = check_attention_inputs(q, k, v)
     lk = k.shape[2]
     if context_lens is None:
         pm = PrefixMask(MASK_CONTEXT, ctx_len=lk)
@@ -311,7 +311,7 @@ def varlen_attention(
     check_tensor("k", k, ndim=3, dims="[Tk, H_kv, D]")
     check_tensor("v", v, ndim=3, dims="[Tk, H_kv, D]")
     q4, k4, v4 = (t.permute(1, 0, 2).unsqueeze(0) for t in (q, k, v))
-    group = _check_inputs(q4, k4, v4)
+    group = check_attention_inputs(q4, k4, v4)
     cu_q, cu_k = check_cu_seqlens_pair(
         cu_seqlens_q, cu_seqlens_k, total_q=q.shape[0], total_k=k.shape[0], device=q.device
     )
