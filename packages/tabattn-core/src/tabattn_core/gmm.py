@@ -19,6 +19,7 @@ from tabattn_core.checks import FLOAT_DTYPES, InputError, check_same_device, che
 
 __all__ = [
     "SCALE_PARAMS",
+    "check_mixture",
     "gmm_cdf",
     "gmm_log_likelihood",
     "gmm_mean_var",
@@ -36,20 +37,22 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype if dtype == torch.float64 else torch.float32
 
 
-def _mixture(
+def check_mixture(
     logits: object,
     loc: object,
     scale: object,
     scale_param: str,
+    *,
+    dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES,
     **others: object,
-) -> tuple[torch.dtype, torch.Size, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Check the mixture (and `others`, each [...]) and return
-    (dtype, batch shape, log_weights, loc, std, log_std), the last four [..., K]."""
+) -> torch.Size:
+    """Check a mixture's parameters logits, loc, scale [..., K] (K >= 1, one device, `dtypes`)
+    and `others` (each [...], e.g. y); returns the broadcast batch shape [...]."""
     if scale_param not in SCALE_PARAMS:
         raise InputError(f"scale_param: expected one of {SCALE_PARAMS}, got {scale_param!r}")
     params = {"logits": logits, "loc": loc, "scale": scale}
     for name, t in params.items():
-        check_tensor(name, t, dtypes=FLOAT_DTYPES)
+        check_tensor(name, t, dtypes=dtypes, dims="[..., K]")
         if t.dim() == 0:
             raise InputError(f"{name}: expected at least 1 dim [..., K], got a 0-dim tensor")
     k = logits.shape[-1]
@@ -62,7 +65,7 @@ def _mixture(
                 f"got {params[name].shape[-1]} in shape {list(params[name].shape)}"
             )
     for name, t in others.items():
-        check_tensor(name, t, dtypes=FLOAT_DTYPES)
+        check_tensor(name, t, dtypes=dtypes, dims="[...]")
     check_same_device(**params, **others)
 
     batch = logits.shape[:-1]
@@ -76,7 +79,19 @@ def _mixture(
                 f"{name}: expected a batch shape broadcastable with {list(batch)}, "
                 f"got {list(shape)}"
             ) from None
+    return batch
 
+
+def _mixture(
+    logits: object,
+    loc: object,
+    scale: object,
+    scale_param: str,
+    **others: object,
+) -> tuple[torch.dtype, torch.Size, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Check the mixture (and `others`, each [...]) and return
+    (dtype, batch shape, log_weights, loc, std, log_std), the last four [..., K]."""
+    batch = check_mixture(logits, loc, scale, scale_param, **others)
     dtype = _compute_dtype(logits, loc, scale, *others.values())
     log_w = torch.log_softmax(logits.to(dtype), dim=-1)
     scale = scale.to(dtype)

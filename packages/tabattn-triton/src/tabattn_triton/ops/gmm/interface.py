@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 import triton
 
-from tabattn_core.checks import InputError, check_same_device, check_tensor
-from tabattn_core.gmm import SCALE_PARAMS
+from tabattn_core.checks import InputError, check_tensor
+from tabattn_core.gmm import check_mixture
 from tabattn_triton.ops.common import check_device
 from tabattn_triton.ops.gmm.kernel import (
     gmm_nll_bwd_kernel,
@@ -101,40 +101,10 @@ class GMMNLLFunction(torch.autograd.Function):
         return d_y, d_logits, d_loc, d_scale, None, None
 
 
-def _batch_shape(y, logits, loc, scale) -> torch.Size:
-    batch = logits.shape[:-1]
-    for name, shape in (("loc", loc.shape[:-1]), ("scale", scale.shape[:-1]), ("y", y.shape)):
-        try:
-            batch = torch.broadcast_shapes(batch, shape)
-        except RuntimeError:
-            raise InputError(
-                f"{name}: expected a batch shape broadcastable with {list(batch)}, "
-                f"got {list(shape)}"
-            ) from None
-    return batch
-
-
 def _check(y, logits, loc, scale, scale_param, mask) -> torch.Size:
     """Arguments as the reference takes them (kernel dtypes only); returns the batch shape."""
-    if scale_param not in SCALE_PARAMS:
-        raise InputError(f"scale_param: expected one of {SCALE_PARAMS}, got {scale_param!r}")
-    for name, t in (("logits", logits), ("loc", loc), ("scale", scale)):
-        check_tensor(name, t, dtypes=KERNEL_DTYPES, dims="[..., K]")
-        if t.dim() == 0:
-            raise InputError(f"{name}: expected at least 1 dim [..., K], got a 0-dim tensor")
-    check_tensor("y", y, dtypes=KERNEL_DTYPES, dims="[...]")
-    k = logits.shape[-1]
-    if k < 1:
-        raise InputError(f"logits: expected K >= 1 components (last dim), got {k}")
-    for name, t in (("loc", loc), ("scale", scale)):
-        if t.shape[-1] != k:
-            raise InputError(
-                f"{name}: expected K = {k} components (last dim, as logits), "
-                f"got {t.shape[-1]} in shape {list(t.shape)}"
-            )
-    check_same_device(logits=logits, loc=loc, scale=scale, y=y)
+    batch = check_mixture(logits, loc, scale, scale_param, dtypes=KERNEL_DTYPES, y=y)
     check_device("logits", logits)
-    batch = _batch_shape(y, logits, loc, scale)
     if mask is not None:
         check_tensor("mask", mask, shape=batch, device=logits.device, dims="[...]")
         if mask.dtype != torch.bool and mask.dtype not in KERNEL_DTYPES:
