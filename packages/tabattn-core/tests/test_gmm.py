@@ -18,6 +18,7 @@ from tabattn_core.gmm import (
     gmm_nll,
     gmm_quantile,
     gmm_sample,
+    gmm_sample_from_noise,
 )
 from tabattn_core.testing import assert_rel_close
 
@@ -166,6 +167,41 @@ def test_sample_moments_match_mean_var(scale_param):
     z = 5.0
     assert ((x.mean(-1) - mean).abs() <= z * (var / n).sqrt()).all()
     assert ((x.var(-1) - var).abs() <= z * ((m4 - var**2) / n).sqrt()).all()
+
+
+@pytest.mark.parametrize("scale_param", ["std", "log_std"])
+def test_sample_from_noise_moments_match_mean_var(scale_param):
+    """Uniform and normal noise in, mixture draws out: their mean and variance are the
+    mixture's within 5 standard errors."""
+    logits = torch.tensor([[0.3, -0.5, 1.0], [2.0, 0.0, -1.0]], dtype=F64)
+    loc = torch.tensor([[-2.0, 0.5, 3.0], [1.0, -4.0, 0.0]], dtype=F64)
+    std = torch.tensor([[0.5, 1.5, 0.2], [1.0, 0.3, 2.5]], dtype=F64)
+    scale = std if scale_param == "std" else std.log()
+    n = 200_000
+    gen = torch.Generator().manual_seed(99)
+    u = torch.rand(n, 2, generator=gen, dtype=F64)
+    eps = torch.randn(n, 2, generator=gen, dtype=F64)
+    draw = gmm_sample_from_noise(
+        logits[None], loc[None], scale[None], u, eps, scale_param=scale_param
+    )  # [n, 2]
+    mean, var = gmm_mean_var(logits, loc, scale, scale_param=scale_param)
+    d = loc - mean[:, None]
+    w = torch.softmax(logits, -1)
+    m4 = (w * (d**4 + 6 * d**2 * std**2 + 3 * std**4)).sum(-1)
+    assert ((draw.mean(0) - mean).abs() <= 5 * (var / n).sqrt()).all()
+    assert ((draw.var(0) - var).abs() <= 5 * ((m4 - var**2) / n).sqrt()).all()
+
+
+def test_sample_from_noise_inverse_cdf():
+    """The component is the first whose cumulative weight exceeds u (weights 0.2, 0, 0.5,
+    0.3: a zero-weight component is never drawn; u near 1 falls in the last)."""
+    logits = torch.tensor([0.2, 0.0, 0.5, 0.3], dtype=F64).log()
+    loc = torch.tensor([10.0, 20.0, 30.0, 40.0], dtype=F64)
+    std = torch.tensor([1.0, 1.0, 1.0, 2.0], dtype=F64)
+    u = torch.tensor([0.0, 0.1999, 0.2001, 0.6999, 0.7001, 1.0 - 1e-12], dtype=F64)
+    eps = torch.full_like(u, 0.5)
+    out = gmm_sample_from_noise(logits, loc, std, u, eps)
+    assert torch.equal(out, torch.tensor([10.5, 10.5, 30.5, 30.5, 41.0, 41.0], dtype=F64))
 
 
 def test_mean_var_single_component():

@@ -13,6 +13,7 @@ from tabattn_core.gmm import (
     gmm_nll,
     gmm_quantile,
     gmm_sample,
+    gmm_sample_from_noise,
 )
 from tabattn_core.kv_cache import SharedContextKVCache
 from tabattn_core.masks import (
@@ -61,6 +62,7 @@ __all__ = [
     "gmm_nll",
     "gmm_quantile",
     "gmm_sample",
+    "gmm_sample_from_noise",
     "merge_states",
     "selection_attention",
     "shared_context_attention",

@@ -26,6 +26,7 @@ __all__ = [
     "gmm_nll",
     "gmm_quantile",
     "gmm_sample",
+    "gmm_sample_from_noise",
 ]
 
 SCALE_PARAMS = ("std", "log_std")
@@ -146,6 +147,36 @@ def gmm_nll(
     weight = mask.to(nll.dtype)
     total = torch.where(weight != 0, nll * weight, torch.zeros_like(nll)).sum()
     return total / weight.sum().clamp_min(1.0)
+
+
+def gmm_sample_from_noise(
+    logits: torch.Tensor,
+    loc: torch.Tensor,
+    scale: torch.Tensor,
+    uniform: torch.Tensor,
+    normal: torch.Tensor,
+    *,
+    scale_param: str = "std",
+) -> torch.Tensor:
+    """One draw per mixture from noise drawn beforehand, by inverse CDF: the component is the
+    first k whose cumulative weight exceeds `uniform`, the sample loc_k + std_k * `normal`.
+
+    logits, loc, scale: [..., K]; uniform (in [0, 1)), normal: [...] -> [...]. With uniform
+    ~ U[0, 1) and normal ~ N(0, 1) independent, the result is a draw from the mixture; no RNG
+    and no host sync inside, so a CUDA graph can capture it and the noise sets the draw.
+    """
+    dtype, batch, log_w, loc, std, _ = _mixture(
+        logits, loc, scale, scale_param, uniform=uniform, normal=normal
+    )
+    k = log_w.shape[-1]
+    shape = (*batch, k)
+    cdf = log_w.exp().cumsum(-1)
+    # Components whose cumulative weight is <= u come before the drawn one; the clamp covers
+    # a total weight that rounds below u.
+    idx = (cdf <= uniform.to(dtype)[..., None]).sum(-1, keepdim=True).clamp_max(k - 1)
+    loc_i = loc.expand(shape).gather(-1, idx.expand(*batch, 1))
+    std_i = std.expand(shape).gather(-1, idx.expand(*batch, 1))
+    return (loc_i + std_i * normal.to(dtype)[..., None])[..., 0]
 
 
 def gmm_sample(
