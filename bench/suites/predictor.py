@@ -13,16 +13,18 @@ cost; the peer's figures do not say which C it used), inputs float32 standard no
 - mode `density`: `evaluate_joint_density(x_context, y_context, x_target, y_target)`.
 
 Providers: `torch` (backend "torch": the PyTorch references, split by the predictor so its
-scores stay under `SCORE_BUDGET`), `triton` (backend "triton", cuda_graph=False),
-`triton-graph` (backend "triton", cuda_graph=True; sample only, CUDA only: decode steps
-1.. replay one CUDA graph, captured anew in every call, the capture timed with it).
+scores stay under `SCORE_BUDGET`), `triton` (backend "triton", cuda_graph=False: every
+kernel launched from Python), `triton-graph` (backend "triton", cuda_graph=True, CUDA only:
+the first call with these shapes warms up and captures the call's CUDA graphs, later calls
+copy their inputs in and replay them; decode steps 1.. are one graph replayed per step).
 
 Timing: end to end. Every call of a provider is wrapped in the host clock, with
 `torch.cuda.synchronize()` before and after; `e2e_ms` is the median over every call after
-the first (the correctness call, which is the warm-up: autotuning, compilation); these are
-the harness's own timed calls (do_bench's on CUDA, a couple on CPU) and its peak-memory
-call. `ms` stays the harness's figure (do_bench median; each call ends with a synchronize,
-so it spans the whole call as well). Sample rows add `e2e_step_ms` = e2e_ms / Nt.
+the first (the correctness call, which is the warm-up: autotuning, compilation, and for
+`triton-graph` the capture), `first_call_ms` that first call's time; these are the
+harness's own timed calls (do_bench's on CUDA, a couple on CPU) and its peak-memory call.
+`ms` stays the harness's figure (do_bench median; each call ends with a synchronize, so it
+spans the whole call as well). Sample rows add `e2e_step_ms` = e2e_ms / Nt.
 
 Peer: each float32 row carries `peer_ms`, the peer implementation's (AR-nanoTabPFN, triton
 backend, float32, default config, shared context) figure for that case and mode, measured
@@ -93,7 +95,7 @@ TORCH_MAX_BYTES = 8 * 2**30  # torch provider: working set of one attention call
 PROVIDERS = (  # name, predictor backend, cuda_graph, modes
     ("torch", "torch", False, MODES),
     ("triton", "triton", False, MODES),
-    ("triton-graph", "triton", True, (SAMPLE,)),
+    ("triton-graph", "triton", True, MODES),
 )
 
 # The peer's triton backend, float32, H200, another run: (mode, B, Nc, Nt) -> ms or why not.
@@ -380,6 +382,7 @@ def _annotate(case, mode, rows, calibration, cfg) -> None:
         e2e = statistics.median(timed) * 1e3 if timed else None
         row["e2e_ms"] = e2e
         row["e2e_calls"] = len(timed)
+        row["first_call_ms"] = run.seconds[0] * 1e3 if run and run.seconds else None
         row["e2e_step_ms"] = e2e / case["Nt"] if e2e is not None and mode == SAMPLE else None
         row["check"] = run.check if run else {}
         row["peer_ms"] = peer if isinstance(peer, float) else None
@@ -394,6 +397,7 @@ def _shape_label(case: dict[str, Any]) -> str:
 TABLE_COLUMNS = [
     {"title": "e2e ms", "key": "e2e_ms", "format": ".4g"},
     {"title": "e2e ms/step", "key": "e2e_step_ms", "format": ".3g"},
+    {"title": "first call ms", "key": "first_call_ms", "format": ".4g"},
     {"title": "peer ms", "key": "peer_ms", "format": ".4g"},
     {"title": "vs peer", "key": "vs_peer", "format": ".3g", "suffix": "x"},
     {"title": "check", "key": "check.measured", "format": ".2e"},
@@ -450,7 +454,8 @@ SUITE = register_suite(
             "timing_e2e": (
                 "host clock (time.perf_counter) around each call with torch.cuda.synchronize "
                 "before and after; median of every call after the first (the check, which "
-                "warms up); triton-graph captures its CUDA graph inside every call"
+                "warms up; first_call_ms); triton-graph captures its CUDA graphs in that first "
+                "call and replays them in the later calls"
             ),
             "peer": PEER_NOTE,
             "peer_ms": {f"{m} B{b} Nc{nc} Nt{nt}": v for (m, b, nc, nt), v in PEER_MS.items()},

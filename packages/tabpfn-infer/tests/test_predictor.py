@@ -155,6 +155,14 @@ def test_empty_context_and_one_target():
     assert torch.isfinite(predictor.sample_sequence(xc, yc, xt)).all()
 
 
+def test_no_targets():
+    predictor = ARTabPFNPredictor(small_model(), backend="torch")
+    xc, yc, xt, yt = task(nt=0)
+    assert predictor.sample_sequence(xc, yc, xt).shape == (3, 0)
+    assert predictor.evaluate_joint_density(xc, yc, xt, yt).shape == (3, 0)
+    assert predictor.stepwise_log_density(xc, yc, xt, yt).shape == (3, 0)
+
+
 def test_more_targets_than_buffer_size_wrap_ar_tokens():
     predictor = ARTabPFNPredictor(small_model(), backend="torch")
     xc, yc, xt, yt = task(nt=8)  # buffer_size 3
@@ -254,25 +262,31 @@ def test_reference_backend_splits_large_calls(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_gpu_cuda_graph_decode_matches_eager():
-    """Steps replayed from one CUDA graph (step index on the device) give the eager steps'
-    densities and samples."""
+def test_gpu_cuda_graphs_match_eager():
+    """Calls replayed from CUDA graphs (decode steps: one graph, step index on the device)
+    give the eager calls' densities and samples; a second call with new values of the same
+    shapes reads its own inputs, and new shapes capture anew."""
     model = small_model(dtype=torch.float32).cuda()
-    xc, yc, xt, yt = (t.float().cuda() for t in task(b=64, nc=50, nt=7, shared=True))
     graphed = ARTabPFNPredictor(model, backend="triton", cuda_graph=True)
     eager = ARTabPFNPredictor(model, backend="triton", cuda_graph=False)
-    torch.testing.assert_close(
-        graphed.stepwise_log_density(xc, yc, xt, yt),
-        eager.stepwise_log_density(xc, yc, xt, yt),
-        rtol=1e-4,
-        atol=1e-4,
-    )
-    draws = [
-        p.sample_sequence(xc, yc, xt, generator=torch.Generator("cuda").manual_seed(3))
-        for p in (graphed, eager)
-    ]
-    assert torch.isfinite(draws[0]).all()
-    torch.testing.assert_close(draws[0], draws[1], rtol=1e-3, atol=1e-3)
+    for seed, (b, nc, nt) in enumerate([(64, 50, 7), (64, 50, 7), (5, 33, 3)]):
+        xc, yc, xt, yt = (t.float().cuda() for t in task(b=b, nc=nc, nt=nt, shared=True, seed=seed))
+        for method in ("stepwise_log_density", "evaluate_joint_density"):
+            torch.testing.assert_close(
+                getattr(graphed, method)(xc, yc, xt, yt),
+                getattr(eager, method)(xc, yc, xt, yt),
+                rtol=1e-4,
+                atol=1e-4,
+            )
+        draws = [
+            p.sample_sequence(xc, yc, xt, generator=torch.Generator("cuda").manual_seed(seed))
+            for p in (graphed, eager)
+        ]
+        assert torch.isfinite(draws[0]).all()
+        torch.testing.assert_close(draws[0], draws[1], rtol=1e-3, atol=1e-3)
+    assert set(graphed._graphs) == {"sample", "stepwise", "density"}
+    graphed.release_graphs()
+    assert not graphed._graphs
 
 
 def all_outputs(predictor, xc, yc, xt, yt):

@@ -71,10 +71,19 @@ class MultiheadAttention(nn.Module):
         """[..., L, D] -> [..., H, L, Dh] (a strided view)."""
         return t.unflatten(-1, (self.n_heads, -1)).transpose(-2, -3)
 
-    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [..., L, D] -> q, k, v [..., H, L, Dh] (strided views, no copies)."""
+    def qkv(
+        self, x: torch.Tensor, stacked_weight: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [..., L, D] -> q, k, v [..., H, L, Dh] (strided views, no copies).
+        stacked_weight: `stacked_qkv_weight()` made beforehand, for one GEMM instead of three."""
         split = self.split_heads
+        if stacked_weight is not None:
+            return tuple(split(t) for t in F.linear(x, stacked_weight).chunk(3, -1))
         return split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+
+    def stacked_qkv_weight(self) -> torch.Tensor:
+        """The q, k, v projection weights stacked: [3 D, D]."""
+        return torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
 
     def project_out(self, o: torch.Tensor) -> torch.Tensor:
         """o [..., H, L, Dh] -> [..., L, D]."""
@@ -93,11 +102,26 @@ class TwoStageTransformerLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
         self.norm3 = nn.LayerNorm(d_model)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
+    def features(
+        self, x: torch.Tensor, value_out_weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The feature sub-layer over one token per row: softmax over a single key is 1, so
-        attention returns the value: x <- norm1(x + W_o W_v x)."""
+        attention returns the value: x <- norm1(x + W_o W_v x). value_out_weight:
+        `value_out_weight()` made beforehand, for one GEMM instead of two."""
         attn = self.attn_features
+        if value_out_weight is not None:
+            return self.norm1(x + F.linear(x, value_out_weight))
         return self.norm1(x + attn.out_proj(attn.v_proj(x)))
+
+    def value_out_weight(self) -> torch.Tensor:
+        """The feature sub-layer's W_o W_v: [D, D]."""
+        attn = self.attn_features
+        return attn.out_proj.weight @ attn.v_proj.weight
+
+    def inference_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(`value_out_weight()`, the row attention's `stacked_qkv_weight()`): made once per
+        inference call, they save three GEMM launches per layer and pass."""
+        return self.value_out_weight(), self.attn_rows.stacked_qkv_weight()
 
     def finish(self, x1: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """Residual of the row attention (attn_out [..., H, L, Dh]) and the feed-forward."""

@@ -4,8 +4,9 @@ peer's method names (`sample_sequence`, `evaluate_joint_density`, `prefill_conte
 
 Batch rows that share one context (all rows equal) are run as one dataset with many sample
 paths: the context K/V is computed once and read by every path, never copied. Otherwise each
-row is its own dataset. The KV cache belongs to the call (nothing is stored on the model), so
-predictors and threads sharing a model do not interfere.
+row is its own dataset. The KV cache belongs to the call, or with CUDA graphs to the
+predictor's captured graphs (nothing is stored on the model), so predictors sharing a model
+do not interfere; threads sharing one predictor take turns.
 
 With `context_top_k` the buffer and target rows read, of the context, only the top-k blocks
 that `select_blocks` picks for each row (selection attention, for contexts of 100k rows and
@@ -15,11 +16,14 @@ more); their buffer part stays exact, and the two parts are merged by their LSEs
 from __future__ import annotations
 
 import functools
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from tabattn_core.checks import InputError, check_positive_int, check_tensor
+from tabattn_core.gmm import gmm_sample_from_noise
 from tabattn_core.kv_cache import SharedContextKVCache
 from tabattn_core.reference import merge_states
 from tabattn_core.registry import get_backend
@@ -116,13 +120,22 @@ def _merge_with_buffer(context, op, q, k_ctx, v_ctx, k_buf=None, v_buf=None, **k
     return merge_states(*part, *op(q, *empty, k_buf, v_buf, **kwargs))
 
 
-def _through_layers(model: ARTabPFN, x: torch.Tensor, attend) -> torch.Tensor:
+def _through_layers(
+    model: ARTabPFN, x: torch.Tensor, attend, weights: list[tuple[torch.Tensor, torch.Tensor]]
+) -> torch.Tensor:
     """Rows x [..., L, D] through every layer of the backbone; attend(layer_idx, q, k, v)
-    gives the row attention's output [..., H, L, Dh] from that layer's projections."""
-    for layer_idx, layer in enumerate(model.backbone.layers):
-        x1 = layer.features(x)
-        x = layer.finish(x1, attend(layer_idx, *layer.attn_rows.qkv(x1)))
+    gives the row attention's output [..., H, L, Dh] from that layer's projections.
+    weights: every layer's `inference_weights()`, made once per call."""
+    for layer_idx, (layer, (value_out, qkv)) in enumerate(
+        zip(model.backbone.layers, weights, strict=True)
+    ):
+        x1 = layer.features(x, value_out)
+        x = layer.finish(x1, attend(layer_idx, *layer.attn_rows.qkv(x1, qkv)))
     return x
+
+
+def _inference_weights(model: ARTabPFN) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [layer.inference_weights() for layer in model.backbone.layers]
 
 
 @dataclass
@@ -135,14 +148,28 @@ class _Batch:
     y_target: torch.Tensor | None  # [G, S, Nt]
     batch: int  # B = G * S
 
+    def inputs(self, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The tensors a call reads, by name (y: the labels or the noise it needs)."""
+        return {
+            "x_context": self.x_context,
+            "y_context": self.y_context,
+            "x_target": self.x_target,
+            "y": y,
+        }
+
 
 class ARTabPFNPredictor:
     """Joint predictions of a trained `ARTabPFN`.
 
     backend: "auto" (core's registry picks the best available for the device), "torch",
     "triton", ... for every attention op. cuda_graph: on a CUDA device with a kernel backend,
-    decode steps 1.. replay one captured CUDA graph (the step index lives on the device)
-    instead of launching every kernel from Python.
+    `sample_sequence`, `stepwise_log_density` and `evaluate_joint_density` capture their work
+    in CUDA graphs at their first call with given input shapes (warm-up and capture: that
+    call costs a few eager calls) and later calls with those shapes copy their inputs in and
+    replay the graphs instead of launching every kernel from Python; decode steps 1.. are
+    one graph replayed per step (the step index lives on the device). Per method the graphs
+    of the latest shapes are kept, with their static buffers and KV cache, until
+    `release_graphs()`.
 
     context_top_k: None (default) for exact attention; an int k for selection attention over
     large contexts: every buffer and target row (joint density, decode steps, marginals)
@@ -153,7 +180,7 @@ class ARTabPFNPredictor:
     the context, so decoding and teacher forcing pick the same ones (the chain rule holds).
     k >= the number of blocks is exact. The context rows' own attention
     (`prefill_context`) stays dense. Block selection synchronises with the host (not
-    graph-safe): with top-k, decoding runs eagerly, without the CUDA graph.
+    graph-safe): with top-k, every call runs eagerly, without CUDA graphs.
     """
 
     def __init__(
@@ -172,6 +199,8 @@ class ARTabPFNPredictor:
             check_positive_int("context_top_k", context_top_k)
         self.context_top_k = context_top_k
         self.context_block_size = check_positive_int("context_block_size", context_block_size)
+        self._graphs: dict[str, _Captured] = {}  # per method, the latest input shapes'
+        self._lock = threading.Lock()
 
     @classmethod
     def from_trained_model(cls, model: ARTabPFN, backend: str = "auto") -> ARTabPFNPredictor:
@@ -247,10 +276,15 @@ class ARTabPFNPredictor:
 
     @torch.no_grad()
     def prefill_context(
-        self, x_context: torch.Tensor, y_context: torch.Tensor
+        self,
+        x_context: torch.Tensor,
+        y_context: torch.Tensor,
+        weights: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Row-attention K/V of the context rows, per layer: x_context [G, Nc, C], y_context
-        [G, Nc] -> [(k, v)] with k, v [G, H, Nc, Dh]. Context rows attend to each other."""
+        [G, Nc] -> [(k, v)] with k, v [G, H, Nc, Dh] (strided views). Context rows attend to
+        each other. weights: the layers' `inference_weights()`, when the caller has them."""
+        weights = _inference_weights(self.model) if weights is None else weights
         attention = self._op("attention", x_context.device)
         kv = []
 
@@ -258,7 +292,8 @@ class ARTabPFNPredictor:
             kv.append((k, v))
             return attention(q, k, v)[0]
 
-        _through_layers(self.model, self.model.embedder.context(x_context, y_context), attend)
+        rows = self.model.embedder.context(x_context, y_context)
+        _through_layers(self.model, rows, attend, weights)
         return kv
 
     @torch.no_grad()
@@ -276,25 +311,37 @@ class ARTabPFNPredictor:
         y_target [B, Nt] -> [B, Nt] (natural log). Buffer row j carries ar_tokens[j mod bs].
         """
         data = self._arrange(x_context, y_context, x_target, y_target)
+        inputs = data.inputs(y=data.y_target)
+        return self._run("density", inputs, self._density_stages).reshape(data.batch, -1)
+
+    def _density_stages(self, inputs: dict[str, torch.Tensor]) -> _Stages:
+        """The teacher-forcing pass over `inputs` (see `_Batch.inputs`) as one stage."""
         model = self.model
-        ctx_kv = self.prefill_context(data.x_context, data.y_context)
-        teacher_forcing = self._op("teacher_forcing_attention", data.x_target.device)
-        nt = data.x_target.shape[2]
-        ar = model.ar_token(torch.arange(nt))
-        rows = torch.cat(
-            [
-                model.embedder.buffer(data.x_target, data.y_target) + ar,
-                model.embedder.target(data.x_target),
-            ],
-            2,
-        )  # [G, S, 2 Nt, D]
-        x = _through_layers(
-            model,
-            rows,
-            lambda i, q, k, v: teacher_forcing(q, *ctx_kv[i], k[..., :nt, :], v[..., :nt, :])[0],
-        )
-        z = model.backbone.norm(x[:, :, nt:])
-        return model.head.log_likelihood(z, data.y_target).reshape(data.batch, nt)
+        x_target, y_target = inputs["x_target"], inputs["y"]
+        nt = x_target.shape[2]
+        teacher_forcing = self._op("teacher_forcing_attention", x_target.device)
+        result = torch.empty(y_target.shape, device=x_target.device, dtype=x_target.dtype)
+
+        def density() -> None:
+            weights = _inference_weights(model)
+            ctx_kv = self.prefill_context(inputs["x_context"], inputs["y_context"], weights)
+            ar = model.ar_token(torch.arange(nt, device=x_target.device))
+            rows = torch.cat(
+                [
+                    model.embedder.buffer(x_target, y_target) + ar,
+                    model.embedder.target(x_target),
+                ],
+                2,
+            )  # [G, S, 2 Nt, D]
+
+            def attend(i, q, k, v):
+                return teacher_forcing(q, *ctx_kv[i], k[..., :nt, :], v[..., :nt, :])[0]
+
+            x = _through_layers(model, rows, attend, weights)
+            z = model.backbone.norm(x[:, :, nt:])
+            result.copy_(model.head.log_likelihood(z, y_target))
+
+        return [(density, 1)], result
 
     @torch.no_grad()
     def sample_sequence(
@@ -309,9 +356,20 @@ class ARTabPFNPredictor:
 
         x_context [B, Nc, C], y_context [B, Nc], x_target [B, Nt, C] -> [B, Nt]. For S joint
         samples of one dataset pass its context S times: it is computed and stored once.
+        RNG: one uniform and one normal draw per (row, target), both drawn up front from
+        `generator` (fp32, fp64 for a float64 model); y_t takes the mixture component by
+        inverse CDF and the normal draw (`gmm_sample_from_noise`), so the same seed gives the
+        same samples with or without CUDA graphs. (The peer draws a multinomial and a normal
+        at each step instead: the same distribution, another stream.)
         """
         data = self._arrange(x_context, y_context, x_target)
-        return self._decode(data, generator=generator)
+        g, s, nt, _ = data.x_target.shape
+        noise_dtype = torch.float64 if data.x_target.dtype == torch.float64 else torch.float32
+        noise = torch.empty((2, g, s, nt), device=data.x_target.device, dtype=noise_dtype)
+        noise[0].uniform_(generator=generator)
+        noise[1].normal_(generator=generator)
+        stages = functools.partial(self._decode_stages, sampling=True)
+        return self._run("sample", data.inputs(y=noise), stages).reshape(data.batch, nt)
 
     @torch.no_grad()
     def stepwise_log_density(
@@ -324,7 +382,8 @@ class ARTabPFNPredictor:
         """The sampling path with y fixed to y_target: per-step log p(y_t | ...) [B, Nt].
         Equal to `evaluate_joint_density` (the chain rule), computed step by step."""
         data = self._arrange(x_context, y_context, x_target, y_target)
-        return self._decode(data, fixed=data.y_target)
+        stages = functools.partial(self._decode_stages, sampling=False)
+        return self._run("stepwise", data.inputs(y=data.y_target), stages).reshape(data.batch, -1)
 
     @torch.no_grad()
     def marginal_mixture(
@@ -336,107 +395,176 @@ class ARTabPFNPredictor:
         other (a decode step with no buffer)."""
         data = self._arrange(x_context, y_context, x_target)
         model = self.model
-        ctx_kv = self.prefill_context(data.x_context, data.y_context)
+        weights = _inference_weights(model)
+        ctx_kv = self.prefill_context(data.x_context, data.y_context, weights)
         decode = self._op("shared_context_attention", data.x_target.device)
         targets = model.embedder.target(data.x_target)  # [G, S, Nt, D]
-        x = _through_layers(model, targets, lambda i, q, k, v: decode(q, *ctx_kv[i])[0])
+        x = _through_layers(model, targets, lambda i, q, k, v: decode(q, *ctx_kv[i])[0], weights)
         nt = data.x_target.shape[2]
         mixture = model.head.mixture(model.backbone.norm(x))
         return tuple(t.reshape(data.batch, nt, -1) for t in mixture)
 
-    def _decode(
-        self,
-        data: _Batch,
-        *,
-        fixed: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Decode the targets in order. Step 0 runs the target row alone; step t >= 1 runs
-        [buffer row t-1 (its x and its sampled or fixed y), target row t]: the buffer row sees
-        the context and buffer rows 0..t-1, the target the same; nobody sees a target.
-        Returns samples, or with `fixed` the log densities of the fixed values [B, Nt].
+    def _decode_stages(self, inputs: dict[str, torch.Tensor], *, sampling: bool) -> _Stages:
+        """Decoding the targets of `inputs` in order, as two stages: the context prefill and
+        step 0 (the target row alone), then step t >= 1, run Nt - 1 times: [buffer row t-1
+        (its x and its sampled or fixed y), target row t]; the buffer row sees the context
+        and buffer rows 0..t-1, the target the same; nobody sees a target. The step index
+        lives in a device tensor, so one captured graph replays every step >= 1.
 
-        Steps 1.. have one shape; on CUDA with a kernel backend (and `cuda_graph`, without
-        `context_top_k`, whose block selection is not graph-safe) the step up to the target
-        row's final norm is captured once and replayed with the step index in a device
-        tensor; the head (sampling, density) runs after each replay."""
+        inputs["y"]: the noise [2, G, S, Nt] (uniform, normal) when `sampling`, else the
+        fixed y [G, S, Nt]. Result [G, S, Nt]: the samples, or the fixed y's log densities.
+        """
         model = self.model
-        g, s, nt, _ = data.x_target.shape
-        first = next(iter(model.backbone.layers)).attn_rows
-        ctx_kv = self.prefill_context(data.x_context, data.y_context)
-        k0 = ctx_kv[0][0]
-        dev = k0.device
+        x_target, y = inputs["x_target"], inputs["y"]
+        g, s, nt, _ = x_target.shape
+        dev, dtype = x_target.device, x_target.dtype
+        first = model.backbone.layers[0].attn_rows
         # The prefilled context K/V are read in place (never copied); the cache holds the
         # per-path buffers only.
         cache = SharedContextKVCache.allocate(
-            num_layers=len(ctx_kv),
+            num_layers=len(model.backbone.layers),
             num_datasets=g,
             num_samples=s,
             kv_heads=first.n_heads,
-            head_dim=k0.shape[-1],
+            head_dim=model.d_model // first.n_heads,
             context_capacity=0,
             buffer_capacity=max(nt, 1),
-            dtype=k0.dtype,
+            dtype=dtype,
             device=dev,
         )
-        backend = get_backend(self.backend, device=dev, op="shared_context_attention")
         decode = self._op("shared_context_attention", dev)
-        targets = model.embedder.target(data.x_target)  # [G, S, Nt, D]
-
-        def rows_at(t, previous):
-            """Rows of step t >= 1 (t an int, or a 0-dim device tensor): [G, S, 2, D]."""
-            if isinstance(t, int):
-                x_prev, target = data.x_target[:, :, t - 1 : t], targets[:, :, t : t + 1]
-            else:
-                x_prev = data.x_target.index_select(2, (t - 1).reshape(1))
-                target = targets.index_select(2, t.reshape(1))
-            buffer_row = model.embedder.buffer(x_prev, previous[..., None])
-            return torch.cat([buffer_row + model.ar_token(t - 1), target], 2)
+        result = torch.empty((g, s, nt), device=dev, dtype=dtype)
+        previous = torch.empty((g, s), device=dev, dtype=dtype)  # y of the last buffer row
+        step = torch.zeros((), dtype=torch.long, device=dev)
+        state: dict[str, object] = {}  # made by the first stage, read by the next steps
 
         def run_layers(x, start, rule):
-            """All layers over rows x written at buffer slots [start, start + rows); returns
-            the last row's final norm [G, S, D]. start: an int or a 0-dim device tensor."""
+            """All layers over rows x written at buffer slots [start, start + rows); the
+            last row's final norm [G, S, D]. start: 0 or the step tensor minus one."""
             buffer_len = start + x.shape[2]
             length = cache.buffer_capacity if isinstance(start, torch.Tensor) else buffer_len
+            ctx_kv = state["ctx_kv"]
 
             def attend(i, q, k, v):
                 cache.write_buffer(i, k, v, start=start)
                 k_buf, v_buf = cache.buffer(i, length=length)
                 return decode(q, *ctx_kv[i], k_buf, v_buf, buffer_len=buffer_len, row_rule=rule)[0]
 
-            return model.backbone.norm(_through_layers(model, x, attend)[:, :, -1])
+            x = _through_layers(model, x, attend, state["weights"])
+            return model.backbone.norm(x[:, :, -1])
 
-        result = torch.empty((g, s, nt), device=dev, dtype=k0.dtype)
+        def head(z) -> None:
+            """Sample (or score the fixed value of) the target at `step`."""
+            at = step.reshape(1)
+            if sampling:
+                uniform, normal = y.index_select(-1, at)[..., 0]
+                value = gmm_sample_from_noise(*model.head.mixture(z), uniform, normal)
+                previous.copy_(value)
+            else:
+                fixed = y.index_select(-1, at)[..., 0]
+                value = model.head.log_likelihood(z, fixed)
+                previous.copy_(fixed)
+            result.index_copy_(2, at, value[..., None].to(dtype))
 
-        def head(z, t):
-            """Sample (or score the fixed value of) target t; returns the buffer row's y."""
-            if fixed is None:
-                result[..., t] = model.head.sample(z, generator=generator)
-                return result[..., t]
-            result[..., t] = model.head.log_likelihood(z, fixed[..., t])
-            return fixed[..., t]
+        def prefill_and_first_step() -> None:
+            state["weights"] = weights = _inference_weights(model)
+            state["ctx_kv"] = self.prefill_context(
+                inputs["x_context"], inputs["y_context"], weights
+            )
+            state["targets"] = targets = model.embedder.target(x_target)  # [G, S, Nt, D]
+            step.zero_()
+            head(run_layers(targets[:, :, :1], 0, ("strict",)))
 
-        previous = head(run_layers(targets[:, :, :1], 0, ("strict",)), 0)
-        rule = ("causal", "strict")
-        graph_safe = backend.name != "torch" and self.context_top_k is None
-        if nt > 2 and self.cuda_graph and dev.type == "cuda" and graph_safe:
-            step = torch.ones((), dtype=torch.long, device=dev)
-            prev = previous.clone()
-            side = torch.cuda.Stream(dev)
+        def next_step() -> None:
+            step.add_(1)
+            x_prev = x_target.index_select(2, (step - 1).reshape(1))
+            target = state["targets"].index_select(2, step.reshape(1))
+            buffer_row = model.embedder.buffer(x_prev, previous[..., None])
+            rows = torch.cat([buffer_row + model.ar_token(step - 1), target], 2)
+            head(run_layers(rows, step - 1, ("causal", "strict")))
+
+        if nt == 0:
+            return [], result
+        return [(prefill_and_first_step, 1), (next_step, nt - 1)], result
+
+    # ---- running the stages: eagerly, or from CUDA graphs --------------------------------
+
+    def _run(
+        self,
+        method: str,
+        inputs: dict[str, torch.Tensor],
+        stages: Callable[[dict[str, torch.Tensor]], _Stages],
+    ) -> torch.Tensor:
+        """`stages(inputs)` run eagerly, or, on CUDA with a kernel backend and `cuda_graph`,
+        from the graphs captured for `method` at the first call with these input shapes."""
+        dev = inputs["x_target"].device
+        backend = get_backend(self.backend, device=dev, op="shared_context_attention")
+        graphs = (
+            self.cuda_graph
+            and dev.type == "cuda"
+            and backend.name != "torch"
+            and self.context_top_k is None  # block selection syncs with the host
+        )
+        if not graphs:
+            steps, result = stages(inputs)
+            for run, repeats in steps:
+                for _ in range(repeats):
+                    run()
+            return result
+        key = tuple((name, t.shape, t.dtype, t.device) for name, t in inputs.items())
+        with self._lock:
+            captured = self._graphs.get(method)
+            if captured is None or captured.key != key:
+                self._graphs.pop(method, None)  # free the old graphs before capturing anew
+                captured = self._graphs[method] = _Captured(key, inputs, stages)
+            return captured.replay(inputs)
+
+    def release_graphs(self) -> None:
+        """Free the captured CUDA graphs and their static buffers (KV cache included)."""
+        with self._lock:
+            self._graphs.clear()
+
+
+# Stages of a predictor call: [(run, repeats)] in order, and the tensor holding the result.
+_Stages = tuple[list[tuple[Callable[[], None], int]], torch.Tensor]
+
+
+class _Captured:
+    """A predictor call's stages captured as CUDA graphs, one per stage, with static copies
+    of its inputs: `replay(inputs)` copies new inputs of the same shapes in, replays each
+    stage's graph its number of times and returns a copy of the result."""
+
+    def __init__(
+        self,
+        key: tuple,
+        inputs: dict[str, torch.Tensor],
+        stages: Callable[[dict[str, torch.Tensor]], _Stages],
+    ):
+        self.key = key
+        self.inputs = {name: t.clone() for name, t in inputs.items()}
+        # The stage closures hold what the graphs read and write between stages (the
+        # prefilled context K/V): kept alive with the graphs.
+        self.steps, self.result = stages(self.inputs)
+        dev = self.result.device
+        side = torch.cuda.Stream(dev)
+        self.graphs = []
+        for run, repeats in self.steps:
+            if repeats == 0:
+                continue
+            # Warm-up outside the capture (autotuning, compilation), on a side stream.
             side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):  # warm-up (autotuning, compilation): step 1 itself
-                run_layers(rows_at(step, prev), step - 1, rule)
+            with torch.cuda.stream(side):
+                run()
             torch.cuda.current_stream(dev).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                z = run_layers(rows_at(step, prev), step - 1, rule)
-            for t in range(1, nt):
-                step.fill_(t)
+                run()
+            self.graphs.append((graph, repeats))
+
+    def replay(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        for name, t in inputs.items():
+            self.inputs[name].copy_(t)
+        for graph, repeats in self.graphs:
+            for _ in range(repeats):
                 graph.replay()
-                prev.copy_(head(z, t))
-                cache.commit(1)
-        else:
-            for t in range(1, nt):
-                previous = head(run_layers(rows_at(t, previous), t - 1, rule), t)
-                cache.commit(1)
-        return result.reshape(data.batch, nt)
+        return self.result.clone()
