@@ -28,8 +28,8 @@ autocast (sdpa attention, torch head/MLP/loss), under the bf16 bound. Backward a
 optimizer are checked by packages/tabpfn-infer/tests/test_tnp.py's GPU tests.
 
 Loss curves: `python -m bench.suites.training loss-curve [--steps 300] [--out DIR]`
-trains `sdpa` and `all-triton` from the same seed on the same prior tasks (small shape)
-and writes training_loss_curve.json and .png.
+trains `sdpa`, `all-triton` and (sm90 only) `fp8-attention+triton` from the same seed on
+the same prior tasks (small shape) and writes training_loss_curve.json and .png.
 """
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ class Variant:
     triton: tuple[str, ...]
     checkpoint: bool = False
     graph: bool = False
+    fp8_attention: bool = False  # attention through tabattn-fp8 (FP8 forward, bf16 backward)
 
     @property
     def name(self) -> str:
@@ -94,12 +95,14 @@ class Variant:
             base = "all-triton"
         else:
             base = "+".join(f"{k}-triton" for k in self.triton)
+        base = base.replace("all-triton", "fp8-attention+triton") if self.fp8_attention else base
         return base + ("+ckpt" if self.checkpoint else "") + ("+graph" if self.graph else "")
 
     def backends(self) -> dict[str, str]:
         baseline = {"attention_backend": "sdpa", "head_backend": "torch",
                     "mlp_backend": "torch", "loss_backend": "torch"}  # fmt: skip
-        return {**baseline, **{f"{k}_backend": "triton" for k in self.triton}}
+        chosen = {**baseline, **{f"{k}_backend": "triton" for k in self.triton}}
+        return {**chosen, "attention_backend": "fp8"} if self.fp8_attention else chosen
 
 
 ALL = tuple(KERNEL_OPS)
@@ -243,12 +246,13 @@ def _check_available(variant: Variant, case: dict[str, Any], cfg: RunConfig) -> 
         raise Unavailable("smoke run in the Triton interpreter: all-triton covers the kernels")
     if variant.triton:
         need_gpu_or_interpreter(torch.empty(0, device=cfg.device, dtype=_dtype(cfg)), variant.name)
-    for kernel in variant.triton:
+    chosen = [("triton", kernel) for kernel in variant.triton]
+    for backend, kernel in chosen + ([("fp8", "attention")] if variant.fp8_attention else []):
         op = KERNEL_OPS[kernel]
         if op not in OPS:
             raise Unavailable(f"tabattn-core's registry has no op {op!r} yet")
         try:
-            registry.choose("triton", device=cfg.device, op=op)
+            registry.choose(backend, device=cfg.device, op=op)
         except InputError as exc:
             raise Unavailable(str(exc)) from None
 
@@ -349,14 +353,15 @@ SUITE = register_suite(
 
 
 def loss_curves(cfg: RunConfig, *, steps: int, out: Path) -> dict[str, Any]:
-    """Train `sdpa` and `all-triton` (same seed, same tasks) for `steps` steps at the
-    small shape (smoke: the tiny model and shape); write JSON and PNG under `out`."""
+    """Train `sdpa`, `all-triton` and, on sm90, `fp8-attention+triton` (same seed, same
+    tasks) for `steps` steps at the small shape (smoke: the tiny model and shape); write
+    JSON and PNG under `out`. The loss differences compare the first two."""
     from tabpfn_infer.train_tnp import TNPTrainConfig, train_tnp
 
     name, b, m, n = SMOKE_CASES[0] if cfg.smoke else CASES[0]
     case = {"name": name, "B": b, "M": m, "N": n, "tiny": cfg.smoke}
     runs: dict[str, Any] = {}
-    for variant in (Variant(()), Variant(ALL)):
+    for variant in (Variant(()), Variant(ALL), Variant(ALL, fp8_attention=True)):
         train = TNPTrainConfig(
             model=replace(_model_config(cfg.smoke), **variant.backends()), batch=b, num_context=m,
             num_target=n, steps=steps, lr=LR, warmup=max(1, steps // 10), log_every=1,
@@ -375,7 +380,7 @@ def loss_curves(cfg: RunConfig, *, steps: int, out: Path) -> dict[str, Any]:
         header.pop(key, None)
     header.update(suite="training_loss_curve", case=case, steps=steps)
     result = {"header": header, "runs": runs}
-    logs = [r["log"] for r in runs.values() if r["status"] == "ok"]
+    logs = [r["log"] for r in list(runs.values())[:2] if r["status"] == "ok"]
     if len(logs) == 2:
         diffs = [abs(a["loss"] - c["loss"]) for a, c in zip(*logs, strict=True)]
         result["max_abs_loss_difference"] = max(diffs)
