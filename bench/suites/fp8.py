@@ -1,19 +1,30 @@
-"""Suite `fp8`: the FP8 (E4M3) context-target attention of tabattn-fp8 against our bf16
-kernel and SDPA, for speed and accuracy.
+"""Suite `fp8`: the FP8 (E4M3) attention of tabattn-fp8 against our bf16 kernels and SDPA,
+for speed and accuracy.
 
-Shapes as the `context_target` suite (q [B, H, M+N, D] over k/v [B, H, M, D], H=8,
-D in {64, 128}, bf16), each on two inputs: `gaussian` (standard normal) and `outliers`
-(channels 0 and 1 of q and k 100x larger, as activation outliers in trained models).
-Providers: `fp8` (P·V in FP8, q/k rotated), `fp8-norotate` (the same without the rotation),
-`fp8-pbf16` (P·V in bf16 with the unquantised v), `tabattn`
-(our bf16 kernel), `sdpa-cudnn` / `sdpa-flash` (the baselines of fwd / fwd+bwd). fwd+bwd
-(FP8 forward + our bf16 backward) runs on the Gaussian inputs.
+Context-target (modes `fwd`, `fwd+bwd`): shapes as the `context_target` suite (q
+[B, H, M+N, D] over k/v [B, H, M, D], H=8, D in {64, 128}, bf16). Providers: `fp8` (P·V in
+FP8, q/k rotated), `fp8-norotate` (the same without the rotation), `fp8-pbf16` (P·V in
+bf16 with the unquantised v), `tabattn` (our bf16 kernel), `sdpa-cudnn` / `sdpa-flash` (the
+baselines of fwd / fwd+bwd). fwd+bwd (FP8 forward + our bf16 backward) runs on the
+Gaussian inputs.
 
-Correctness: the `context_target` suite's fp64 check of head (0, 0). The FP8 providers are
-held to `FP8_REL_TOL` instead of the bf16 bound (FP8 is a precision trade; on outlier
-inputs they are expected to fail it and are then not timed). Every provider's forward also
-gets accuracy figures on the same rows, stored per row under `accuracy` and shown in the
-table: relative L2 error, max abs error, cosine similarity of out against fp64.
+Shared context (modes `decode`, `teacher_forcing`, forward only): the cases of the
+`shared_context` suite (one joint-sampling decode step q [G, S, H, 1, D] over the shared
+context [G, H, Nc, D] and T buffer rows per path; teacher forcing q [G, S, H, 2*Nt, D]).
+Providers: `fp8` (`tabattn_fp8.shared_context`: the context part in FP8 with all S paths
+folded into query rows, the buffer part exact, merged by LSE) and `tabattn`
+(tabattn-triton's bf16 op, the baseline).
+
+Every case runs on two inputs: `gaussian` (standard normal) and `outliers` (channels 0
+and 1 of q and the keys 100x larger, as activation outliers in trained models).
+
+Correctness: the `context_target` suite's fp64 check of head (0, 0), or the
+`shared_context` suite's fp64 check of the first dataset's first paths. The FP8 providers
+are held to `FP8_REL_TOL` instead of the bf16 bound. FP8 trades precision for speed: on
+outlier inputs they are expected to fail the bound and are then not timed. Every
+provider's forward also gets accuracy figures on the same rows, stored per row under
+`accuracy` and shown in the table: relative L2 error, max abs error, cosine similarity of
+out against fp64.
 
 `python -m bench.suites.fp8` (CPU, no kernels) prints the accuracy of the FP8-emulated
 reference (`tabattn_fp8.reference.attention`) against fp64 on the same kinds of inputs, with
@@ -36,6 +47,7 @@ from bench.harness import (
     register_suite,
 )
 from bench.suites import context_target as ct
+from bench.suites import shared_context as sc
 
 INPUT_KINDS = ("gaussian", "outliers")
 OUTLIER_CHANNELS = 2
@@ -49,37 +61,71 @@ def _cases(cfg: RunConfig) -> list[dict[str, Any]]:
     sizes = ct.SMOKE_SIZES[:1] if cfg.smoke else ct.SIZES
     dims = ct.SMOKE_HEAD_DIMS[:1] if cfg.smoke else ct.HEAD_DIMS
     heads = ct.SMOKE_H if cfg.smoke else ct.H
-    return [
+    cases = [
         {"B": b, "H": heads, "M": m, "N": n, "D": d, "inputs": kind}
         for d in dims
         for (b, m, n) in sizes
         for kind in INPUT_KINDS
     ]
+    shared = sc._cases(cfg)
+    if cfg.smoke:  # one decode and one teacher-forcing case
+        shared = [next(c for c in shared if c["mode"] == mode) for mode in sc.MODES]
+    return cases + [{**case, "inputs": kind} for case in shared for kind in INPUT_KINDS]
+
+
+def _is_shared(case: dict[str, Any]) -> bool:
+    """A case of the shared-context ops (it names its mode), else context-target."""
+    return "mode" in case
 
 
 def _case_modes(case: dict[str, Any]) -> tuple[str, ...]:
+    if _is_shared(case):
+        return (case["mode"],)
     return ("fwd", "fwd+bwd") if case["inputs"] == "gaussian" else ("fwd",)
 
 
 def _make_inputs(case: dict[str, Any], cfg: RunConfig, seed: int) -> Inputs:
-    inputs = ct._make_inputs(case, cfg, seed)
+    if _is_shared(case):
+        inputs, keys = sc._make_inputs(case, cfg, seed), ("q", "k_ctx", "k_buf")
+    else:
+        inputs, keys = ct._make_inputs(case, cfg, seed), ("q", "k")
     if case["inputs"] == "outliers":
         with torch.no_grad():
-            for name in ("q", "k"):
+            for name in keys:
                 factor = SMOKE_OUTLIER_FACTOR if cfg.smoke else OUTLIER_FACTOR
                 inputs.leaves[name][..., :OUTLIER_CHANNELS] *= factor
     return inputs
 
 
+def _reference(case: dict[str, Any], inputs: Inputs, mode: str, cfg: RunConfig):
+    suite = sc if _is_shared(case) else ct
+    return suite._reference(case, inputs, mode, cfg)
+
+
+def _forward_flops(case: dict[str, Any]) -> float:
+    return (sc if _is_shared(case) else ct)._forward_flops(case)
+
+
 def _shape_label(case: dict[str, Any]) -> str:
-    return f"{ct._shape_label(case)} {case['inputs']}"
+    return f"{(sc if _is_shared(case) else ct)._shape_label(case)} {case['inputs']}"
+
+
+def _x_label(case: dict[str, Any]) -> str:
+    return f"{(sc if _is_shared(case) else ct)._x_label(case)}\n{case['inputs']}"
+
+
+def _baseline(mode: str, cfg: RunConfig) -> str:
+    if mode in sc.MODES or cfg.device.type == "cpu":
+        return "tabattn"
+    return "sdpa-cudnn" if mode == "fwd" else "sdpa-flash"
 
 
 def _accuracy(case: dict[str, Any], inputs: Inputs, name: str, fn) -> None:
-    """Relative L2, max abs error and cosine similarity of one forward's out (head (0, 0),
-    the check rows) against fp64; kept for `_annotate`."""
+    """Relative L2, max abs error and cosine similarity of one forward's out (the rows of
+    the suite's fp64 check) against fp64; kept for `_annotate`."""
     if "fp64_out" not in inputs.extra:
-        ref = ct._reference(case, inputs, "fwd", RunConfig(device=inputs.grad_out.device))
+        mode = case["mode"] if _is_shared(case) else "fwd"
+        ref = _reference(case, inputs, mode, RunConfig(device=inputs.grad_out.device))
         inputs.extra["fp64_out"] = ref["out"]
     check = inputs.extra["fp64_out"]
     with torch.no_grad():
@@ -101,18 +147,33 @@ def _with_accuracy(name: str, make):
     return wrapped
 
 
+def _by_case(context_target, shared):
+    """A provider's `make` that dispatches on the kind of case."""
+
+    def make(case: dict[str, Any], inputs: Inputs):
+        return (shared if _is_shared(case) else context_target)(case, inputs)
+
+    return make
+
+
+def _need_fp8(q: torch.Tensor) -> None:
+    """Raise Unavailable unless tabattn-fp8 imports and runs on q's device (sm90, or CPU
+    under the interpreter)."""
+    need_gpu_or_interpreter(q, "tabattn-fp8")
+    try:
+        from tabattn_fp8.attention.interface import check_fp8_device
+
+        check_fp8_device(q.device)
+    except (ImportError, RuntimeError) as exc:
+        raise Unavailable(f"tabattn-fp8: {type(exc).__name__}: {exc}") from None
+
+
 def _make_fp8(p_fp8: bool, rotate: bool = True):
     def make(case: dict[str, Any], inputs: Inputs):
         q, k, v = ct._qkv(inputs)
-        need_gpu_or_interpreter(q, "tabattn-fp8")
-        try:
-            from tabattn_fp8.attention import fp8_attention
-            from tabattn_fp8.attention.interface import check_fp8_device
-
-            check_fp8_device(q.device)
-        except (ImportError, RuntimeError) as exc:
-            raise Unavailable(f"tabattn-fp8: {type(exc).__name__}: {exc}") from None
+        _need_fp8(q)
         from tabattn_core.masks import ContextTargetMask
+        from tabattn_fp8.attention import fp8_attention
 
         mask = ContextTargetMask(q.shape[-2], k.shape[-2], case["M"])
         scale = inputs.extra["scale"]
@@ -121,6 +182,24 @@ def _make_fp8(p_fp8: bool, rotate: bool = True):
         )
 
     return make
+
+
+def _make_fp8_shared(case: dict[str, Any], inputs: Inputs):
+    """tabattn_fp8's decode or teacher-forcing op (context in FP8, buffer exact)."""
+    q, k_ctx, v_ctx, k_buf, v_buf = sc._tensors(inputs)
+    _need_fp8(q)
+    from tabattn_fp8.shared_context import (
+        fp8_shared_context_attention,
+        fp8_teacher_forcing_attention,
+    )
+
+    scale = inputs.extra["scale"]
+    if case["mode"] == sc.DECODE:
+        t = case["T"]
+        return lambda: fp8_shared_context_attention(
+            q, k_ctx, v_ctx, k_buf, v_buf, buffer_len=t, scale=scale
+        )
+    return lambda: fp8_teacher_forcing_attention(q, k_ctx, v_ctx, k_buf, v_buf, scale=scale)
 
 
 FA3_OUTLIER_FRACTION = 1e-3  # FlashAttention-3's error test: 0.1% of entries N(0, 10^2)
@@ -185,16 +264,21 @@ SUITE = register_suite(
     Suite(
         name="fp8",
         description=(
-            "FP8 (E4M3, per-block scales) context-target attention vs our bf16 kernel and "
-            "SDPA: q [B, H, M+N, D] over k/v [B, H, M, D], H=8, D in {64, 128}, Gaussian "
-            "inputs and inputs with outlier channels"
+            "FP8 (E4M3, per-block scales) attention vs our bf16 kernels and SDPA: "
+            "context-target q [B, H, M+N, D] over k/v [B, H, M, D], H=8, D in {64, 128}; "
+            "shared-context decode and teacher forcing at the shared_context suite's "
+            "shapes; Gaussian inputs and inputs with outlier channels"
         ),
         cases=_cases,
         providers={
             "fp8": Provider(
                 "fp8",
-                _with_accuracy("fp8", _make_fp8(True)),
-                "tabattn_fp8 fp8_attention (Q, K rotated; Q, K, P·V in E4M3), bf16 backward",
+                _with_accuracy("fp8", _by_case(_make_fp8(True), _make_fp8_shared)),
+                "tabattn_fp8 fp8_attention (Q, K rotated; Q, K, P·V in E4M3), bf16 backward; "
+                "decode / teacher forcing: fp8_shared_context_attention / "
+                "fp8_teacher_forcing_attention (the context part as fp8_attention with the "
+                "S paths folded into query rows, the buffer part by tabattn_triton's bf16 "
+                "op with an empty context, merged by LSE)",
                 rel_tol=FP8_REL_TOL,
             ),
             "fp8-norotate": Provider(
@@ -213,8 +297,10 @@ SUITE = register_suite(
             ),
             "tabattn": Provider(
                 "tabattn",
-                _with_accuracy("tabattn", ct._make_tabattn),
-                "our bf16 kernel: tabattn_triton flash_attention with ContextTargetMask",
+                _with_accuracy("tabattn", _by_case(ct._make_tabattn, sc._make_tabattn)),
+                "our bf16 kernel: tabattn_triton flash_attention with ContextTargetMask; "
+                "decode / teacher forcing: tabattn_triton.ops.shared_context "
+                "shared_context_attention / teacher_forcing_attention",
             ),
             "sdpa-cudnn": Provider(
                 "sdpa-cudnn",
@@ -230,17 +316,14 @@ SUITE = register_suite(
             ),
         },
         make_inputs=_make_inputs,
-        forward_flops=ct._forward_flops,
-        reference=ct._reference,
-        baseline=lambda mode, cfg: (
-            "tabattn"
-            if cfg.device.type == "cpu"
-            else ("sdpa-cudnn" if mode == "fwd" else "sdpa-flash")
-        ),
+        forward_flops=_forward_flops,
+        reference=_reference,
+        baseline=_baseline,
         dtype=ct._dtype,
         shape_label=_shape_label,
-        x_label=lambda case: f"{ct._x_label(case)}\n{case['inputs']}",
+        x_label=_x_label,
         panel_keys=("D", "inputs"),
+        modes=("fwd", "fwd+bwd", *sc.MODES),
         case_modes=_case_modes,
         annotate=_annotate,
         header_extra={
@@ -252,7 +335,10 @@ SUITE = register_suite(
             "fp8_rel_tol": FP8_REL_TOL,
         },
         reference_method=(
-            ct.SUITE.reference_method
+            "fwd, fwd+bwd: "
+            + ct.SUITE.reference_method
+            + " decode, teacher_forcing: "
+            + sc.SUITE.reference_method
             + f" The fp8 providers' bound is {FP8_REL_TOL} instead of REL_TOL[dtype]. "
             "Accuracy columns: out of the same rows against fp64 (relative L2, max abs, "
             "cosine), from one forward call."

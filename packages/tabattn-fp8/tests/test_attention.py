@@ -199,7 +199,12 @@ def test_backend_only_on_sm90_and_never_auto(monkeypatch):
     registry = Registry()
     backend.register(registry)
     fp8 = next(b for b in registry.backends() if b.name == "fp8")
-    assert set(fp8.ops) == {"attention", "context_target_attention"}
+    assert set(fp8.ops) == {
+        "attention",
+        "context_target_attention",
+        "shared_context_attention",
+        "teacher_forcing_attention",
+    }
     assert fp8.priority < 0  # below the torch reference: `auto` never picks it
     assert not fp8.available(torch.device("cpu"))[0]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

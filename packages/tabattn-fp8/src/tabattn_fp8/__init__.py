@@ -3,12 +3,13 @@
 - :func:`quantize_fp8` (``tabattn_fp8.quantize``): per-block E4M3 quantisation;
 - :func:`fp8_attention` (``tabattn_fp8.attention``): FP8 forward for tabattn-triton's prefix
   masks (context-target, causal, AR rows), backward by tabattn-triton's flash backward;
+- :func:`fp8_shared_context_attention`, :func:`fp8_teacher_forcing_attention`
+  (``tabattn_fp8.shared_context``): decode and teacher forcing with the shared context in
+  FP8 and the buffer exact (tabattn-triton), merged by LSE; forward only;
 - ``tabattn_fp8.reference``: the PyTorch references (quantise, dequantise, FP8-emulated
   attention);
 - backend ``fp8`` of tabattn-core's registry (sm90 only, never chosen by ``auto``);
 - :func:`require_sm90`, the capability check.
-
-Shared-context decode and teacher forcing have no FP8 kernels yet.
 """
 
 from __future__ import annotations
@@ -17,7 +18,14 @@ import torch
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "fp8_attention", "quantize_fp8", "require_sm90"]
+__all__ = [
+    "__version__",
+    "fp8_attention",
+    "fp8_shared_context_attention",
+    "fp8_teacher_forcing_attention",
+    "quantize_fp8",
+    "require_sm90",
+]
 
 
 def require_sm90(device: torch.device | str | int | None = None) -> torch.device:
@@ -62,6 +70,14 @@ def __getattr__(name: str):
         from tabattn_fp8.attention import fp8_attention
 
         return fp8_attention
+    if name == "fp8_shared_context_attention":
+        from tabattn_fp8.shared_context import fp8_shared_context_attention
+
+        return fp8_shared_context_attention
+    if name == "fp8_teacher_forcing_attention":
+        from tabattn_fp8.shared_context import fp8_teacher_forcing_attention
+
+        return fp8_teacher_forcing_attention
     if name == "quantize_fp8":
         from tabattn_fp8.quantize import quantize_fp8
 

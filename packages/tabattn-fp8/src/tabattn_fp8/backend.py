@@ -42,8 +42,14 @@ def attention(q, k, v, *, mask: MaskSpec | torch.Tensor | None = None, scale=Non
 
 def register(registry: Registry) -> None:
     """Register the FP8 kernels with tabattn-core's op registry: ops "attention" (prefix
-    masks) and "context_target_attention", available on sm90 only, never chosen by `auto`."""
+    masks), "context_target_attention", "shared_context_attention" and
+    "teacher_forcing_attention" (forward only: context in FP8, buffer exact), available on
+    sm90 only, never chosen by `auto`."""
     from tabattn_fp8.attention import fp8_context_target_attention
+    from tabattn_fp8.shared_context import (
+        fp8_shared_context_attention,
+        fp8_teacher_forcing_attention,
+    )
 
     registry.register_backend(
         Backend(
@@ -52,6 +58,8 @@ def register(registry: Registry) -> None:
             ops={
                 "attention": attention,
                 "context_target_attention": fp8_context_target_attention,
+                "shared_context_attention": fp8_shared_context_attention,
+                "teacher_forcing_attention": fp8_teacher_forcing_attention,
             },
             available=available,
             description="FP8 E4M3 attention forward on Hopper (tabattn-fp8), bf16 backward",

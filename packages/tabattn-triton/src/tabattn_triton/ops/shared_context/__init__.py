@@ -1,9 +1,15 @@
 """Shared-context attention for joint sampling: fused decode and teacher forcing."""
 
 from tabattn_triton.ops.shared_context.interface import (
+    check_context_buffer_inputs,
     choose_num_splits,
     shared_context_attention,
     teacher_forcing_attention,
 )
 
-__all__ = ["choose_num_splits", "shared_context_attention", "teacher_forcing_attention"]
+__all__ = [
+    "check_context_buffer_inputs",
+    "choose_num_splits",
+    "shared_context_attention",
+    "teacher_forcing_attention",
+]

@@ -37,7 +37,12 @@ from tabattn_triton.ops.shared_context.kernel import (
     shared_context_fwd_kernel,
 )
 
-__all__ = ["choose_num_splits", "shared_context_attention", "teacher_forcing_attention"]
+__all__ = [
+    "check_context_buffer_inputs",
+    "choose_num_splits",
+    "shared_context_attention",
+    "teacher_forcing_attention",
+]
 
 MIN_SPLIT_KEYS = 512  # a split reads at least this many context keys
 SAMPLE_TILE_MIN_ROWS = 16  # rows per sample from which per-sample tiles feed the dots
@@ -52,8 +57,12 @@ def _signature(t: torch.Tensor | None) -> tuple | None:
     return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
 
 
-def _check(q, k_ctx, v_ctx, k_buf, v_buf, context_lens, *, need_buffer: int, q_dims: str) -> tuple:
-    """Shapes, dtypes, devices, strides, head dim; returns (group, ctx_len, ctx_lens).
+def check_context_buffer_inputs(
+    q, k_ctx, v_ctx, k_buf, v_buf, context_lens, *, need_buffer: int, q_dims: str
+) -> tuple:
+    """Shapes, dtypes, devices, strides, head dim, GQA, context lengths of the shared-context
+    ops' inputs; returns (group, ctx_len, ctx_lens): ctx_lens the int64 [G] per-dataset
+    lengths, or None when one length ctx_len holds for every dataset.
 
     The checks depend only on shapes, strides, dtypes, devices and the integer arguments, so a
     signature seen before skips them (a decode loop calls this every layer and step); tensor
@@ -324,7 +333,7 @@ def shared_context_attention(
         buffer_len = 0 if k_buf is None else k_buf.shape[3]
     elif int(buffer_len) != buffer_len or buffer_len < 0:
         raise InputError(f"buffer_len: expected a non-negative int, got {buffer_len!r}")
-    group, ctx_len, ctx_lens = _check(
+    group, ctx_len, ctx_lens = check_context_buffer_inputs(
         q,
         k_ctx,
         v_ctx,
@@ -372,7 +381,7 @@ def teacher_forcing_attention(
     nt = q.shape[3] // 2
     if k_buf is None or v_buf is None:
         raise InputError("k_buf, v_buf: expected tensors [G, S, H_kv, Nt, D], got None")
-    group, ctx_len, ctx_lens = _check(
+    group, ctx_len, ctx_lens = check_context_buffer_inputs(
         q, k_ctx, v_ctx, k_buf, v_buf, context_lens, need_buffer=nt, q_dims="[G, S, H, 2*Nt, D]"
     )
     if k_buf.shape[3] != nt:

@@ -1,0 +1,274 @@
+"""FP8 shared-context decode and teacher forcing: checks -> launcher -> public functions.
+
+No kernel of its own. Each op's keys split in two, as the predictor's top-k path splits
+them (`tabpfn_infer.predictor._merge_with_buffer`):
+
+- context (FP8): every query row of dataset g sees the same keys, its first M_g context
+  rows, whatever its row rule. So the S * Lq rows of its S sample paths are one dense
+  attention: q viewed as [G, H, S*Lq, D] over k_ctx, v_ctx [G, H_kv, Nc, D], run by
+  tabattn-fp8's FP8 forward (`fp8_attention_fwd`). It returns out and the true fp32 LSE.
+- buffer (exact): tabattn-triton's op of the same name with an empty context (Nc = 0
+  slices of k_ctx, v_ctx). It runs in the input precision with an fp32 softmax.
+- the two parts merged by their LSEs (`tabattn_core.reference.merge_states`).
+
+`fp8_shared_context_attention` and `fp8_teacher_forcing_attention` are the `fp8` backend's
+registry ops of the same names, with the signatures of `tabattn_core.reference`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import torch
+
+from tabattn_core.checks import (
+    InputError,
+    check_scale,
+    check_tensor,
+)
+from tabattn_core.masks import BufferDecodeMask
+from tabattn_core.reference import merge_states
+from tabattn_fp8.attention.interface import check_fp8_device, fp8_attention_fwd
+from tabattn_triton.ops.attention.interface import PrefixMask
+from tabattn_triton.ops.common import MASK_CONTEXT
+from tabattn_triton.ops.shared_context import (
+    check_context_buffer_inputs as triton_check_inputs,
+)
+from tabattn_triton.ops.shared_context import (
+    shared_context_attention as triton_shared_context_attention,
+)
+from tabattn_triton.ops.shared_context import (
+    teacher_forcing_attention as triton_teacher_forcing_attention,
+)
+
+__all__ = [
+    "check_context_buffer_inputs",
+    "fp8_context_buffer_fwd",
+    "fp8_context_fwd",
+    "fp8_shared_context_attention",
+    "fp8_teacher_forcing_attention",
+]
+
+# (q, k_ctx[:, :, :0], v_ctx[:, :, :0]) -> (out, lse): the exact attention over the buffer.
+BufferPart = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def check_context_buffer_inputs(
+    q, k_ctx, v_ctx, k_buf, v_buf, context_lens, *, need_buffer: int, q_dims: str
+) -> tuple[int, int, torch.Tensor | None]:
+    """tabattn-triton's checks of the shared-context ops (shapes, dtypes, devices, strides,
+    head dim, GQA, context lengths), then the FP8 ones: no input requiring grad (these ops
+    are forward-only) and an sm90 device (or CPU under TRITON_INTERPRET=1). Returns
+    (group, ctx_len, ctx_lens) as tabattn-triton's."""
+    result = triton_check_inputs(
+        q, k_ctx, v_ctx, k_buf, v_buf, context_lens, need_buffer=need_buffer, q_dims=q_dims
+    )
+    tensors = (q, k_ctx, v_ctx, k_buf, v_buf)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise InputError(
+            "q, k_ctx, v_ctx, k_buf, v_buf: expected no tensor requiring grad; the FP8 "
+            "shared-context ops are forward-only (inference); use backend 'triton' or "
+            "'torch' to train"
+        )
+    check_fp8_device(q.device)
+    return result
+
+
+def fp8_context_fwd(
+    q: torch.Tensor,
+    k_ctx: torch.Tensor,
+    v_ctx: torch.Tensor,
+    ctx_len: int,
+    ctx_lens: torch.Tensor | None,
+    group: int,
+    scale: float,
+    *,
+    smooth_k: bool = True,
+    p_fp8: bool = True,
+    rotate: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The context part in FP8. All S*Lq rows of dataset g attend to its first M_g context
+    keys (ctx_lens[g], or ctx_len for every dataset).
+
+    q [G, S, H, Lq, D] is reshaped to [G, H, S*Lq, D]. That is a view (no copy) when
+    S == 1, when Lq == 1 (a decode step of one row), or when q.stride(1) == Lq * q.stride(3)
+    (the model's [G, S, Lq, H, D] projections transposed). Other layouts, such as a
+    contiguous [G, S, H, Lq, D] with H > 1 and Lq > 1, get one copy of q. The kernels take
+    any row strides. With `rotate` (the default), the rotation writes an fp32 copy of the
+    rows in any case, as `fp8_attention` does. With one length, k_ctx and v_ctx are sliced
+    to it (views). Then the keys past it need not be finite, and the K smoothing and
+    scales see only the rows read. With per-dataset lengths, the context-target mask runs
+    over all Nc rows, so every row must be finite (`fp8_attention`).
+
+    Returns out [G, S, H, Lq, D] (q.dtype) and lse [G, S, H, Lq] (fp32, the true LSE).
+    Both are strided views of the [G, H, S*Lq, ...] results. A row with no context key
+    gets out 0 and LSE -inf.
+    """
+    g, s, h, lq, d = q.shape
+    q_rows = q.transpose(1, 2).reshape(g, h, s * lq, d)
+    if ctx_lens is None:
+        k, v, pm = k_ctx[:, :, :ctx_len], v_ctx[:, :, :ctx_len], PrefixMask()
+    else:
+        k, v = k_ctx, v_ctx
+        pm = PrefixMask(MASK_CONTEXT, ctx_len=ctx_len, ctx_lens=ctx_lens)
+    out, lse = fp8_attention_fwd(q_rows, k, v, pm, scale, group, smooth_k, p_fp8, rotate)
+    return out.unflatten(2, (s, lq)).transpose(1, 2), lse.unflatten(2, (s, lq)).transpose(1, 2)
+
+
+def fp8_context_buffer_fwd(
+    q: torch.Tensor,
+    k_ctx: torch.Tensor,
+    v_ctx: torch.Tensor,
+    ctx_len: int,
+    ctx_lens: torch.Tensor | None,
+    group: int,
+    scale: float,
+    buffer_part: BufferPart | None,
+    *,
+    smooth_k: bool = True,
+    p_fp8: bool = True,
+    rotate: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The launcher behind both ops, with inputs already checked. It combines the FP8
+    context part (`fp8_context_fwd`) with `buffer_part(q, k_ctx[:, :, :0], v_ctx[:, :, :0])`,
+    the exact attention over the buffer, and merges the two by their LSEs.
+
+    An empty context (ctx_len 0) gives the buffer part alone. No buffer (`buffer_part`
+    None) gives the context part alone. With neither, out is 0 and LSE -inf, as in the
+    reference. smooth_k, p_fp8 and rotate are those of `fp8_attention`. The public ops use
+    their defaults.
+
+    q [G, S, H, Lq, D]; k_ctx, v_ctx [G, H_kv, Nc, D]. Returns out [G, S, H, Lq, D]
+    (q.dtype) and lse [G, S, H, Lq] (fp32).
+    """
+    if ctx_len == 0:  # Nc = 0 or context_lens = 0: no row sees a context key
+        if buffer_part is not None:
+            return buffer_part(q, k_ctx[:, :, :0], v_ctx[:, :, :0])
+        lse = torch.full(q.shape[:4], float("-inf"), device=q.device, dtype=torch.float32)
+        return torch.zeros_like(q), lse
+    out, lse = fp8_context_fwd(
+        q, k_ctx, v_ctx, ctx_len, ctx_lens, group, scale,
+        smooth_k=smooth_k, p_fp8=p_fp8, rotate=rotate,
+    )  # fmt: skip
+    if buffer_part is None:
+        return out, lse
+    return merge_states(out, lse, *buffer_part(q, k_ctx[:, :, :0], v_ctx[:, :, :0]))
+
+
+def fp8_shared_context_attention(
+    q: torch.Tensor,
+    k_ctx: torch.Tensor,
+    v_ctx: torch.Tensor,
+    k_buf: torch.Tensor | None = None,
+    v_buf: torch.Tensor | None = None,
+    *,
+    buffer_len: int | torch.Tensor = 0,
+    context_lens: int | torch.Tensor | None = None,
+    row_rule: str | Sequence[str] = "causal",
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step of joint sampling over a context shared by S sample paths. The
+    context part runs in FP8 and the buffer part in the input precision (forward only).
+
+    q: [G, S, H, Lq, D] (bf16 or fp16; fp32 only for the interpreter's tests).
+    k_ctx, v_ctx: [G, H_kv, Nc, D], shared by the S paths; H % H_kv == 0.
+    k_buf, v_buf: [G, S, H_kv, T_cap, D]. The first `buffer_len` (T) slots are valid, and
+    the Lq new rows sit in the last Lq of them.
+    buffer_len: an int, or a 0-dim int tensor on q's device, which tabattn-triton's buffer
+    kernel reads without a host sync.
+    context_lens: an int or an int tensor [G] (default Nc).
+    row_rule: "causal" (a row sees its own slot) or "strict" (it does not), one rule for
+    all rows or one per row.
+
+    ```
+    T=3, Lq=2, ("causal","strict"):   ctx   buf0 buf1 tgt
+                          buf1 (q=0)  ■ ■   ■    ■    ·      <- ctx: FP8, all S*Lq rows
+                          tgt  (q=1)  ■ ■   ■    ■    ·      <- buf: exact, per path
+    ```
+    Nc = 0 and T = 0 are legal. Accuracy: see `fp8_attention` (about 5% relative error on
+    the context part's Gaussian inputs). Returns out [G, S, H, Lq, D] (q.dtype, possibly
+    strided) and lse [G, S, H, Lq] (fp32). Runs on sm90 only, or on CPU under
+    TRITON_INTERPRET=1; elsewhere it raises `require_sm90`'s error.
+    """
+    if isinstance(buffer_len, torch.Tensor):
+        check_tensor(
+            "buffer_len", buffer_len, shape=(), dtypes=(torch.int32, torch.int64), device=q.device
+        )
+        need_buffer, has_buffer = 0, k_buf is not None
+    elif int(buffer_len) != buffer_len or buffer_len < 0:
+        raise InputError(f"buffer_len: expected a non-negative int, got {buffer_len!r}")
+    else:
+        need_buffer, has_buffer = int(buffer_len), int(buffer_len) > 0
+    group, ctx_len, ctx_lens = check_context_buffer_inputs(
+        q, k_ctx, v_ctx, k_buf, v_buf, context_lens, need_buffer=need_buffer,
+        q_dims="[G, S, H, Lq, D]",
+    )  # fmt: skip
+    rules = (row_rule,) * q.shape[3] if isinstance(row_rule, str) else tuple(row_rule)
+    if len(rules) != q.shape[3] or any(r not in BufferDecodeMask.RULES for r in rules):
+        raise InputError(
+            f"row_rule: expected 'causal', 'strict' or a sequence of them of length "
+            f"{q.shape[3]}, got {row_rule!r}"
+        )
+    scale = check_scale(scale, q.shape[4])
+    buffer_part = None
+    if has_buffer:
+        buffer_part = functools.partial(
+            _buffer_part, triton_shared_context_attention, k_buf, v_buf,
+            buffer_len=buffer_len, row_rule=row_rule, scale=scale,
+        )  # fmt: skip
+    return fp8_context_buffer_fwd(q, k_ctx, v_ctx, ctx_len, ctx_lens, group, scale, buffer_part)
+
+
+def fp8_teacher_forcing_attention(
+    q: torch.Tensor,
+    k_ctx: torch.Tensor,
+    v_ctx: torch.Tensor,
+    k_buf: torch.Tensor,
+    v_buf: torch.Tensor,
+    *,
+    context_lens: int | torch.Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The joint density in one pass. The context part runs in FP8 and the buffer part in
+    the input precision (forward only). The rows [buf_0..buf_{Nt-1}, tgt_0..tgt_{Nt-1}]
+    of each sample path attend to the keys [context | buf]. buf_i sees the context and
+    buf_0..buf_i. tgt_i sees the context and buf_0..buf_{i-1}.
+
+    q: [G, S, H, 2*Nt, D] (bf16 or fp16; fp32 only for the interpreter's tests).
+    k_ctx, v_ctx: [G, H_kv, Nc, D], shared by the S paths. k_buf, v_buf: [G, S, H_kv, Nt, D].
+    context_lens: an int or an int tensor [G] (default Nc).
+
+    ```
+    Nt=2:          ctx   b0 b1
+          buf_0    ■ ■   ■  ·
+          buf_1    ■ ■   ■  ■      ctx: FP8, all S*2*Nt rows of a dataset at once
+          tgt_0    ■ ■   ·  ·      buf: exact (tabattn-triton), merged by LSE
+          tgt_1    ■ ■   ■  ·
+    ```
+    Returns out [G, S, H, 2*Nt, D] (q.dtype, possibly strided) and lse [G, S, H, 2*Nt]
+    (fp32). Runs on sm90 only, or on CPU under TRITON_INTERPRET=1.
+    """
+    check_tensor("q", q, ndim=5, dims="[G, S, H, 2*Nt, D]")
+    if q.shape[3] % 2:
+        raise InputError(f"q: expected an even row count 2*Nt on dim 3, got {q.shape[3]}")
+    nt = q.shape[3] // 2
+    if k_buf is None or v_buf is None:
+        raise InputError("k_buf, v_buf: expected tensors [G, S, H_kv, Nt, D], got None")
+    group, ctx_len, ctx_lens = check_context_buffer_inputs(
+        q, k_ctx, v_ctx, k_buf, v_buf, context_lens, need_buffer=nt, q_dims="[G, S, H, 2*Nt, D]"
+    )
+    if k_buf.shape[3] != nt:
+        raise InputError(
+            f"k_buf: expected Nt={nt} rows on dim 3 (q has 2*Nt rows), got {k_buf.shape[3]}"
+        )
+    scale = check_scale(scale, q.shape[4])
+    buffer_part = functools.partial(
+        _buffer_part, triton_teacher_forcing_attention, k_buf, v_buf, scale=scale
+    )
+    return fp8_context_buffer_fwd(q, k_ctx, v_ctx, ctx_len, ctx_lens, group, scale, buffer_part)
+
+
+def _buffer_part(op, k_buf, v_buf, q, k_empty, v_empty, **kwargs):
+    """tabattn-triton's `op` over the buffer alone (an empty context)."""
+    return op(q, k_empty, v_empty, k_buf, v_buf, **kwargs)
