@@ -271,7 +271,9 @@ def _make(name: str, backend: str, graph: bool):
         cfg: RunConfig = inputs.extra["cfg"]
         _check_available(case, backend, graph, cfg)
         model = _model(case["tiny"], _dtype_of(case), cfg.device)
-        call = _call(case, inputs, ARTabPFNPredictor(model, backend=backend, cuda_graph=graph))
+        predictor = ARTabPFNPredictor(model, backend=backend, cuda_graph=graph)
+        call = _call(case, inputs, predictor)
+        method = "sample_sequence" if case["mode"] == SAMPLE else "evaluate_joint_density"
         run = _RUNS[(_shape_label(case), case["mode"], name)] = _Run(name)
 
         def fn():
@@ -281,6 +283,8 @@ def _make(name: str, backend: str, graph: bool):
             out = call()
             _sync(cfg.device)
             run.seconds.append(time.perf_counter() - start)
+            if graph and method not in predictor.captured_methods:
+                raise RuntimeError("the CUDA-graph capture was refused: the call ran eagerly")
             return out, None
 
         return fn

@@ -155,6 +155,27 @@ def test_empty_context_and_one_target():
     assert torch.isfinite(predictor.sample_sequence(xc, yc, xt)).all()
 
 
+def test_refused_graph_capture_runs_eagerly_and_warns_once(monkeypatch):
+    """Where CUDA refuses a capture, the call runs eagerly (same result), with one warning
+    naming the error; the next call with these shapes does not try again."""
+    predictor = ARTabPFNPredictor(small_model(), backend="torch")
+    xc, yc, xt, yt = task()
+    expect = predictor.evaluate_joint_density(xc, yc, xt, yt)
+    tries = []
+
+    def refuse(*args):
+        tries.append(1)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(predictor, "_graphs_apply", lambda device: True)
+    monkeypatch.setattr("tabpfn_infer.predictor._Captured", refuse)
+    with pytest.warns(RuntimeWarning, match="evaluate_joint_density: CUDA-graph capture failed"):
+        got = predictor.evaluate_joint_density(xc, yc, xt, yt)
+    torch.testing.assert_close(got, expect, rtol=0, atol=0)
+    torch.testing.assert_close(predictor.evaluate_joint_density(xc, yc, xt, yt), expect)
+    assert len(tries) == 1 and predictor.captured_methods == ()
+
+
 def test_no_targets():
     predictor = ARTabPFNPredictor(small_model(), backend="torch")
     xc, yc, xt, yt = task(nt=0)
@@ -284,9 +305,13 @@ def test_gpu_cuda_graphs_match_eager():
         ]
         assert torch.isfinite(draws[0]).all()
         torch.testing.assert_close(draws[0], draws[1], rtol=1e-3, atol=1e-3)
-    assert set(graphed._graphs) == {"sample", "stepwise", "density"}
+    assert set(graphed.captured_methods) == {
+        "sample_sequence",
+        "stepwise_log_density",
+        "evaluate_joint_density",
+    }
     graphed.release_graphs()
-    assert not graphed._graphs
+    assert graphed.captured_methods == ()
 
 
 def all_outputs(predictor, xc, yc, xt, yt):

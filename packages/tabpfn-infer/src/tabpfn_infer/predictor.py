@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -169,7 +170,8 @@ class ARTabPFNPredictor:
     replay the graphs instead of launching every kernel from Python; decode steps 1.. are
     one graph replayed per step (the step index lives on the device). Per method the graphs
     of the latest shapes are kept, with their static buffers and KV cache, until
-    `release_graphs()`.
+    `release_graphs()` (`captured_methods` lists them). A capture that CUDA refuses is
+    reported by a warning, and those calls run eagerly.
 
     context_top_k: None (default) for exact attention; an int k for selection attention over
     large contexts: every buffer and target row (joint density, decode steps, marginals)
@@ -200,6 +202,7 @@ class ARTabPFNPredictor:
         self.context_top_k = context_top_k
         self.context_block_size = check_positive_int("context_block_size", context_block_size)
         self._graphs: dict[str, _Captured] = {}  # per method, the latest input shapes'
+        self._eager: set[tuple] = set()  # (method, input key) whose capture CUDA refused
         self._lock = threading.Lock()
 
     @classmethod
@@ -312,7 +315,9 @@ class ARTabPFNPredictor:
         """
         data = self._arrange(x_context, y_context, x_target, y_target)
         inputs = data.inputs(y=data.y_target)
-        return self._run("density", inputs, self._density_stages).reshape(data.batch, -1)
+        return self._run("evaluate_joint_density", inputs, self._density_stages).reshape(
+            data.batch, -1
+        )
 
     def _density_stages(self, inputs: dict[str, torch.Tensor]) -> _Stages:
         """The teacher-forcing pass over `inputs` (see `_Batch.inputs`) as one stage."""
@@ -369,7 +374,7 @@ class ARTabPFNPredictor:
         noise[0].uniform_(generator=generator)
         noise[1].normal_(generator=generator)
         stages = functools.partial(self._decode_stages, sampling=True)
-        return self._run("sample", data.inputs(y=noise), stages).reshape(data.batch, nt)
+        return self._run("sample_sequence", data.inputs(y=noise), stages).reshape(data.batch, nt)
 
     @torch.no_grad()
     def stepwise_log_density(
@@ -383,7 +388,9 @@ class ARTabPFNPredictor:
         Equal to `evaluate_joint_density` (the chain rule), computed step by step."""
         data = self._arrange(x_context, y_context, x_target, y_target)
         stages = functools.partial(self._decode_stages, sampling=False)
-        return self._run("stepwise", data.inputs(y=data.y_target), stages).reshape(data.batch, -1)
+        return self._run("stepwise_log_density", data.inputs(y=data.y_target), stages).reshape(
+            data.batch, -1
+        )
 
     @torch.no_grad()
     def marginal_mixture(
@@ -495,34 +502,55 @@ class ARTabPFNPredictor:
         inputs: dict[str, torch.Tensor],
         stages: Callable[[dict[str, torch.Tensor]], _Stages],
     ) -> torch.Tensor:
-        """`stages(inputs)` run eagerly, or, on CUDA with a kernel backend and `cuda_graph`,
-        from the graphs captured for `method` at the first call with these input shapes."""
-        dev = inputs["x_target"].device
-        backend = get_backend(self.backend, device=dev, op="shared_context_attention")
-        graphs = (
-            self.cuda_graph
-            and dev.type == "cuda"
-            and backend.name != "torch"
-            and self.context_top_k is None  # block selection syncs with the host
-        )
-        if not graphs:
-            steps, result = stages(inputs)
-            for run, repeats in steps:
-                for _ in range(repeats):
-                    run()
-            return result
+        """`stages(inputs)` run eagerly, or, where `_graphs_apply`, from the graphs captured
+        for `method` at the first call with these input shapes. A capture that CUDA refuses
+        is reported once (a warning naming the error) and the call, and later calls with
+        these shapes, run eagerly."""
         key = tuple((name, t.shape, t.dtype, t.device) for name, t in inputs.items())
-        with self._lock:
-            captured = self._graphs.get(method)
-            if captured is None or captured.key != key:
-                self._graphs.pop(method, None)  # free the old graphs before capturing anew
-                captured = self._graphs[method] = _Captured(key, inputs, stages)
-            return captured.replay(inputs)
+        if self._graphs_apply(inputs["x_target"].device) and (method, key) not in self._eager:
+            with self._lock:
+                captured = self._graphs.get(method)
+                if captured is None or captured.key != key:
+                    self._graphs.pop(method, None)  # free the old graphs before capturing
+                    try:
+                        captured = self._graphs[method] = _Captured(key, inputs, stages)
+                    except RuntimeError as exc:
+                        self._eager.add((method, key))
+                        warnings.warn(
+                            f"ARTabPFNPredictor.{method}: CUDA-graph capture failed ({exc}); "
+                            "calls with these input shapes run eagerly",
+                            RuntimeWarning,
+                            stacklevel=3,
+                        )
+                if (method, key) not in self._eager:
+                    return captured.replay(inputs)
+        steps, result = stages(inputs)
+        for run, repeats in steps:
+            for _ in range(repeats):
+                run()
+        return result
+
+    def _graphs_apply(self, device: torch.device) -> bool:
+        """CUDA graphs are used with `cuda_graph`, on CUDA, with a kernel backend and without
+        `context_top_k` (its block selection syncs with the host)."""
+        backend = get_backend(self.backend, device=device, op="shared_context_attention")
+        return (
+            self.cuda_graph
+            and device.type == "cuda"
+            and backend.name != "torch"
+            and self.context_top_k is None
+        )
+
+    @property
+    def captured_methods(self) -> tuple[str, ...]:
+        """The methods whose CUDA graphs are held now (for the latest shapes of each)."""
+        return tuple(self._graphs)
 
     def release_graphs(self) -> None:
         """Free the captured CUDA graphs and their static buffers (KV cache included)."""
         with self._lock:
             self._graphs.clear()
+            self._eager.clear()
 
 
 # Stages of a predictor call: [(run, repeats)] in order, and the tensor holding the result.
