@@ -45,17 +45,23 @@ def plot_result(result: dict[str, Any], path: str | Path) -> Path:
         key = (json.dumps(row["panel"], sort_keys=True), row["mode"])
         panels.setdefault(key, []).append(row)
     panel_values = list(dict.fromkeys(k[0] for k in panels))
-    modes = list(dict.fromkeys(k[1] for k in panels))
+    # Only the (panel, mode) pairs that have rows get an axis (suites mix modes per panel).
+    modes_of = {p: [m for q, m in panels if q == p] for p in panel_values}
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     colors = {p: f"C{i % 10}" for i, p in enumerate(providers)}
 
-    nrows, ncols = max(1, len(panel_values)), max(1, len(modes))
+    nrows = max(1, len(panel_values))
+    ncols = max([1, *(len(m) for m in modes_of.values())])
     fig, axes = plt.subplots(
         nrows, ncols, figsize=(5.5 * ncols, 4.0 * nrows), squeeze=False, sharey=False
     )
     for i, panel in enumerate(panel_values):
-        for j, mode in enumerate(modes):
+        for j in range(ncols):
             ax = axes[i][j]
+            if j >= len(modes_of[panel]):
+                ax.axis("off")
+                continue
+            mode = modes_of[panel][j]
             prows = panels.get((panel, mode), [])
             xs = list(dict.fromkeys(r["x"] for r in prows))
             ax.set_title(_panel_title(json.loads(panel), mode), fontsize=10)

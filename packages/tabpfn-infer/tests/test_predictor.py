@@ -314,6 +314,34 @@ def test_gpu_cuda_graphs_match_eager():
     assert graphed.captured_methods == ()
 
 
+@pytest.mark.gpu
+def test_gpu_cuda_graphs_follow_reallocated_weights():
+    """Graphs read the weights in place: updated in place they are seen, and a model whose
+    parameters were reallocated is captured anew (no stale addresses)."""
+    model = small_model(dtype=torch.float32).cuda()
+    graphed = ARTabPFNPredictor(model, backend="triton", cuda_graph=True)
+    eager = ARTabPFNPredictor(model, backend="triton", cuda_graph=False)
+    xc, yc, xt, yt = (t.float().cuda() for t in task(b=16, nc=40, nt=5, shared=True))
+    graphed.evaluate_joint_density(xc, yc, xt, yt)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.01)  # in place
+    torch.testing.assert_close(
+        graphed.evaluate_joint_density(xc, yc, xt, yt),
+        eager.evaluate_joint_density(xc, yc, xt, yt),
+        rtol=1e-4,
+        atol=1e-4,
+    )
+    for p in model.parameters():
+        p.data = p.data * 0.99  # reallocated
+    torch.testing.assert_close(
+        graphed.evaluate_joint_density(xc, yc, xt, yt),
+        eager.evaluate_joint_density(xc, yc, xt, yt),
+        rtol=1e-4,
+        atol=1e-4,
+    )
+
+
 def all_outputs(predictor, xc, yc, xt, yt):
     """Joint density, stepwise density and the marginal mixture, concatenated: [B, *]."""
     return torch.cat(

@@ -506,7 +506,12 @@ class ARTabPFNPredictor:
         for `method` at the first call with these input shapes. A capture that CUDA refuses
         is reported once (a warning naming the error) and the call, and later calls with
         these shapes, run eagerly."""
-        key = tuple((name, t.shape, t.dtype, t.device) for name, t in inputs.items())
+        # The graphs read the weights at their addresses: a model whose parameters were
+        # reallocated (`.to()`, `load_state_dict(assign=True)`) is captured anew.
+        key = (
+            tuple((name, t.shape, t.dtype, t.device) for name, t in inputs.items()),
+            tuple(p.data_ptr() for p in self.model.parameters()),
+        )
         if self._graphs_apply(inputs["x_target"].device) and (method, key) not in self._eager:
             with self._lock:
                 captured = self._graphs.get(method)
