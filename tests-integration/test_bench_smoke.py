@@ -139,3 +139,21 @@ def test_bench_smoke_other_suites(suite: str, tmp_path: Path) -> None:
         assert row["status"] in ("ok", "skipped", "failed"), row
         assert row["status"] == "ok" or row["reason"], row
     assert any(r["status"] == "ok" and r["ms"] for r in rows), rows
+
+
+def test_predictor_top_k_accuracy_smoke(tmp_path: Path) -> None:
+    """`python -m bench.suites.selection predictor-accuracy --smoke`: top-k densities differ
+    from dense with few blocks and equal them (float64) when k covers the context."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.suites.selection", "predictor-accuracy", "--smoke",
+         "--out", str(tmp_path)],
+        cwd=REPO_ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    rows = json.loads((tmp_path / "selection_predictor_accuracy.json").read_text())["rows"]
+    assert {r["task"] for r in rows} == {"golden", "synthetic"}
+    for r in rows:
+        if r["context_fraction"] == 1.0:
+            assert r["max_abs_target_nats"] < 1e-9, r
+        else:
+            assert r["max_abs_target_nats"] > 1e-6, r
