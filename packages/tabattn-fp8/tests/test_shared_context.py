@@ -36,7 +36,8 @@ from tabattn_fp8.shared_context import (
     fp8_shared_context_attention,
     fp8_teacher_forcing_attention,
 )
-from tabattn_fp8.shared_context.interface import check_context_buffer_inputs, fp8_context_fwd
+from tabattn_fp8.shared_context.interface import fp8_context_fwd
+from tabattn_triton.ops.shared_context import check_context_buffer_inputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -25,16 +25,12 @@ import torch
 from tabattn_core.checks import (
     InputError,
     check_scale,
-    check_tensor,
 )
-from tabattn_core.masks import BufferDecodeMask
 from tabattn_core.reference import merge_states
 from tabattn_fp8.attention.interface import check_fp8_device, fp8_attention_fwd
 from tabattn_triton.ops.attention.interface import PrefixMask
 from tabattn_triton.ops.common import MASK_CONTEXT
-from tabattn_triton.ops.shared_context import (
-    check_context_buffer_inputs as triton_check_inputs,
-)
+from tabattn_triton.ops.shared_context import check_decode_inputs, check_teacher_forcing_inputs
 from tabattn_triton.ops.shared_context import (
     shared_context_attention as triton_shared_context_attention,
 )
@@ -43,7 +39,7 @@ from tabattn_triton.ops.shared_context import (
 )
 
 __all__ = [
-    "check_context_buffer_inputs",
+    "check_fp8_forward",
     "fp8_context_buffer_fwd",
     "fp8_context_fwd",
     "fp8_shared_context_attention",
@@ -54,25 +50,16 @@ __all__ = [
 BufferPart = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def check_context_buffer_inputs(
-    q, k_ctx, v_ctx, k_buf, v_buf, context_lens, *, need_buffer: int, q_dims: str
-) -> tuple[int, int, torch.Tensor | None]:
-    """tabattn-triton's checks of the shared-context ops (shapes, dtypes, devices, strides,
-    head dim, GQA, context lengths), then the FP8 ones: no input requiring grad (these ops
-    are forward-only) and an sm90 device (or CPU under TRITON_INTERPRET=1). Returns
-    (group, ctx_len, ctx_lens) as tabattn-triton's."""
-    result = triton_check_inputs(
-        q, k_ctx, v_ctx, k_buf, v_buf, context_lens, need_buffer=need_buffer, q_dims=q_dims
-    )
-    tensors = (q, k_ctx, v_ctx, k_buf, v_buf)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+def check_fp8_forward(q: torch.Tensor, *tensors: torch.Tensor | None) -> None:
+    """After tabattn-triton's argument checks: no input requiring grad (the FP8 ops are
+    forward-only) and an sm90 device (or CPU under TRITON_INTERPRET=1)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, *tensors)):
         raise InputError(
             "q, k_ctx, v_ctx, k_buf, v_buf: expected no tensor requiring grad; the FP8 "
             "shared-context ops are forward-only (inference); use backend 'triton' or "
             "'torch' to train"
         )
     check_fp8_device(q.device)
-    return result
 
 
 def fp8_context_fwd(
@@ -191,25 +178,12 @@ def fp8_shared_context_attention(
     strided) and lse [G, S, H, Lq] (fp32). Runs on sm90 only, or on CPU under
     TRITON_INTERPRET=1; elsewhere it raises `require_sm90`'s error.
     """
-    if isinstance(buffer_len, torch.Tensor):
-        check_tensor(
-            "buffer_len", buffer_len, shape=(), dtypes=(torch.int32, torch.int64), device=q.device
-        )
-        need_buffer, has_buffer = 0, k_buf is not None
-    elif int(buffer_len) != buffer_len or buffer_len < 0:
-        raise InputError(f"buffer_len: expected a non-negative int, got {buffer_len!r}")
-    else:
-        need_buffer, has_buffer = int(buffer_len), int(buffer_len) > 0
-    group, ctx_len, ctx_lens = check_context_buffer_inputs(
-        q, k_ctx, v_ctx, k_buf, v_buf, context_lens, need_buffer=need_buffer,
-        q_dims="[G, S, H, Lq, D]",
+    group, ctx_len, ctx_lens, blen, blen_ptr, _ = check_decode_inputs(
+        q, k_ctx, v_ctx, k_buf, v_buf,
+        buffer_len=buffer_len, context_lens=context_lens, row_rule=row_rule,
     )  # fmt: skip
-    rules = (row_rule,) * q.shape[3] if isinstance(row_rule, str) else tuple(row_rule)
-    if len(rules) != q.shape[3] or any(r not in BufferDecodeMask.RULES for r in rules):
-        raise InputError(
-            f"row_rule: expected 'causal', 'strict' or a sequence of them of length "
-            f"{q.shape[3]}, got {row_rule!r}"
-        )
+    check_fp8_forward(q, k_ctx, v_ctx, k_buf, v_buf)
+    has_buffer = k_buf is not None and (blen_ptr is not None or blen > 0)
     scale = check_scale(scale, q.shape[4])
     buffer_part = None
     if has_buffer:
@@ -249,19 +223,10 @@ def fp8_teacher_forcing_attention(
     Returns out [G, S, H, 2*Nt, D] (q.dtype, possibly strided) and lse [G, S, H, 2*Nt]
     (fp32). Runs on sm90 only, or on CPU under TRITON_INTERPRET=1.
     """
-    check_tensor("q", q, ndim=5, dims="[G, S, H, 2*Nt, D]")
-    if q.shape[3] % 2:
-        raise InputError(f"q: expected an even row count 2*Nt on dim 3, got {q.shape[3]}")
-    nt = q.shape[3] // 2
-    if k_buf is None or v_buf is None:
-        raise InputError("k_buf, v_buf: expected tensors [G, S, H_kv, Nt, D], got None")
-    group, ctx_len, ctx_lens = check_context_buffer_inputs(
-        q, k_ctx, v_ctx, k_buf, v_buf, context_lens, need_buffer=nt, q_dims="[G, S, H, 2*Nt, D]"
+    group, ctx_len, ctx_lens = check_teacher_forcing_inputs(
+        q, k_ctx, v_ctx, k_buf, v_buf, context_lens=context_lens
     )
-    if k_buf.shape[3] != nt:
-        raise InputError(
-            f"k_buf: expected Nt={nt} rows on dim 3 (q has 2*Nt rows), got {k_buf.shape[3]}"
-        )
+    check_fp8_forward(q, k_ctx, v_ctx, k_buf, v_buf)
     scale = check_scale(scale, q.shape[4])
     buffer_part = functools.partial(
         _buffer_part, triton_teacher_forcing_attention, k_buf, v_buf, scale=scale

@@ -2,6 +2,8 @@
 
 from tabattn_triton.ops.shared_context.interface import (
     check_context_buffer_inputs,
+    check_decode_inputs,
+    check_teacher_forcing_inputs,
     choose_num_splits,
     shared_context_attention,
     teacher_forcing_attention,
@@ -9,6 +11,8 @@ from tabattn_triton.ops.shared_context.interface import (
 
 __all__ = [
     "check_context_buffer_inputs",
+    "check_decode_inputs",
+    "check_teacher_forcing_inputs",
     "choose_num_splits",
     "shared_context_attention",
     "teacher_forcing_attention",

@@ -39,6 +39,8 @@ from tabattn_triton.ops.shared_context.kernel import (
 
 __all__ = [
     "check_context_buffer_inputs",
+    "check_decode_inputs",
+    "check_teacher_forcing_inputs",
     "choose_num_splits",
     "shared_context_attention",
     "teacher_forcing_attention",
@@ -324,6 +326,29 @@ def shared_context_attention(
     ```
     Nc = 0 and T = 0 are legal. Returns out [G, S, H, Lq, D] (contiguous), lse [G, S, H, Lq].
     """
+    group, ctx_len, ctx_lens, buffer_len, buffer_len_ptr, rule_bits = check_decode_inputs(
+        q, k_ctx, v_ctx, k_buf, v_buf,
+        buffer_len=buffer_len, context_lens=context_lens, row_rule=row_rule,
+    )  # fmt: skip
+    if _needs_grad(q, k_ctx, v_ctx, k_buf, v_buf):
+        raise InputError(
+            "q, k_ctx, v_ctx, k_buf, v_buf: the decode kernel is forward-only (sampling runs "
+            "without gradients); use teacher_forcing_attention or backend 'torch' to train"
+        )
+    return _launch(
+        q, k_ctx, v_ctx, k_buf, v_buf, group, ctx_len, ctx_lens,
+        buffer_len=buffer_len, rule_bits=rule_bits, teacher_forcing=False,
+        scale=check_scale(scale, q.shape[4]), num_splits=num_splits,
+        buffer_len_ptr=buffer_len_ptr,
+    )  # fmt: skip
+
+
+def check_decode_inputs(
+    q, k_ctx, v_ctx, k_buf, v_buf, *, buffer_len, context_lens, row_rule
+) -> tuple[int, int, torch.Tensor | None, int, torch.Tensor | None, int]:
+    """The argument checks of `shared_context_attention`, before any launch. Returns (group,
+    ctx_len, ctx_lens, buffer_len, buffer_len_ptr, rule_bits): with a 0-dim device tensor
+    `buffer_len`, buffer_len is T_cap and buffer_len_ptr that tensor, else None."""
     buffer_len_ptr = None
     if isinstance(buffer_len, torch.Tensor):
         check_tensor(
@@ -334,27 +359,12 @@ def shared_context_attention(
     elif int(buffer_len) != buffer_len or buffer_len < 0:
         raise InputError(f"buffer_len: expected a non-negative int, got {buffer_len!r}")
     group, ctx_len, ctx_lens = check_context_buffer_inputs(
-        q,
-        k_ctx,
-        v_ctx,
-        k_buf,
-        v_buf,
-        context_lens,
-        need_buffer=buffer_len,
+        q, k_ctx, v_ctx, k_buf, v_buf, context_lens, need_buffer=buffer_len,
         q_dims="[G, S, H, Lq, D]",
-    )
-    rules = row_rule if isinstance(row_rule, str) else tuple(row_rule)
-    if _needs_grad(q, k_ctx, v_ctx, k_buf, v_buf):
-        raise InputError(
-            "q, k_ctx, v_ctx, k_buf, v_buf: the decode kernel is forward-only (sampling runs "
-            "without gradients); use teacher_forcing_attention or backend 'torch' to train"
-        )
-    return _launch(
-        q, k_ctx, v_ctx, k_buf, v_buf, group, ctx_len, ctx_lens,
-        buffer_len=int(buffer_len), rule_bits=_rule_bits(q.shape[3], rules),
-        teacher_forcing=False, scale=check_scale(scale, q.shape[4]), num_splits=num_splits,
-        buffer_len_ptr=buffer_len_ptr,
     )  # fmt: skip
+    rules = row_rule if isinstance(row_rule, str) else tuple(row_rule)
+    rule_bits = _rule_bits(q.shape[3], rules)
+    return group, ctx_len, ctx_lens, int(buffer_len), buffer_len_ptr, rule_bits
 
 
 def teacher_forcing_attention(
@@ -375,19 +385,30 @@ def teacher_forcing_attention(
     v_buf: [G, S, H_kv, Nt, D]; context_lens: int or int tensor [G] (default Nc).
     Returns out [G, S, H, 2*Nt, D], lse [G, S, H, 2*Nt].
     """
+    group, ctx_len, ctx_lens = check_teacher_forcing_inputs(
+        q, k_ctx, v_ctx, k_buf, v_buf, context_lens=context_lens
+    )
+    return TeacherForcingFunction.apply(
+        q, k_ctx, v_ctx, k_buf, v_buf, group, ctx_len, ctx_lens, check_scale(scale, q.shape[4])
+    )
+
+
+def check_teacher_forcing_inputs(
+    q, k_ctx, v_ctx, k_buf, v_buf, *, context_lens
+) -> tuple[int, int, torch.Tensor | None]:
+    """The argument checks of `teacher_forcing_attention`, before any launch (q holds 2*Nt
+    rows per path, the buffers Nt). Returns (group, ctx_len, ctx_lens)."""
     check_tensor("q", q, ndim=5, dims="[G, S, H, 2*Nt, D]")
     if q.shape[3] % 2:
         raise InputError(f"q: expected an even row count 2*Nt on dim 3, got {q.shape[3]}")
     nt = q.shape[3] // 2
     if k_buf is None or v_buf is None:
         raise InputError("k_buf, v_buf: expected tensors [G, S, H_kv, Nt, D], got None")
-    group, ctx_len, ctx_lens = check_context_buffer_inputs(
+    result = check_context_buffer_inputs(
         q, k_ctx, v_ctx, k_buf, v_buf, context_lens, need_buffer=nt, q_dims="[G, S, H, 2*Nt, D]"
     )
     if k_buf.shape[3] != nt:
         raise InputError(
             f"k_buf: expected Nt={nt} rows on dim 3 (q has 2*Nt rows), got {k_buf.shape[3]}"
         )
-    return TeacherForcingFunction.apply(
-        q, k_ctx, v_ctx, k_buf, v_buf, group, ctx_len, ctx_lens, check_scale(scale, q.shape[4])
-    )
+    return result
