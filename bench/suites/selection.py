@@ -465,7 +465,7 @@ def predictor_accuracy(cfg: RunConfig, *, out: Path) -> dict[str, Any]:
                                 num_features=2, generator=gen, dtype=dtype)  # fmt: skip
             data = {"x_context": task.x_context, "y_context": task.y_context,
                     "x_target": task.x_target, "y_target": task.y_target}  # fmt: skip
-        args = [data[k][:b, :, ...].to(cfg.device, dtype)
+        args = [data[k][:b].to(cfg.device, dtype)
                 for k in ("x_context", "y_context", "x_target", "y_target")]  # fmt: skip
         args[2], args[3] = args[2][:, :nt], args[3][:, :nt]
         dense = ARTabPFNPredictor(model, backend=backend).evaluate_joint_density(*args)

@@ -506,13 +506,24 @@ class ARTabPFNPredictor:
         for `method` at the first call with these input shapes. A capture that CUDA refuses
         is reported once (a warning naming the error) and the call, and later calls with
         these shapes, run eagerly."""
+        if self._graphs_apply(inputs["x_target"].device):
+            return self._replay(method, inputs, stages)
+        return _run_eagerly(inputs, stages)
+
+    def _replay(
+        self,
+        method: str,
+        inputs: dict[str, torch.Tensor],
+        stages: Callable[[dict[str, torch.Tensor]], _Stages],
+    ) -> torch.Tensor:
+        """`_run` with CUDA graphs: capture at the first call with these shapes, replay."""
         # The graphs read the weights at their addresses: a model whose parameters were
         # reallocated (`.to()`, `load_state_dict(assign=True)`) is captured anew.
         key = (
             tuple((name, t.shape, t.dtype, t.device) for name, t in inputs.items()),
             tuple(p.data_ptr() for p in self.model.parameters()),
         )
-        if self._graphs_apply(inputs["x_target"].device) and (method, key) not in self._eager:
+        if (method, key) not in self._eager:
             with self._lock:
                 captured = self._graphs.get(method)
                 if captured is None or captured.key != key:
@@ -525,15 +536,11 @@ class ARTabPFNPredictor:
                             f"ARTabPFNPredictor.{method}: CUDA-graph capture failed ({exc}); "
                             "calls with these input shapes run eagerly",
                             RuntimeWarning,
-                            stacklevel=3,
+                            stacklevel=4,
                         )
                 if (method, key) not in self._eager:
                     return captured.replay(inputs)
-        steps, result = stages(inputs)
-        for run, repeats in steps:
-            for _ in range(repeats):
-                run()
-        return result
+        return _run_eagerly(inputs, stages)
 
     def _graphs_apply(self, device: torch.device) -> bool:
         """CUDA graphs are used with `cuda_graph`, on CUDA, with a kernel backend and without
@@ -560,6 +567,16 @@ class ARTabPFNPredictor:
 
 # Stages of a predictor call: [(run, repeats)] in order, and the tensor holding the result.
 _Stages = tuple[list[tuple[Callable[[], None], int]], torch.Tensor]
+
+
+def _run_eagerly(
+    inputs: dict[str, torch.Tensor], stages: Callable[[dict[str, torch.Tensor]], _Stages]
+) -> torch.Tensor:
+    steps, result = stages(inputs)
+    for run, repeats in steps:
+        for _ in range(repeats):
+            run()
+    return result
 
 
 class _Captured:
