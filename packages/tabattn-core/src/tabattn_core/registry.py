@@ -60,6 +60,10 @@ OPS: dict[str, str] = {
     "gmm_nll": "(y, logits, loc, scale, *, scale_param='std', mask=None) -> loss",
     "grouped_mlp": "(x, w1, w2, *, activation='gelu') -> y",
     "mlp": "(x, w1, w2, *, activation='gelu') -> y",
+    "linear": (
+        "(x, weight, bias=None, *, activation=None, residual=None, norm_weight=None, "
+        "norm_bias=None, eps=1e-5) -> y"
+    ),
 }
 
 # Backend modules tried when entry points are not installed (running from source).
@@ -226,6 +230,7 @@ def _torch_backend() -> Backend:
             "gmm_nll": gmm.gmm_nll,
             "grouped_mlp": mlp.grouped_mlp,
             "mlp": mlp.mlp,
+            "linear": mlp.linear,
         },
     )
 

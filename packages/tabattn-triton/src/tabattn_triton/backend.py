@@ -49,6 +49,7 @@ def register(registry: Registry) -> None:
     from tabattn_triton.ops.fused_mlp import mlp
     from tabattn_triton.ops.gmm import gmm_nll
     from tabattn_triton.ops.grouped_mlp import grouped_mlp
+    from tabattn_triton.ops.linear import linear
     from tabattn_triton.ops.selection import selection_attention
     from tabattn_triton.ops.shared_context import (
         shared_context_attention,
@@ -69,6 +70,7 @@ def register(registry: Registry) -> None:
                 "gmm_nll": gmm_nll,
                 "grouped_mlp": grouped_mlp,
                 "mlp": mlp,
+                "linear": linear,
             },
             available=available,
             description="Triton kernels (tabattn-triton)",

@@ -122,16 +122,21 @@ def _merge_with_buffer(context, op, q, k_ctx, v_ctx, k_buf=None, v_buf=None, **k
 
 
 def _through_layers(
-    model: ARTabPFN, x: torch.Tensor, attend, weights: list[tuple[torch.Tensor, torch.Tensor]]
+    model: ARTabPFN,
+    x: torch.Tensor,
+    attend,
+    weights: list[tuple[torch.Tensor, torch.Tensor]],
+    linear=None,
 ) -> torch.Tensor:
     """Rows x [..., L, D] through every layer of the backbone; attend(layer_idx, q, k, v)
     gives the row attention's output [..., H, L, Dh] from that layer's projections.
-    weights: every layer's `inference_weights()`, made once per call."""
+    weights: every layer's `inference_weights()`, made once per call; linear: the registry's
+    fused linear op for the projections and feed-forward (None: the model's own modules)."""
     for layer_idx, (layer, (value_out, qkv)) in enumerate(
         zip(model.backbone.layers, weights, strict=True)
     ):
-        x1 = layer.features(x, value_out)
-        x = layer.finish(x1, attend(layer_idx, *layer.attn_rows.qkv(x1, qkv)))
+        x1 = layer.features(x, value_out, linear)
+        x = layer.finish(x1, attend(layer_idx, *layer.attn_rows.qkv(x1, qkv, linear)), linear)
     return x
 
 
@@ -275,6 +280,13 @@ class ARTabPFNPredictor:
             context = functools.partial(_split_call, context, "selection_attention")
         return functools.partial(_merge_with_buffer, context, op)
 
+    def _linear(self, device: torch.device):
+        """The fused linear op (GEMM + bias/activation/residual/norm in one launch) of the
+        backend running the decode op, or None (the model's own modules) for the PyTorch
+        backend and for backends without it."""
+        backend = get_backend(self.backend, device=device, op="shared_context_attention")
+        return None if backend.name == "torch" else backend.ops.get("linear")
+
     # ---- the three passes -------------------------------------------------------------
 
     @torch.no_grad()
@@ -296,7 +308,7 @@ class ARTabPFNPredictor:
             return attention(q, k, v)[0]
 
         rows = self.model.embedder.context(x_context, y_context)
-        _through_layers(self.model, rows, attend, weights)
+        _through_layers(self.model, rows, attend, weights, self._linear(rows.device))
         return kv
 
     @torch.no_grad()
@@ -325,6 +337,7 @@ class ARTabPFNPredictor:
         x_target, y_target = inputs["x_target"], inputs["y"]
         nt = x_target.shape[2]
         teacher_forcing = self._op("teacher_forcing_attention", x_target.device)
+        linear = self._linear(x_target.device)
         result = torch.empty(y_target.shape, device=x_target.device, dtype=x_target.dtype)
 
         def density() -> None:
@@ -342,7 +355,7 @@ class ARTabPFNPredictor:
             def attend(i, q, k, v):
                 return teacher_forcing(q, *ctx_kv[i], k[..., :nt, :], v[..., :nt, :])[0]
 
-            x = _through_layers(model, rows, attend, weights)
+            x = _through_layers(model, rows, attend, weights, linear)
             z = model.backbone.norm(x[:, :, nt:])
             result.copy_(model.head.log_likelihood(z, y_target))
 
@@ -406,7 +419,13 @@ class ARTabPFNPredictor:
         ctx_kv = self.prefill_context(data.x_context, data.y_context, weights)
         decode = self._op("shared_context_attention", data.x_target.device)
         targets = model.embedder.target(data.x_target)  # [G, S, Nt, D]
-        x = _through_layers(model, targets, lambda i, q, k, v: decode(q, *ctx_kv[i])[0], weights)
+        x = _through_layers(
+            model,
+            targets,
+            lambda i, q, k, v: decode(q, *ctx_kv[i])[0],
+            weights,
+            self._linear(targets.device),
+        )
         nt = data.x_target.shape[2]
         mixture = model.head.mixture(model.backbone.norm(x))
         return tuple(t.reshape(data.batch, nt, -1) for t in mixture)
@@ -440,6 +459,7 @@ class ARTabPFNPredictor:
             device=dev,
         )
         decode = self._op("shared_context_attention", dev)
+        linear = self._linear(dev)
         result = torch.empty((g, s, nt), device=dev, dtype=dtype)
         previous = torch.empty((g, s), device=dev, dtype=dtype)  # y of the last buffer row
         step = torch.zeros((), dtype=torch.long, device=dev)
@@ -457,7 +477,7 @@ class ARTabPFNPredictor:
                 k_buf, v_buf = cache.buffer(i, length=length)
                 return decode(q, *ctx_kv[i], k_buf, v_buf, buffer_len=buffer_len, row_rule=rule)[0]
 
-            x = _through_layers(model, x, attend, state["weights"])
+            x = _through_layers(model, x, attend, state["weights"], linear)
             return model.backbone.norm(x[:, :, -1])
 
         def head(z) -> None:

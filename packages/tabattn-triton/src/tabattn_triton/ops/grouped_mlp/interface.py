@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from tabattn_core.checks import InputError
 from tabattn_core.mlp import activation_fn, check_mlp
 from tabattn_triton.ops.common import bucket, check_device, dot_precision
 from tabattn_triton.ops.grouped_mlp.kernel import (
@@ -21,6 +22,8 @@ from tabattn_triton.ops.grouped_mlp.kernel import (
     EPI_ACT_GRAD,
     EPI_ACTIVATE,
     EPI_NONE,
+    MAX_FULL_ROW,
+    full_row_matmul_kernel,
     grouped_matmul_kernel,
 )
 
@@ -45,12 +48,17 @@ def grouped_matmul(
     activation: int = ACT_GELU,
     z: torch.Tensor | None = None,
     reduce_groups: bool = False,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """out[g] = epilogue(a[g] @ b[g]) for every group in one launch (see kernel.py).
 
     a: [G, M, Kd] or [M, Kd] (shared); b: [G, Kd, N] or [Kd, N] (shared); out: [G, M, N],
     or [M, N] with reduce_groups (out = sum_g a[g] @ b[g]); z: [G, M, N] (like out), written
     with EPI_ACTIVATE and read with EPI_ACT_GRAD. Any strides (transposed views included).
+    Inference epilogues: bias [N] added before the activation, residual [M, N] added after
+    it, norm = (weight [N], bias [N], eps) a layer norm of the row last (N <= MAX_FULL_ROW).
     Returns out.
     """
     groups = a.shape[0] if a.dim() == 3 else b.shape[0]
@@ -58,21 +66,30 @@ def grouped_matmul(
     n = b.shape[-1]
     if out.numel() == 0:
         return out
-    if kd == 0:
+    if kd == 0 and bias is None and residual is None and norm is None:
         return out.zero_()
     z_strides = (0, 0, 0) if z is None else tuple(z.stride())
+    r_strides = (0, 0) if residual is None else tuple(residual.stride())
+    norm_weight, norm_bias, eps = (None, None, 0.0) if norm is None else norm
+    if norm is not None and n > MAX_FULL_ROW:
+        raise InputError(
+            f"norm: the layer-norm epilogue holds rows of at most {MAX_FULL_ROW}, got {n}"
+        )
+    kernel = grouped_matmul_kernel if norm is None else full_row_matmul_kernel
     grid = lambda meta: (
         triton.cdiv(m, meta["BLOCK_M"]),
         triton.cdiv(n, meta["BLOCK_N"]),
         1 if reduce_groups else groups,
     )
-    grouped_matmul_kernel[grid](
-        a, b, out, z, m, n, kd, groups,
+    kernel[grid](
+        a, b, out, z, bias, residual, norm_weight, norm_bias, m, n, kd, groups, eps,
         *_group_strides(a, a.dim() == 2), *_group_strides(b, b.dim() == 2),
-        *_group_strides(out, reduce_groups), *z_strides,
+        *_group_strides(out, reduce_groups), *z_strides, *r_strides,
         bucket(m), bucket(n), bucket(kd),
         EPILOGUE=epilogue, ACTIVATION=activation, STORE_Z=z is not None and epilogue == EPI_ACTIVATE,
-        REDUCE_GROUPS=reduce_groups, DOT_PRECISION=dot_precision(a.dtype),
+        REDUCE_GROUPS=reduce_groups, HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=residual is not None, NORM=norm is not None,
+        DOT_PRECISION=dot_precision(a.dtype),
     )  # fmt: skip
     return out
 

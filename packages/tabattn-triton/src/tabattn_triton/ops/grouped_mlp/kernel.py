@@ -14,6 +14,12 @@ Epilogues (constexpr EPILOGUE), all in fp32 on the accumulator before the one st
 
 REDUCE_GROUPS sums over all groups inside one program instead (grid groups = 1):
 C = sum_g A[g] @ B[g] (dx of the grouped MLP, x being shared by the groups).
+
+Inference epilogues (the fused linear layer, `tabattn_triton.ops.linear`), in this order
+before the activation epilogue's output is stored: + BIAS[n] (HAS_BIAS) before the
+activation; then + R[m, n] (HAS_RESIDUAL); then, with NORM, a layer norm over the row
+(weights NW, NB) — the program must hold whole rows: `full_row_matmul_kernel` sets BLOCK_N
+to the row length's power of two.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ MATMUL_CONFIGS = [
 ]
 AUTOTUNE_KEY = [
     "M_BUCKET", "N_BUCKET", "K_BUCKET", "EPILOGUE", "ACTIVATION", "STORE_Z", "REDUCE_GROUPS",
-    "DOT_PRECISION",
+    "HAS_BIAS", "HAS_RESIDUAL", "NORM", "DOT_PRECISION",
 ]  # fmt: skip
 
 
@@ -90,29 +96,31 @@ def _activate_grad(z, ACTIVATION: tl.constexpr):
     return out
 
 
-@triton.autotune(
-    configs=MATMUL_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune}
-)
 @triton.jit
-def grouped_matmul_kernel(
-    A, B, C, Z,
-    M, N, Kd, G,
+def _grouped_matmul(
+    A, B, C, Z, BIAS, R, NW, NB,
+    M, N, Kd, G, eps,
     stride_ag, stride_am, stride_ak,
     stride_bg, stride_bk, stride_bn,
     stride_cg, stride_cm, stride_cn,
     stride_zg, stride_zm, stride_zn,
+    stride_rm, stride_rn,
     M_BUCKET, N_BUCKET, K_BUCKET,
     EPILOGUE: tl.constexpr,
     ACTIVATION: tl.constexpr,
     STORE_Z: tl.constexpr,
     REDUCE_GROUPS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    NORM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), G or 1 with REDUCE_GROUPS); fp32
-    accumulation, the store cast to C's dtype (Z's for Z)."""
+    accumulation and epilogues, the store cast to C's dtype (Z's for Z). BIAS, NW, NB: [N];
+    R: [M, N] (strides stride_rm, stride_rn), shared by the groups."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
     g = tl.program_id(2).to(tl.int64)
@@ -138,6 +146,8 @@ def grouped_matmul_kernel(
             b_ptrs += BLOCK_K * stride_bk
     tile_ok = m_ok[:, None] & n_ok[None, :]
     z_offs = g * stride_zg + offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zn
+    if HAS_BIAS:
+        acc += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if EPILOGUE == 1:
         if STORE_Z:
             tl.store(Z + z_offs, acc.to(Z.dtype.element_ty), mask=tile_ok)
@@ -145,5 +155,43 @@ def grouped_matmul_kernel(
     elif EPILOGUE == 2:
         z = tl.load(Z + z_offs, mask=tile_ok, other=0.0).to(tl.float32)
         acc = acc * _activate_grad(z, ACTIVATION)
+    if HAS_RESIDUAL:
+        r_ptrs = R + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn
+        acc += tl.load(r_ptrs, mask=tile_ok, other=0.0).to(tl.float32)
+    if NORM:  # whole rows: BLOCK_N >= N, one column tile
+        mean = tl.sum(acc, 1) / N
+        centred = tl.where(n_ok[None, :], acc - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / N + eps)
+        nw = tl.load(NW + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        nb = tl.load(NB + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        acc = centred * rstd[:, None] * nw[None, :] + nb[None, :]
     c_ptrs = C + g * stride_cg + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=tile_ok)
+
+
+grouped_matmul_kernel = triton.autotune(
+    configs=MATMUL_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune}
+)(_grouped_matmul)
+
+# Whole-row tiles for the layer-norm epilogue: BLOCK_N is the row length's power of two
+# (at most MAX_FULL_ROW), the configs vary the rest. First entry: the config without autotuning.
+MAX_FULL_ROW = 256
+FULL_ROW_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for bm, bk, w, s in [
+        (16, 32, 4, 2),
+        (32, 32, 4, 3),
+        (64, 32, 4, 3),
+        (64, 32, 8, 3),
+        (128, 32, 8, 3),
+        (32, 64, 4, 3),
+        (64, 64, 8, 3),
+    ]
+]
+full_row_matmul_kernel = triton.autotune(
+    configs=pick_configs(FULL_ROW_CONFIGS, lambda c: True), key=AUTOTUNE_KEY
+)(
+    triton.heuristics({"BLOCK_N": lambda args: max(16, triton.next_power_of_2(args["N"]))})(
+        _grouped_matmul
+    )
+)
