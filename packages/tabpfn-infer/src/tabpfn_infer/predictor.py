@@ -233,17 +233,24 @@ class ARTabPFNPredictor:
         nt = x_target.shape[1]
         if y_target is not None:
             check_tensor("y_target", y_target, shape=(b, nt), dims="[B, Nt]")
-        for name, t, axes in (
-            ("x_context", x_context, ("batch", "row", "column")),
-            ("y_context", y_context, ("batch", "row")),
-            ("x_target", x_target, ("batch", "row", "column")),
-            ("y_target", y_target, ("batch", "row")),
-        ):
-            if t is not None:
-                check_finite(name, t, axes)
-        shared = b > 1 and bool(
-            (x_context == x_context[:1]).all() and (y_context == y_context[:1]).all()
-        )
+        given = [
+            (name, t, axes)
+            for name, t, axes in (
+                ("x_context", x_context, ("batch", "row", "column")),
+                ("y_context", y_context, ("batch", "row")),
+                ("x_target", x_target, ("batch", "row", "column")),
+                ("y_target", y_target, ("batch", "row")),
+            )
+            if t is not None
+        ]
+        # One host sync for every check: all finite? and is the context shared?
+        flags = [torch.isfinite(t).all() for _, t, _ in given]
+        flags.append((x_context == x_context[:1]).all() & (y_context == y_context[:1]).all())
+        *finite, same_context = torch.stack([f.to(x_context.device) for f in flags]).tolist()
+        for (name, t, axes), ok in zip(given, finite, strict=True):
+            if not ok:
+                check_finite(name, t, axes)  # raises, naming the first bad element
+        shared = b > 1 and same_context
         g, s = (1, b) if shared else (b, 1)
         # Only the distinct contexts are converted (an expanded shared context is never
         # copied B times).

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 
 from tabattn_core.checks import InputError
 
@@ -43,6 +44,14 @@ def pick_configs(
     """The configs that `keep` accepts, or only the first of them when autotuning is off."""
     kept = [c for c in configs if keep(c)] or configs[:1]
     return kept if autotune_enabled() else kept[:1]
+
+
+def bench_in_graph(kernel_call: Callable[[], None], quantiles) -> list[float]:
+    """The autotuner's timer for kernels of a few microseconds: the calls replayed from a
+    CUDA graph, so that the host's launch time (larger than such a kernel) does not decide
+    the pick. Measured on an H100 for the fused linear layer at 2048 x 128 rows: the
+    default timer picked configs taking 8.5-10.5 µs where the best take 6.5-7."""
+    return triton.testing.do_bench_cudagraph(kernel_call, rep=20, quantiles=quantiles)
 
 
 def bucket(n: int) -> int:

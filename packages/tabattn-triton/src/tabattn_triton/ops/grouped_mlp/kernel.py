@@ -27,7 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from tabattn_triton.ops.common import pick_configs
+from tabattn_triton.ops.common import bench_in_graph, pick_configs
 
 EPI_NONE, EPI_ACTIVATE, EPI_ACT_GRAD = 0, 1, 2
 # Activations (constexpr ACTIVATION), indexed by name in interface.ACTIVATION_IDS.
@@ -49,6 +49,8 @@ MATMUL_CONFIGS = [
         (128, 128, 16, 8, 2),
         (128, 16, 64, 4, 4),
         (64, 16, 128, 4, 3),
+        (64, 64, 64, 4, 2),
+        (32, 64, 64, 4, 2),
     ]
 ]
 AUTOTUNE_KEY = [
@@ -170,7 +172,10 @@ def _grouped_matmul(
 
 
 grouped_matmul_kernel = triton.autotune(
-    configs=MATMUL_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune}
+    configs=MATMUL_CONFIGS,
+    key=AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": _prune},
+    do_bench=bench_in_graph,
 )(_grouped_matmul)
 
 # Whole-row tiles for the layer-norm epilogue: BLOCK_N is the row length's power of two
@@ -189,7 +194,9 @@ FULL_ROW_CONFIGS = [
     ]
 ]
 full_row_matmul_kernel = triton.autotune(
-    configs=pick_configs(FULL_ROW_CONFIGS, lambda c: True), key=AUTOTUNE_KEY
+    configs=pick_configs(FULL_ROW_CONFIGS, lambda c: True),
+    key=AUTOTUNE_KEY,
+    do_bench=bench_in_graph,
 )(
     triton.heuristics({"BLOCK_N": lambda args: max(16, triton.next_power_of_2(args["N"]))})(
         _grouped_matmul
