@@ -50,8 +50,15 @@ def bench_in_graph(kernel_call: Callable[[], None], quantiles) -> list[float]:
     """The autotuner's timer for kernels of a few microseconds: the calls replayed from a
     CUDA graph, so that the host's launch time (larger than such a kernel) does not decide
     the pick. Measured on an H100 for the fused linear layer at 2048 x 128 rows: the
-    default timer picked configs taking 8.5-10.5 µs where the best take 6.5-7."""
-    return triton.testing.do_bench_cudagraph(kernel_call, rep=20, quantiles=quantiles)
+    default timer picked configs taking 8.5-10.5 µs where the best take 6.5-7.
+
+    The timer runs on a stream of its own, which does not wait for the caller's: the device
+    is synchronised first, or its trial runs could write the output's memory while queued
+    work still reads what occupied it before (seen as wrong densities at a large shape)."""
+    torch.cuda.synchronize()
+    timings = triton.testing.do_bench_cudagraph(kernel_call, rep=20, quantiles=quantiles)
+    torch.cuda.synchronize()
+    return timings
 
 
 def bucket(n: int) -> int:
