@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tabattn_core.checks import InputError
-from tabattn_core.mlp import ACTIVATIONS, grouped_mlp, mlp
+from tabattn_core.mlp import ACTIVATIONS, grouped_mlp, linear, mlp
 from tabattn_core.registry import get_op
 from tabattn_core.testing import assert_rel_close
 
@@ -73,3 +73,33 @@ def test_input_errors():
         grouped_mlp(x[None], w1, w2)
     with pytest.raises(InputError, match="w1: expected shape"):
         mlp(x, w1, w2[0])
+
+
+def test_linear_is_a_post_norm_sublayer():
+    """Against the torch modules a post-norm transformer layer is made of, written out."""
+    x, res = torch.randn(2, 5, 6, dtype=F64), torch.randn(2, 5, 4, dtype=F64)
+    lin = torch.nn.Linear(6, 4, dtype=F64)
+    norm = torch.nn.LayerNorm(4, eps=1e-6, dtype=F64)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_()
+        want = norm(res + lin(x))
+        got = linear(
+            x, lin.weight, lin.bias, residual=res, norm_weight=norm.weight,
+            norm_bias=norm.bias, eps=1e-6,
+        )  # fmt: skip
+        assert_rel_close(got, want, tol=1e-12)
+        gelu = FORMULAS["gelu"](x @ lin.weight.T + lin.bias)
+        assert_rel_close(linear(x, lin.weight, lin.bias, activation="gelu"), gelu, tol=1e-12)
+        assert get_op("linear", "torch")(x, lin.weight).dtype == F64
+
+
+def test_linear_keeps_low_precision_dtype_and_rejects_bad_input():
+    x, w = torch.randn(3, 8, dtype=torch.bfloat16), torch.randn(4, 8, dtype=torch.bfloat16)
+    assert linear(x, w).dtype == torch.bfloat16
+    with pytest.raises(InputError, match=r"weight: expected shape"):
+        linear(x, w.T)
+    with pytest.raises(InputError, match="norm_weight, norm_bias"):
+        linear(x, w, norm_bias=torch.zeros(4, dtype=torch.bfloat16))
+    with pytest.raises(InputError, match=r"residual: expected shape"):
+        linear(x, w, residual=torch.zeros(3, 8, dtype=torch.bfloat16))

@@ -75,6 +75,10 @@ def default_problems(device: torch.device, dtype: torch.dtype) -> dict[str, tupl
         ),
         "mlp": ((randn(2, 17, 24), randn(24, 40) * 0.2, randn(40, 24) * 0.2), {}),
         "grouped_mlp": ((randn(33, 24), randn(3, 24, 40) * 0.2, randn(3, 40, 3) * 0.2), {}),
+        "linear": (
+            (randn(2, 17, 24), randn(40, 24) * 0.2, randn(40)),
+            {"residual": randn(2, 17, 40), "norm_weight": randn(40), "norm_bias": randn(40)},
+        ),
     }
 
 
@@ -83,7 +87,12 @@ def _fp64(x: object) -> object:
 
 
 def _ground_truth(op: str) -> Callable:
-    outside_reference = {"gmm_nll": gmm.gmm_nll, "mlp": mlp.mlp, "grouped_mlp": mlp.grouped_mlp}
+    outside_reference = {
+        "gmm_nll": gmm.gmm_nll,
+        "mlp": mlp.mlp,
+        "grouped_mlp": mlp.grouped_mlp,
+        "linear": mlp.linear,
+    }
     return outside_reference.get(op) or getattr(reference, op)
 
 
