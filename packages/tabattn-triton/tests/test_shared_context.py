@@ -84,6 +84,36 @@ def test_decode_buffer_length_on_device():
         shared_context_attention(*args, buffer_len=torch.tensor([2], device=DEVICE))
 
 
+def test_device_length_tuned_at_mean_length(monkeypatch):
+    """With autotuning on, the first launch of a device-length signature runs once more, on
+    scratch outputs, with the length T_cap/2 (what the autotuner times); later calls launch
+    once with the caller's length, and the outputs are the caller's."""
+    from tabattn_triton.ops.shared_context import interface
+
+    lengths = []
+    real = interface.shared_context_fwd_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                if args[6] is not None:  # BUFFER_LEN, a device length
+                    lengths.append(int(args[6]))
+                return real[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(interface, "autotune_enabled", lambda: True)
+    monkeypatch.setattr(interface, "shared_context_fwd_kernel", Recorder())
+    monkeypatch.setattr(interface, "_TUNED_AT_MEAN_LENGTH", set())
+    args = inputs(1, 3, 2, 1, 2, 9, 7, 16)
+    for t in (2, 6):
+        got = shared_context_attention(*args, buffer_len=torch.tensor(t, device=DEVICE))
+        want = shared_context_attention(*args, buffer_len=t)
+        assert_rel_close(got[0], want[0], tol=1e-6)
+        assert_rel_close(got[1], want[1], tol=1e-6)
+    assert lengths == [4, 2, 6]  # (T_cap + 1) // 2, then the callers' lengths
+
+
 def test_decode_splits_agree():
     args = inputs(1, 3, 2, 1, 1, 300, 2, 32)
     one, lse1 = shared_context_attention(*args, buffer_len=2, num_splits=1)

@@ -201,7 +201,7 @@ def _launch(q, k_ctx, v_ctx, k_buf, v_buf, group, ctx_len, ctx_lens, *, buffer_l
     kb = k_buf if has_buffer else k_ctx.unsqueeze(1)  # placeholders when there is no buffer
     vb = v_buf if has_buffer else v_ctx.unsqueeze(1)
     tuning_len = None
-    if buffer_len_ptr is not None and autotune_enabled() and not capturing():
+    if buffer_len_ptr is not None and autotune_enabled() and not _capturing():
         # A decode loop replays one launch while the length read on the device grows from 1
         # to T_cap, but the autotuner would time its configs at whatever length the first
         # call holds (usually 1, which favours tiles that are slow on long buffers: at
@@ -272,7 +272,7 @@ def _rule_bits(lq: int, row_rule: str | tuple[str, ...]) -> int:
     return bits
 
 
-def capturing() -> bool:
+def _capturing() -> bool:
     """True while the current CUDA stream is being captured into a graph."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
