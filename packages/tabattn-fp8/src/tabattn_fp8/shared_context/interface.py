@@ -29,14 +29,13 @@ from tabattn_core.checks import (
 from tabattn_core.reference import merge_states
 from tabattn_fp8.attention.interface import check_fp8_device, fp8_attention_fwd
 from tabattn_triton.ops.attention.interface import PrefixMask
-from tabattn_triton.ops.common import MASK_CONTEXT
-from tabattn_triton.ops.shared_context import check_decode_inputs, check_teacher_forcing_inputs
+from tabattn_triton.ops.common import MASK_CONTEXT, needs_grad
 from tabattn_triton.ops.shared_context import (
-    shared_context_attention as triton_shared_context_attention,
+    check_decode_inputs,
+    check_teacher_forcing_inputs,
 )
-from tabattn_triton.ops.shared_context import (
-    teacher_forcing_attention as triton_teacher_forcing_attention,
-)
+from tabattn_triton.ops.shared_context import shared_context_attention as triton_decode
+from tabattn_triton.ops.shared_context import teacher_forcing_attention as triton_tf
 
 __all__ = [
     "check_fp8_forward",
@@ -53,7 +52,7 @@ BufferPart = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Te
 def check_fp8_forward(q: torch.Tensor, *tensors: torch.Tensor | None) -> None:
     """After tabattn-triton's argument checks: no input requiring grad (the FP8 ops are
     forward-only) and an sm90 device (or CPU under TRITON_INTERPRET=1)."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, *tensors)):
+    if needs_grad(q, *tensors):
         raise InputError(
             "q, k_ctx, v_ctx, k_buf, v_buf: expected no tensor requiring grad; the FP8 "
             "shared-context ops are forward-only (inference); use backend 'triton' or "
@@ -188,7 +187,7 @@ def fp8_shared_context_attention(
     buffer_part = None
     if has_buffer:
         buffer_part = functools.partial(
-            _buffer_part, triton_shared_context_attention, k_buf, v_buf,
+            _buffer_part, triton_decode, k_buf, v_buf,
             buffer_len=buffer_len, row_rule=row_rule, scale=scale,
         )  # fmt: skip
     return fp8_context_buffer_fwd(q, k_ctx, v_ctx, ctx_len, ctx_lens, group, scale, buffer_part)
@@ -228,9 +227,7 @@ def fp8_teacher_forcing_attention(
     )
     check_fp8_forward(q, k_ctx, v_ctx, k_buf, v_buf)
     scale = check_scale(scale, q.shape[4])
-    buffer_part = functools.partial(
-        _buffer_part, triton_teacher_forcing_attention, k_buf, v_buf, scale=scale
-    )
+    buffer_part = functools.partial(_buffer_part, triton_tf, k_buf, v_buf, scale=scale)
     return fp8_context_buffer_fwd(q, k_ctx, v_ctx, ctx_len, ctx_lens, group, scale, buffer_part)
 
 

@@ -46,6 +46,16 @@ def pick_configs(
     return kept if autotune_enabled() else kept[:1]
 
 
+def capturing() -> bool:
+    """True while the current CUDA stream is being captured into a graph."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will record a call on these tensors (None entries ignored)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def bench_in_graph(kernel_call: Callable[[], None], quantiles) -> list[float]:
     """The autotuner's timer for kernels of a few microseconds: the calls replayed from a
     CUDA graph, so that the host's launch time (larger than such a kernel) does not decide

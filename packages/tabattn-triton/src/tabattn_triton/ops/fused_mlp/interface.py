@@ -14,12 +14,11 @@ import torch
 
 from tabattn_core.checks import InputError
 from tabattn_core.mlp import activation_fn, check_mlp
-from tabattn_triton.ops.common import check_device
+from tabattn_triton.ops.common import check_device, needs_grad
 from tabattn_triton.ops.grouped_mlp.interface import (
     ACTIVATION_IDS,
     KERNEL_DTYPES,
     GroupedMLPFunction,
-    needs_grad,
 )
 
 __all__ = ["DEFAULT_IMPL", "IMPLS", "mlp"]

@@ -14,7 +14,7 @@ import triton
 
 from tabattn_core.checks import InputError
 from tabattn_core.mlp import activation_fn, check_mlp
-from tabattn_triton.ops.common import bucket, check_device, dot_precision
+from tabattn_triton.ops.common import bucket, check_device, dot_precision, needs_grad
 from tabattn_triton.ops.grouped_mlp.kernel import (
     ACT_GELU,
     ACT_RELU,
@@ -27,7 +27,7 @@ from tabattn_triton.ops.grouped_mlp.kernel import (
     grouped_matmul_kernel,
 )
 
-__all__ = ["GroupedMLPFunction", "grouped_matmul", "grouped_mlp", "needs_grad"]
+__all__ = ["GroupedMLPFunction", "grouped_matmul", "grouped_mlp"]
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ACTIVATION_IDS = {"gelu": ACT_GELU, "relu": ACT_RELU, "silu": ACT_SILU}
@@ -155,8 +155,3 @@ def grouped_mlp(
     check_mlp(x, w1, w2, grouped=True, dtypes=KERNEL_DTYPES)
     check_device("x", x)
     return GroupedMLPFunction.apply(x, w1, w2, ACTIVATION_IDS[activation], needs_grad(x, w1, w2))
-
-
-def needs_grad(*tensors: torch.Tensor) -> bool:
-    """Whether autograd will record a call on these tensors (the backward needs Z)."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)

@@ -15,12 +15,11 @@ import torch.nn.functional as F
 
 from tabattn_core.checks import InputError
 from tabattn_core.mlp import check_linear
-from tabattn_triton.ops.common import check_device
+from tabattn_triton.ops.common import check_device, needs_grad
 from tabattn_triton.ops.grouped_mlp.interface import (
     ACTIVATION_IDS,
     KERNEL_DTYPES,
     grouped_matmul,
-    needs_grad,
 )
 from tabattn_triton.ops.grouped_mlp.kernel import EPI_ACTIVATE, EPI_NONE, MAX_FULL_ROW
 
@@ -51,9 +50,7 @@ def linear(
         norm_bias=norm_bias, eps=eps, dtypes=KERNEL_DTYPES,
     )  # fmt: skip
     check_device("x", x)
-    if needs_grad(
-        x, weight, *(t for t in (bias, residual, norm_weight, norm_bias) if t is not None)
-    ):
+    if needs_grad(x, weight, bias, residual, norm_weight, norm_bias):
         raise InputError(
             "x, weight, bias, residual, norm_weight, norm_bias: the fused linear layer is "
             "forward-only (inference); use tabattn_core.mlp.linear or torch to train"

@@ -29,9 +29,11 @@ from tabattn_triton.ops.common import (
     MASK_TEACHER_BUFFER,
     autotune_enabled,
     bucket,
+    capturing,
     check_device,
     dot_precision,
     head_block,
+    needs_grad,
 )
 from tabattn_triton.ops.shared_context.kernel import (
     shared_context_combine_kernel,
@@ -200,15 +202,15 @@ def _launch(q, k_ctx, v_ctx, k_buf, v_buf, group, ctx_len, ctx_lens, *, buffer_l
         o_part = lse_part = None
     kb = k_buf if has_buffer else k_ctx.unsqueeze(1)  # placeholders when there is no buffer
     vb = v_buf if has_buffer else v_ctx.unsqueeze(1)
+    precision = dot_precision(q.dtype)
     tuning_len = None
-    if buffer_len_ptr is not None and autotune_enabled() and not _capturing():
+    if buffer_len_ptr is not None and autotune_enabled() and not capturing():
         # A decode loop replays one launch while the length read on the device grows from 1
         # to T_cap, but the autotuner would time its configs at whatever length the first
         # call holds (usually 1, which favours tiles that are slow on long buffers: at
         # S=1024, Nc=1024, T_cap=64, H=4, D=32, fp32 on an H100, 95 vs 62 µs per step). So
         # the first launch of a signature runs on scratch outputs at the mean length.
-        signature = (q.shape, k_ctx.shape, q.dtype, q.device, buffer_len, num_splits,
-                     dot_precision(q.dtype))  # fmt: skip
+        signature = (q.shape, k_ctx.shape, q.dtype, q.device, buffer_len, num_splits, precision)
         if signature not in _TUNED_AT_MEAN_LENGTH:
             if len(_TUNED_AT_MEAN_LENGTH) >= _VALIDATED_MAX:
                 _TUNED_AT_MEAN_LENGTH.clear()
@@ -237,7 +239,7 @@ def _launch(q, k_ctx, v_ctx, k_buf, v_buf, group, ctx_len, ctx_lens, *, buffer_l
             SAMPLE_TILES=sample_tiles,
             NUM_SPLITS=num_splits,
             BLOCK_D=block_d,
-            DOT_PRECISION=dot_precision(q.dtype),
+            DOT_PRECISION=precision,
         )  # fmt: skip
 
     if tuning_len is not None:
@@ -270,15 +272,6 @@ def _rule_bits(lq: int, row_rule: str | tuple[str, ...]) -> int:
             raise InputError("row_rule: expected one rule for all rows from 62 on, got both")
         bits |= int(tail.pop() == "causal") << 62
     return bits
-
-
-def _capturing() -> bool:
-    """True while the current CUDA stream is being captured into a graph."""
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
-def _needs_grad(*tensors: torch.Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 class TeacherForcingFunction(torch.autograd.Function):
@@ -358,7 +351,7 @@ def shared_context_attention(
         q, k_ctx, v_ctx, k_buf, v_buf,
         buffer_len=buffer_len, context_lens=context_lens, row_rule=row_rule,
     )  # fmt: skip
-    if _needs_grad(q, k_ctx, v_ctx, k_buf, v_buf):
+    if needs_grad(q, k_ctx, v_ctx, k_buf, v_buf):
         raise InputError(
             "q, k_ctx, v_ctx, k_buf, v_buf: the decode kernel is forward-only (sampling runs "
             "without gradients); use teacher_forcing_attention or backend 'torch' to train"
