@@ -16,6 +16,7 @@ more); their buffer part stays exact, and the two parts are merged by their LSEs
 from __future__ import annotations
 
 import functools
+import math
 import threading
 import warnings
 from collections.abc import Callable
@@ -156,6 +157,13 @@ def _weight_addresses(model: torch.nn.Module) -> tuple[int, ...]:
     return tuple(addresses)
 
 
+def _max_magnitude(t: torch.Tensor) -> torch.Tensor:
+    """max |t| as a 0-dim tensor (NaN if t holds one, 0 if empty); an expanded (stride 0)
+    dim is read once."""
+    t = t[tuple(slice(0, 1) if stride == 0 else slice(None) for stride in t.stride())]
+    return torch.linalg.vector_norm(t, float("inf")) if t.numel() else t.new_zeros(())
+
+
 def _inference_weights(model: ARTabPFN) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [layer.inference_weights() for layer in model.backbone.layers]
 
@@ -169,6 +177,16 @@ class _Batch:
     x_target: torch.Tensor  # [G, S, Nt, C]
     y_target: torch.Tensor | None  # [G, S, Nt]
     batch: int  # B = G * S
+    given: list[tuple[str, torch.Tensor, tuple[str, ...]]]  # the caller's (name, tensor, axes)
+    largest: torch.Tensor | float  # finite iff every given tensor is (a device scalar, unread)
+
+    def check_finite(self) -> None:
+        """Raise `InputError` naming the first NaN/inf of the given tensors (reads `largest`:
+        a host sync, made after the call's work is queued)."""
+        if not math.isfinite(float(self.largest)):
+            for name, t, axes in self.given:
+                check_finite(name, t, axes)
+        self.largest = 0.0
 
     def inputs(self, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """The tensors a call reads, by name (y: the labels or the noise it needs)."""
@@ -259,27 +277,36 @@ class ARTabPFNPredictor:
             )
             if t is not None
         ]
-        # One host sync for every check: all finite? and is the context shared?
-        flags = [torch.isfinite(t).all() for _, t, _ in given]
-        flags.append((x_context == x_context[:1]).all() & (y_context == y_context[:1]).all())
-        *finite, same_context = torch.stack([f.to(x_context.device) for f in flags]).tolist()
-        for (name, t, axes), ok in zip(given, finite, strict=True):
-            if not ok:
-                check_finite(name, t, axes)  # raises, naming the first bad element
-        shared = b > 1 and same_context
+        # Finite inputs: the sum of each one's max |value| (fp64, so no finite input
+        # overflows it) is finite; an expanded tensor is read once. It is read on the host
+        # after the call is queued (`_Batch.check_finite`), unless the shared-context test
+        # below needs a sync anyway.
+        largest = torch.stack(
+            [_max_magnitude(t).to(x_context.device, torch.float64) for _, t, _ in given]
+        ).sum()
+        if b == 1 or (x_context.stride(0) == 0 and y_context.stride(0) == 0):
+            shared = b > 1  # one row, or one context expanded B times: no test needed
+        else:
+            same = (x_context == x_context[:1]).all() & (y_context == y_context[:1]).all()
+            shared, largest = torch.stack([same.to(largest.dtype), largest]).tolist()
         g, s = (1, b) if shared else (b, 1)
         # Only the distinct contexts are converted (an expanded shared context is never
         # copied B times).
         x_context, y_context = (t[:g].to(dev, dt) for t in (x_context, y_context))
         x_target = x_target.to(dev, dt)
         y_target = None if y_target is None else y_target.to(dev, dt)
-        return _Batch(
+        batch = _Batch(
             x_context,
             y_context,
             x_target.view(g, s, nt, c),
             None if y_target is None else y_target.view(g, s, nt),
             b,
+            given,
+            largest,
         )
+        if not isinstance(largest, torch.Tensor):
+            batch.check_finite()
+        return batch
 
     def _op(self, name: str, device: torch.device):
         """The registry's implementation of `name`; the PyTorch references materialise the
@@ -349,10 +376,7 @@ class ARTabPFNPredictor:
         y_target [B, Nt] -> [B, Nt] (natural log). Buffer row j carries ar_tokens[j mod bs].
         """
         data = self._arrange(x_context, y_context, x_target, y_target)
-        inputs = data.inputs(y=data.y_target)
-        return self._run("evaluate_joint_density", inputs, self._density_stages).reshape(
-            data.batch, -1
-        )
+        return self._run("evaluate_joint_density", data, data.y_target, self._density_stages)
 
     def _density_stages(self, inputs: dict[str, torch.Tensor]) -> _Stages:
         """The teacher-forcing pass over `inputs` (see `_Batch.inputs`) as one stage."""
@@ -410,7 +434,7 @@ class ARTabPFNPredictor:
         noise[0].uniform_(generator=generator)
         noise[1].normal_(generator=generator)
         stages = functools.partial(self._decode_stages, sampling=True)
-        return self._run("sample_sequence", data.inputs(y=noise), stages).reshape(data.batch, nt)
+        return self._run("sample_sequence", data, noise, stages)
 
     @torch.no_grad()
     def stepwise_log_density(
@@ -424,9 +448,7 @@ class ARTabPFNPredictor:
         Equal to `evaluate_joint_density` (the chain rule), computed step by step."""
         data = self._arrange(x_context, y_context, x_target, y_target)
         stages = functools.partial(self._decode_stages, sampling=False)
-        return self._run("stepwise_log_density", data.inputs(y=data.y_target), stages).reshape(
-            data.batch, -1
-        )
+        return self._run("stepwise_log_density", data, data.y_target, stages)
 
     @torch.no_grad()
     def marginal_mixture(
@@ -451,6 +473,7 @@ class ARTabPFNPredictor:
         )
         nt = data.x_target.shape[2]
         mixture = model.head.mixture(model.backbone.norm(x))
+        data.check_finite()
         return tuple(t.reshape(data.batch, nt, -1) for t in mixture)
 
     def _decode_stages(self, inputs: dict[str, torch.Tensor], *, sampling: bool) -> _Stages:
@@ -542,16 +565,22 @@ class ARTabPFNPredictor:
     def _run(
         self,
         method: str,
-        inputs: dict[str, torch.Tensor],
+        data: _Batch,
+        y: torch.Tensor,
         stages: Callable[[dict[str, torch.Tensor]], _Stages],
     ) -> torch.Tensor:
-        """`stages(inputs)` run eagerly, or, where `_graphs_apply`, from the graphs captured
-        for `method` at the first call with these input shapes. A capture that CUDA refuses
-        is reported once (a warning naming the error) and the call, and later calls with
-        these shapes, run eagerly."""
+        """`stages(data.inputs(y))` run eagerly, or, where `_graphs_apply`, from the graphs
+        captured for `method` at the first call with these input shapes; then the inputs'
+        finiteness is confirmed (the call's only host sync). Returns the result as [B, Nt].
+        A capture that CUDA refuses is reported once (a warning naming the error) and the
+        call, and later calls with these shapes, run eagerly."""
+        inputs = data.inputs(y)
         if self._graphs_apply(inputs["x_target"].device):
-            return self._replay(method, inputs, stages)
-        return _run_eagerly(inputs, stages)
+            result = self._replay(method, inputs, stages)
+        else:
+            result = _run_eagerly(inputs, stages)
+        data.check_finite()
+        return result.reshape(data.batch, -1)
 
     def _replay(
         self,
@@ -561,10 +590,12 @@ class ARTabPFNPredictor:
     ) -> torch.Tensor:
         """`_run` with CUDA graphs: capture at the first call with these shapes, replay."""
         # The graphs read the weights at their addresses: a model whose parameters were
-        # reallocated (`.to()`, `load_state_dict(assign=True)`) is captured anew.
+        # reallocated (`.to()`, `load_state_dict(assign=True)`) is captured anew; so is a call
+        # after allow_tf32 changed (the fp32 kernels' dot precision is fixed at capture).
         key = (
             tuple((name, t.shape, t.dtype, t.device) for name, t in inputs.items()),
             _weight_addresses(self.model),
+            torch.backends.cuda.matmul.allow_tf32,
         )
         if (method, key) not in self._eager:
             with self._lock:
