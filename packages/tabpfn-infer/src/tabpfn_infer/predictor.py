@@ -277,13 +277,13 @@ class ARTabPFNPredictor:
             )
             if t is not None
         ]
-        # Finite inputs: the sum of each one's max |value| (fp64, so no finite input
-        # overflows it) is finite; an expanded tensor is read once. It is read on the host
-        # after the call is queued (`_Batch.check_finite`), unless the shared-context test
-        # below needs a sync anyway.
+        # Finite inputs: the largest |value| of all is finite (NaN and inf propagate through
+        # max; a finite value that overflows x_context's dtype only triggers the exact check);
+        # an expanded tensor is read once. It is read on the host after the call is queued
+        # (`_Batch.check_finite`), unless the shared-context test below needs a sync anyway.
         largest = torch.stack(
-            [_max_magnitude(t).to(x_context.device, torch.float64) for _, t, _ in given]
-        ).sum()
+            [_max_magnitude(t).to(x_context.device, x_context.dtype) for _, t, _ in given]
+        ).amax()
         if b == 1 or (x_context.stride(0) == 0 and y_context.stride(0) == 0):
             shared = b > 1  # one row, or one context expanded B times: no test needed
         else:
