@@ -16,11 +16,7 @@ Providers: `torch` (backend "torch": the PyTorch references, split by the predic
 scores stay under `SCORE_BUDGET`), `triton` (backend "triton", cuda_graph=False: every
 kernel launched from Python), `triton-graph` (backend "triton", cuda_graph=True, CUDA only:
 the first call with these shapes warms up and captures the call's CUDA graphs, later calls
-copy their inputs in and replay them; decode steps 1.. are one graph replayed per step),
-`triton-graph-tf32` (float32 only: triton-graph with torch.backends.cuda.matmul.allow_tf32
-on during its calls, so the fp32 kernel dots run as one TF32 product, as the peer's kernel
-did, instead of the default 3xTF32 that keeps fp32 accuracy; its density error is reported
-against fp64 like every row's).
+copy their inputs in and replay them; decode steps 1.. are one graph replayed per step).
 
 Timing: end to end. Every call of a provider is wrapped in the host clock, with
 `torch.cuda.synchronize()` before and after; `e2e_ms` is the median over every call after
@@ -55,7 +51,6 @@ copies for every sample path in a slice): the sample case (4096, 4096, 128) woul
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import statistics
@@ -97,11 +92,10 @@ FLOAT32_DENSITY_NATS = 5e-3
 BF16_SLACK_NATS = 1e-2
 GRAPH_SAMPLE_TOL = 1e-3  # triton-graph vs triton eager samples, float32
 TORCH_MAX_BYTES = 8 * 2**30  # torch provider: working set of one attention call
-PROVIDERS = (  # name, predictor backend, cuda_graph, allow_tf32, modes
-    ("torch", "torch", False, False, MODES),
-    ("triton", "triton", False, False, MODES),
-    ("triton-graph", "triton", True, False, MODES),
-    ("triton-graph-tf32", "triton", True, True, MODES),
+PROVIDERS = (  # name, predictor backend, cuda_graph, modes
+    ("torch", "torch", False, MODES),
+    ("triton", "triton", False, MODES),
+    ("triton-graph", "triton", True, MODES),
 )
 
 # The peer's triton backend, float32, H200, another run: (mode, B, Nc, Nt) -> ms or why not.
@@ -246,17 +240,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _check_available(
-    case: dict[str, Any], backend: str, graph: bool, tf32: bool, cfg: RunConfig
-) -> None:
+def _check_available(case: dict[str, Any], backend: str, graph: bool, cfg: RunConfig) -> None:
     """Raise Unavailable (with the reason) where the provider cannot run the case here."""
     from tabattn_core.checks import InputError
     from tabattn_core.registry import registry
 
     if graph and cfg.device.type != "cuda":
         raise Unavailable("CUDA graphs need a CUDA GPU")
-    if tf32 and case["dtype"] != "float32":
-        raise Unavailable("allow_tf32 applies to float32 only")
     if backend == "torch":
         need = _torch_attention_bytes(case)
         if need > TORCH_MAX_BYTES:
@@ -274,12 +264,12 @@ def _check_available(
             raise Unavailable(str(exc)) from None
 
 
-def _make(name: str, backend: str, graph: bool, tf32: bool):
+def _make(name: str, backend: str, graph: bool):
     def make(case: dict[str, Any], inputs: Inputs):
         from tabpfn_infer.predictor import ARTabPFNPredictor
 
         cfg: RunConfig = inputs.extra["cfg"]
-        _check_available(case, backend, graph, tf32, cfg)
+        _check_available(case, backend, graph, cfg)
         model = _model(case["tiny"], _dtype_of(case), cfg.device)
         predictor = ARTabPFNPredictor(model, backend=backend, cuda_graph=graph)
         call = _call(case, inputs, predictor)
@@ -290,8 +280,7 @@ def _make(name: str, backend: str, graph: bool, tf32: bool):
             inputs.extra["last_run"] = run  # the check (Check.select) reads who ran
             _sync(cfg.device)
             start = time.perf_counter()
-            with _allow_tf32(tf32):
-                out = call()
+            out = call()
             _sync(cfg.device)
             run.seconds.append(time.perf_counter() - start)
             if graph and method not in predictor.captured_methods:
@@ -301,17 +290,6 @@ def _make(name: str, backend: str, graph: bool, tf32: bool):
         return fn
 
     return make
-
-
-@contextlib.contextmanager
-def _allow_tf32(on: bool):
-    """torch.backends.cuda.matmul.allow_tf32 set to `on` inside, restored after."""
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = on
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 # ---------------------------------------------------------------------------------------
@@ -449,12 +427,12 @@ SUITE = register_suite(
         providers={
             name: Provider(
                 name,
-                _make(name, backend, graph, tf32),
-                f'backend="{backend}", cuda_graph={graph}' + (", allow_tf32" if tf32 else ""),
+                _make(name, backend, graph),
+                f'backend="{backend}", cuda_graph={graph}',
                 modes=modes,
                 rel_tol=1.0,  # the check's error is measured / bound
             )
-            for name, backend, graph, tf32, modes in PROVIDERS
+            for name, backend, graph, modes in PROVIDERS
         },
         make_inputs=_make_inputs,
         forward_flops=_forward_flops,
