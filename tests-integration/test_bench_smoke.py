@@ -157,3 +157,25 @@ def test_predictor_top_k_accuracy_smoke(tmp_path: Path) -> None:
             assert r["max_abs_target_nats"] < 1e-9, r
         else:
             assert r["max_abs_target_nats"] > 1e-6, r
+
+
+def test_training_ddp_scaling_smoke(tmp_path: Path) -> None:
+    """`python -m bench.suites.training ddp-scaling --smoke`: torchrun with 1 and 2 ranks
+    (gloo on CPU) trains the tiny model; every run logs tokens/s and the 2-rank run has an
+    efficiency against the 1-rank one."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.suites.training", "ddp-scaling", "--smoke",
+         "--variants", "sdpa", "--worlds", "1,2", "--steps", "21", "--out", str(tmp_path)],
+        cwd=REPO_ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    result = json.loads((tmp_path / "training_ddp.json").read_text())
+    assert result["header"]["worlds"] == [1, 2]
+    runs = result["runs"]
+    assert set(runs) == {"sdpa x1", "sdpa x2"}, runs
+    for run in runs.values():
+        assert run["status"] == "ok", run
+        assert [r["step"] for r in run["log"]] == [0, 9, 19, 20]
+        assert run["tokens_per_s"] > 0 and run["efficiency"] > 0
+    assert runs["sdpa x1"]["efficiency"] == 1.0
+    assert (tmp_path / "training_ddp.png").read_bytes()[:8] == PNG_MAGIC

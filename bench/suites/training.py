@@ -30,6 +30,10 @@ optimizer are checked by packages/tabpfn-infer/tests/test_tnp.py's GPU tests.
 Loss curves: `python -m bench.suites.training loss-curve [--steps 300] [--out DIR]`
 trains `sdpa`, `all-triton` and (sm90 only) `fp8-attention+triton` from the same seed on
 the same prior tasks (small shape) and writes training_loss_curve.json and .png.
+
+Data-parallel scaling: `python -m bench.suites.training ddp-scaling [--worlds 1,2]
+[--steps 40] [--out DIR]` trains `sdpa` and `all-triton` at the mid shape under torchrun
+(DDP) on each number of GPUs and writes training_ddp.json and .png (`ddp_scaling`).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import argparse
 import itertools
 import json
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -421,18 +426,145 @@ def _plot_curves(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+# ---------------------------------------------------------------------------------------
+# data-parallel scaling
+
+
+DDP_VARIANTS = (Variant(()), Variant(ALL))
+DDP_LOG_EVERY = 10
+
+
+def ddp_scaling(
+    cfg: RunConfig,
+    *,
+    worlds: tuple[int, ...],
+    steps: int,
+    out: Path,
+    variants: tuple[str, ...] = tuple(v.name for v in DDP_VARIANTS),
+) -> dict[str, Any]:
+    """Tokens/s of eager training (`tabpfn_infer.train_tnp`) of `variants` (of `sdpa`, `all-triton`) at
+    the mid shape (smoke: the tiny model and shape on CPU, gloo) on each number of ranks in
+    `worlds`, each a `torchrun --standalone` run (DDP, NCCL on GPUs). Every rank trains B
+    tasks per step (weak scaling), so tokens/s = world * B * (M + N) / step time. Per run:
+    the log rows every DDP_LOG_EVERY steps (tokens/s over the window since the previous
+    row, data sampling included); `tokens_per_s` is the median of the rows after the first
+    (which holds warm-up and autotuning), `efficiency` tokens/s / (world * one rank's).
+    Writes training_ddp.json and .png under `out`."""
+    name, b, m, n = SMOKE_CASES[0] if cfg.smoke else CASES[1]
+    case = {"name": name, "B": b, "M": m, "N": n, "tiny": cfg.smoke}
+    out.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, Any] = {}
+    for variant in (v for v in DDP_VARIANTS if v.name in variants):
+        for world in worlds:
+            log_path = out / f"ddp_log_{variant.name}_{world}.json"
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc_per_node={world}", "-m", "bench.suites.training", "ddp-worker",
+                   "--variant", variant.name, "--steps", str(steps), "--rows-out", str(log_path)]  # fmt: skip
+            if cfg.smoke:
+                cmd.append("--smoke")
+            start = time.perf_counter()
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            key = f"{variant.name} x{world}"
+            if done.returncode != 0:
+                runs[key] = {"status": "error", "reason": done.stderr[-2000:]}
+                continue
+            log = json.loads(log_path.read_text())
+            log_path.unlink()
+            runs[key] = {"status": "ok", "variant": variant.name, "world": world,
+                         "seconds": time.perf_counter() - start, "log": log,
+                         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in log[1:])}  # fmt: skip
+        one = runs.get(f"{variant.name} x{worlds[0]}", {})
+        for world in worlds:
+            run = runs[f"{variant.name} x{world}"]
+            if run["status"] == "ok" and one.get("status") == "ok":
+                run["efficiency"] = run["tokens_per_s"] / (world / worlds[0] * one["tokens_per_s"])
+    header = collect_header(SUITE, cfg)
+    for key in ("table_columns", "table_notes", "baselines", "flops", "reference_method"):
+        header.pop(key, None)
+    header.update(suite="training_ddp", case=case, steps=steps, worlds=list(worlds),
+                  log_every=DDP_LOG_EVERY, gpus_visible=torch.cuda.device_count())  # fmt: skip
+    result = {"header": header, "runs": runs}
+    (out / "training_ddp.json").write_text(json.dumps(result, indent=1) + "\n")
+    _plot_ddp(result, out / "training_ddp.png")
+    return result
+
+
+def ddp_worker(variant_name: str, *, steps: int, log: Path, smoke: bool) -> None:
+    """One torchrun rank of `ddp_scaling`: train `variant_name` at its case; rank 0 writes
+    its log rows to `log`."""
+    from tabpfn_infer.train_tnp import TNPTrainConfig, train_tnp
+
+    variant = {v.name: v for v in DDP_VARIANTS}[variant_name]
+    _, b, m, n = SMOKE_CASES[0] if smoke else CASES[1]
+    train = TNPTrainConfig(
+        model=replace(_model_config(smoke), **variant.backends()), batch=b, num_context=m,
+        num_target=n, steps=steps, lr=LR, warmup=1, log_every=DDP_LOG_EVERY,
+        device="cpu" if smoke else "cuda",
+    )  # fmt: skip
+    _, rows = train_tnp(train, progress=False)
+    if rows:  # rank 0
+        log.write_text(json.dumps(rows))
+
+
+def _plot_ddp(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    h = result["header"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ok = [r for r in result["runs"].values() if r["status"] == "ok"]
+    for variant in dict.fromkeys(r["variant"] for r in ok):
+        mine = [r for r in ok if r["variant"] == variant]
+        ax.plot([r["world"] for r in mine], [r["tokens_per_s"] for r in mine], "o-", label=variant)
+    ax.set_xlabel("GPUs (DDP ranks)")
+    ax.set_ylabel("tokens/s (all ranks)")
+    ax.set_xticks(h["worlds"])
+    ax.grid(alpha=0.3)
+    ax.legend()
+    c = h["case"]
+    ax.set_title(
+        f"TNP training, DDP, B{c['B']} M{c['M']} N{c['N']} per rank — {h['gpu']}, "
+        f"{h['git_commit'][:12]}",
+        fontsize=8,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.suites.training")
-    p.add_argument("command", choices=["loss-curve"])
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("command", choices=["loss-curve", "ddp-scaling", "ddp-worker"])
+    p.add_argument("--steps", type=int, help="training steps (loss-curve 300, ddp-scaling 40)")
     p.add_argument("--out", type=Path, default=Path("bench/out"))
     p.add_argument("--smoke", action="store_true", help="tiny model and shape (CPU)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--worlds", default="1,2", help="ddp-scaling: numbers of ranks")
+    p.add_argument("--variant", help="ddp-worker: the variant to train")
+    p.add_argument("--variants", default="sdpa,all-triton", help="ddp-scaling: variants to train")
+    p.add_argument("--rows-out", type=Path, help="ddp-worker: where rank 0 writes its log rows")
     args = p.parse_args(argv)
+    if args.command == "ddp-worker":
+        ddp_worker(args.variant, steps=args.steps, log=args.rows_out, smoke=args.smoke)
+        return 0
     cuda = torch.cuda.is_available() and not args.smoke
     cfg = RunConfig(device=torch.device("cuda" if cuda else "cpu"), smoke=args.smoke,
                     seed=args.seed, command=" ".join(["python -m bench.suites.training", *(argv or sys.argv[1:])]))  # fmt: skip
-    result = loss_curves(cfg, steps=args.steps, out=args.out)
+    if args.command == "ddp-scaling":
+        worlds = tuple(int(w) for w in args.worlds.split(","))
+        result = ddp_scaling(cfg, worlds=worlds, steps=args.steps or 40, out=args.out,
+                             variants=tuple(args.variants.split(",")))  # fmt: skip
+        for key, run in result["runs"].items():
+            if run["status"] == "ok":
+                print(f"{key}: {run['tokens_per_s']:.4g} tokens/s, efficiency "
+                      f"{run.get('efficiency', float('nan')):.3f}")  # fmt: skip
+            else:
+                print(f"{key}: {run['status']}\n{run['reason']}")
+        print(f"wrote {args.out / 'training_ddp.json'} and .png")
+        return 0
+    result = loss_curves(cfg, steps=args.steps or 300, out=args.out)
     for name, run in result["runs"].items():
         if run["status"] == "ok":
             print(f"{name}: loss {run['log'][0]['loss']:.4f} -> {run['log'][-1]['loss']:.4f} "
