@@ -14,12 +14,20 @@ CPU: the Triton interpreter with fp32 inputs and tiny, awkward shapes: odd lengt
 D = 48/80, G = 1, S = 1, Nc = 0, T = 0, one query row, GQA, per-dataset lengths, a fold
 that spans two Q scale blocks. NaN-poisoned `torch.empty` comes from conftest. GPU (`-m
 gpu`, Hopper): bf16 at the shapes of the triton tests and the bench.
+
+The context cache (`QuantizedContextCache`): a context is quantised once for many calls,
+and again after an in-place write, for a new tensor at a freed one's address, another
+length or other options; it keeps no context alive. A cached call equals the same call on
+copies of the context (new tensors, quantised anew). GPU: the predictor's two CUDA graphs,
+and a graph replayed after its context is refilled in place.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import inspect
+import weakref
 
 import pytest
 import torch
@@ -30,13 +38,15 @@ from tabattn_core.checks import InputError
 from tabattn_core.registry import OPS, Registry
 from tabattn_core.testing import assert_rel_close, rel_error
 from tabattn_fp8 import backend, reference
+from tabattn_fp8.attention import fp8_attention, fp8_context_target_attention
 from tabattn_fp8.attention import interface as fp8_interface
 from tabattn_fp8.quantize.kernel import MEAN_SUBTRACT
 from tabattn_fp8.shared_context import (
     fp8_shared_context_attention,
     fp8_teacher_forcing_attention,
 )
-from tabattn_fp8.shared_context.interface import fp8_context_fwd
+from tabattn_fp8.shared_context import interface as sc_interface
+from tabattn_fp8.shared_context.interface import QuantizedContextCache, fp8_context_fwd
 from tabattn_triton.ops.shared_context import check_context_buffer_inputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -349,6 +359,196 @@ def test_registered_in_the_fp8_backend():
 
 
 # ---------------------------------------------------------------------------------------
+# The context cache: quantise a context once for many calls
+
+
+@pytest.fixture
+def cache(monkeypatch):
+    """The ops' context cache, fresh for the test, with `cache.quantised`: how many times
+    it has quantised a context (calls of `fp8_quantize_kv`)."""
+    fresh = QuantizedContextCache()
+    fresh.quantised = 0
+    real = sc_interface.fp8_quantize_kv
+
+    def counting(*args, **kwargs):
+        fresh.quantised += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sc_interface, "QUANTIZED_CONTEXTS", fresh)
+    monkeypatch.setattr(sc_interface, "fp8_quantize_kv", counting)
+    return fresh
+
+
+def uncached(op, q, k_ctx, v_ctx, *rest, **kwargs):
+    """`op` on copies of the context: new tensors, quantised anew."""
+    return op(q, k_ctx.clone(), v_ctx.clone(), *rest, **kwargs)
+
+
+def assert_same(got, want, name):
+    assert_rel_close(got[0], want[0], tol=1e-6, name=f"{name}: out")
+    assert_rel_close(got[1], want[1], tol=1e-6, name=f"{name}: lse")
+
+
+def alias(t):
+    """A new tensor object over t's memory (same data_ptr), with a version counter of its own."""
+    return torch.empty(0, device=t.device, dtype=t.dtype).set_(
+        t.untyped_storage(), t.storage_offset(), t.shape, t.stride()
+    )
+
+
+def test_decode_steps_quantise_the_context_once(cache):
+    q, kc, vc, kb, vb = inputs(1, 3, 2, 1, 1, 37, 5, 32)
+    steps = [(torch.randn_like(q), t) for t in (1, 3, 5)]  # a new q every step
+    got = [fp8_shared_context_attention(qt, kc, vc, kb, vb, buffer_len=t) for qt, t in steps]
+    assert cache.quantised == 1 and len(cache) == 1
+    for (qt, t), step in zip(steps, got, strict=True):
+        want = uncached(fp8_shared_context_attention, qt, kc, vc, kb, vb, buffer_len=t)
+        assert_same(step, want, f"T={t}")
+    qt, t = steps[-1]
+    check_against_references(
+        got[-1], (qt, kc, vc, kb, vb), None, t, teacher_forcing=False, buffer_len=t
+    )
+
+
+def test_teacher_forcing_reuses_the_context(cache):
+    q, kc, vc, kb, vb = inputs(1, 2, 2, 1, 6, 23, 3, 32)
+    calls = [(torch.randn_like(q), torch.randn_like(kb), torch.randn_like(vb)) for _ in range(2)]
+    got = [fp8_teacher_forcing_attention(qt, kc, vc, kbt, vbt) for qt, kbt, vbt in calls]
+    assert cache.quantised == 1
+    for (qt, kbt, vbt), one in zip(calls, got, strict=True):
+        assert_same(one, uncached(fp8_teacher_forcing_attention, qt, kc, vc, kbt, vbt), "tf")
+
+
+def test_in_place_write_requantises(cache):
+    q, kc, vc, kb, vb = inputs(1, 3, 2, 2, 1, 29, 3, 32)
+    first = fp8_shared_context_attention(q, kc, vc, kb, vb, buffer_len=3)
+    kc.mul_(2)
+    second = fp8_shared_context_attention(q, kc, vc, kb, vb, buffer_len=3)
+    assert cache.quantised == 2 and len(cache) == 1  # the stale entry replaced
+    assert rel_error(second[0], first[0]) > 0.05
+    assert_same(
+        second, uncached(fp8_shared_context_attention, q, kc, vc, kb, vb, buffer_len=3), "k"
+    )
+    vc[:, :, :5].add_(1)  # through a view: the same version counter
+    third = fp8_shared_context_attention(q, kc, vc, kb, vb, buffer_len=3)
+    assert cache.quantised == 4
+    assert rel_error(third[0], second[0]) > 0.05
+    assert_same(third, uncached(fp8_shared_context_attention, q, kc, vc, kb, vb, buffer_len=3), "v")
+
+
+def test_new_context_at_the_same_address_misses(cache):
+    # New tensor objects over the context's memory, each with the same data_ptr and _version
+    # and new values (written through another object): only identity tells them apart,
+    # while the old one lives and after it is freed.
+    q, kc, vc, kb, vb = inputs(1, 3, 2, 1, 1, 31, 2, 32)
+
+    def new_context():
+        alias(kc).copy_(torch.randn_like(kc))
+        return alias(kc)
+
+    def decode(k_ctx):
+        return fp8_shared_context_attention(q, k_ctx, vc, kb, vb, buffer_len=2)
+
+    first = alias(kc)
+    address = (first.data_ptr(), first._version)
+    got = [decode(first)]
+    second = new_context()  # the first still alive
+    got.append(decode(second))
+    assert cache.quantised == 2 and len(cache) == 2
+    del first, second
+    assert len(cache) == 0
+    third = new_context()  # both freed
+    got.append(decode(third))
+    assert cache.quantised == 3
+    assert (third.data_ptr(), third._version) == address
+    assert rel_error(got[1][0], got[0][0]) > 0.05 and rel_error(got[2][0], got[1][0]) > 0.05
+    assert_same(
+        got[2], uncached(fp8_shared_context_attention, q, third, vc, kb, vb, buffer_len=2), "new"
+    )
+
+
+def test_cache_keeps_no_context_alive(cache):
+    q, kc, vc, kb, vb = inputs(1, 2, 2, 1, 1, 19, 2, 32)
+    fp8_shared_context_attention(q, kc, vc, kb, vb, buffer_len=2)
+    assert len(cache) == 1
+    refs = weakref.ref(kc), weakref.ref(vc)
+    del kc, vc
+    gc.collect()
+    assert all(ref() is None for ref in refs) and len(cache) == 0
+
+
+def test_context_lengths_key_the_rows_quantised(cache):
+    # One length M slices the keys: each M is its own entry. Per-dataset lengths quantise
+    # all Nc rows (the entry of M = Nc) and enter only the mask, per call.
+    q, kc, vc, _, _ = inputs(2, 3, 2, 1, 1, 29, 1, 32)
+    lengths = [20, 25, 20, None, [7, 29], [29, 3]]
+    quantised = [1, 2, 2, 3, 3, 3]
+    got = []
+    for lens, count in zip(lengths, quantised, strict=True):
+        lens = lens_arg(lens)
+        got.append(fp8_shared_context_attention(q, kc, vc, context_lens=lens))
+        assert cache.quantised == count, lens
+    assert rel_error(got[-1][0], got[-2][0]) > 0.05
+    for lens, one in zip(lengths, got, strict=True):
+        lens = lens_arg(lens)
+        want = uncached(fp8_shared_context_attention, q, kc, vc, context_lens=lens)
+        assert_same(one, want, f"context_lens={lens}")
+
+
+def test_options_key_the_quantisation(cache):
+    q, kc, vc, _, _ = inputs(1, 2, 4, 2, 1, 27, 1, 32)
+    scale = 32**-0.5
+    options = [{}, {"p_fp8": False}, {"rotate": False}, {"smooth_k": False}, {}]
+    got = [fp8_context_fwd(q, kc, vc, 27, None, 2, scale, **o) for o in options]
+    assert cache.quantised == 4 and len(cache) == 4
+    for o, one in zip(options, got, strict=True):
+        assert_same(one, fp8_context_fwd(q, kc.clone(), vc.clone(), 27, None, 2, scale, **o), o)
+
+
+def test_capture_and_eager_calls_keep_separate_entries(cache, monkeypatch):
+    # A capture never reads an eager entry (its graph would not requantise a context
+    # refilled in place), nor an eager call a captured one (empty until a replay).
+    q, kc, vc, _, _ = inputs(1, 2, 2, 2, 1, 17, 1, 32)
+    for is_capturing, count in ((False, 1), (True, 2), (True, 2), (False, 2)):
+        monkeypatch.setattr(sc_interface, "capturing", lambda c=is_capturing: c)
+        fp8_shared_context_attention(q, kc, vc)
+        assert cache.quantised == count
+    assert len(cache) == 2
+
+
+def test_inference_tensors_are_not_cached(cache):
+    # No version counter, so an in-place write could not be seen: quantised every call.
+    with torch.inference_mode():
+        q, kc, vc, kb, vb = inputs(1, 2, 2, 1, 1, 21, 2, 32)
+        fp8_shared_context_attention(q, kc, vc, kb, vb, buffer_len=2)
+        kc.mul_(2)
+        got = fp8_shared_context_attention(q, kc, vc, kb, vb, buffer_len=2)
+        want = uncached(fp8_shared_context_attention, q, kc, vc, kb, vb, buffer_len=2)
+    assert cache.quantised == 3 and len(cache) == 0
+    assert_same(got, want, "inference")
+
+
+def test_cache_bounded(cache):
+    cache.max_entries = 2
+    contexts = [inputs(1, 2, 2, 2, 1, 17, 1, 32)[:3] for _ in range(3)]
+    for q, kc, vc in contexts:
+        fp8_shared_context_attention(q, kc, vc)
+    assert cache.quantised == 3 and len(cache) == 2
+    fp8_shared_context_attention(*contexts[2])  # the newest: kept
+    assert cache.quantised == 3
+    fp8_shared_context_attention(*contexts[0])  # the oldest: dropped
+    assert cache.quantised == 4 and len(cache) == 2
+
+
+def test_training_path_bypasses_the_cache(cache):
+    q, k, v = (torch.randn(1, 2, 9, 32, device=DEVICE) for _ in range(3))
+    for _ in range(2):
+        fp8_attention(q, k, v)
+        fp8_context_target_attention(q, k, v, context_lens=5)
+    assert cache.quantised == 0 and len(cache) == 0
+
+
+# ---------------------------------------------------------------------------------------
 # GPU (Hopper): bf16 at real sizes
 
 
@@ -425,6 +625,88 @@ def test_gpu_decode_model_layout_and_cuda_graph():
             *as64((q, kc, vc, kb, vb)), buffer_len=t, row_rule=rule
         )
         assert_rel_close(static_out, ref_out, tol=FP8_REL_TOL, name=f"out vs fp64 T={t}")
+
+
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_gpu_cached_context_in_two_graphs(monkeypatch):
+    # The predictor's graphs: "prefill + step 0" makes the context and quantises it (a miss
+    # while capturing), "step t" only reads the cached buffers (a hit while capturing). On
+    # replay the first graph rewrites them in place, for every new context written into the
+    # static source.
+    quantised = []
+    real = sc_interface.fp8_quantize_kv
+    monkeypatch.setattr(sc_interface, "QUANTIZED_CONTEXTS", QuantizedContextCache())
+    monkeypatch.setattr(
+        sc_interface, "fp8_quantize_kv", lambda *a, **kw: quantised.append(1) or real(*a, **kw)
+    )
+    g, s, h, lq, nc, t_cap, d = 1, 128, 8, 2, 1500, 12, 64
+    q, src_k, src_v, kb, vb = inputs(g, s, h, h, lq, nc, t_cap, d, dtype=torch.bfloat16)
+    t_dev = torch.tensor(7, device="cuda")
+    rule = ("causal", "strict")
+    state = {}
+
+    def prefill_and_first_step():
+        state["ctx"] = (src_k * 1, src_v * 1)  # new tensors, as a prefill makes them
+        fp8_shared_context_attention(q, *state["ctx"], kb, vb, buffer_len=1)
+
+    def next_step():
+        state["out"] = fp8_shared_context_attention(
+            q, *state["ctx"], kb, vb, buffer_len=t_dev, row_rule=rule
+        )
+
+    side = torch.cuda.Stream()
+    graphs = []
+    for run in (prefill_and_first_step, next_step):
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            run()
+        torch.cuda.current_stream().wait_stream(side)
+        before = len(quantised)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run()
+        graphs.append(graph)
+        assert len(quantised) - before == (1 if run is prefill_and_first_step else 0)
+    for _ in range(2):
+        src_k.copy_(torch.randn_like(src_k))
+        src_v.copy_(torch.randn_like(src_v))
+        for graph in graphs:
+            graph.replay()
+        torch.cuda.synchronize()
+        want_out, want_lse = fp8_shared_context_attention(
+            q, src_k.clone(), src_v.clone(), kb, vb, buffer_len=t_dev, row_rule=rule
+        )
+        assert_rel_close(state["out"][0], want_out, dtype=torch.bfloat16, name="graph out")
+        assert_rel_close(state["out"][1], want_lse, tol=1e-4, name="graph lse")
+
+
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_gpu_graph_requantises_a_context_refilled_in_place():
+    # A context quantised eagerly (the warm-up), then a graph captured over it and the
+    # context refilled in place (copy_) before each replay: the graph quantises it itself.
+    q, kc, vc, kb, vb = inputs(1, 64, 8, 8, 1, 1000, 8, 64, dtype=torch.bfloat16)
+
+    def step():
+        return fp8_shared_context_attention(q, kc, vc, kb, vb, buffer_len=8)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out, static_lse = step()
+    for _ in range(2):
+        kc.copy_(torch.randn_like(kc))
+        vc.copy_(torch.randn_like(vc))
+        graph.replay()
+        torch.cuda.synchronize()
+        want_out, want_lse = uncached(fp8_shared_context_attention, q, kc, vc, kb, vb, buffer_len=8)
+        assert_rel_close(static_out, want_out, dtype=torch.bfloat16, name="graph out")
+        assert_rel_close(static_lse, want_lse, tol=1e-4, name="graph lse")
 
 
 @pytest.mark.gpu

@@ -3,11 +3,15 @@
 `fp8_attention` quantises q, k (smoothed) and v (`tabattn_fp8.quantize`) and runs the FP8
 forward of `kernel.py` for tabattn-triton's prefix masks; the backward is tabattn-triton's
 bf16/fp16 flash backward on the saved unquantised q, k, v, the FP8 output and the true LSE.
+The forward is two launchers, `fp8_quantize_kv` (k and v) and `fp8_attention_launch` (q and
+the kernel), so that the shared-context ops can quantise a context once for many calls.
 `fp8_context_target_attention` is the registry op `context_target_attention` of the `fp8`
 backend.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -15,7 +19,7 @@ import triton
 from tabattn_core.checks import InputError, check_scale
 from tabattn_core.masks import ContextTargetMask, MaskSpec
 from tabattn_fp8.attention.kernel import K_BLOCK, fp8_attention_fwd_kernel
-from tabattn_fp8.quantize.interface import quantize_fp8_launch
+from tabattn_fp8.quantize.interface import Fp8Tensor, quantize_fp8_launch
 from tabattn_fp8.quantize.kernel import MEAN_NONE, MEAN_ROW_DOT, MEAN_SUBTRACT
 from tabattn_fp8.reference import apply_rotation, key_mean, value_scale
 from tabattn_triton.ops.attention.interface import (
@@ -47,6 +51,78 @@ def check_fp8_device(device: torch.device) -> None:
     require_sm90(device)
 
 
+@dataclass(frozen=True)
+class QuantizedKV:
+    """K and V quantised for `fp8_attention_launch`; nothing in it refers to the unquantised
+    tensors. k: K [B, H_kv, Lk, D] in E4M3, one scale per block of K_BLOCK rows, rotated
+    first when `k.rotated`, minus `mean` when smoothed. mean: fp32 [B, H_kv, D] (K
+    smoothing) or None. v: V transposed for the FP8 P·V dot, one scale per (batch, kv head)
+    (p_fp8), or None (P·V on the unquantised v that the launch is given)."""
+
+    k: Fp8Tensor
+    mean: torch.Tensor | None
+    v: Fp8Tensor | None
+
+
+def fp8_quantize_kv(
+    k: torch.Tensor, v: torch.Tensor, *, smooth_k: bool, p_fp8: bool, rotate: bool
+) -> QuantizedKV:
+    """Rotate (an fp32 copy of k), smooth and quantise k [B, H_kv, Lk, D], and with p_fp8
+    v [B, H_kv, Lk, D]: the q-independent half of the forward."""
+    if rotate:
+        k = apply_rotation(k)
+    mean = key_mean(k) if smooth_k else None
+    k8, _ = quantize_fp8_launch(
+        k, block=K_BLOCK, mean=mean, mean_mode=MEAN_SUBTRACT if smooth_k else MEAN_NONE
+    )
+    v8 = None
+    if p_fp8:
+        v8, _ = quantize_fp8_launch(v, block=K_BLOCK, scale=value_scale(v), transpose=True)
+    return QuantizedKV(replace(k8, rotated=rotate), mean, v8)
+
+
+def fp8_attention_launch(
+    q: torch.Tensor,
+    v: torch.Tensor,
+    kv: QuantizedKV,
+    pm: PrefixMask,
+    scale: float,
+    group: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate (an fp32 copy of q, when kv.k is rotated) and quantise q [B, H, Lq, D], then
+    launch the forward over kv; v [B, H_kv, Lk, D] is read only when kv.v is None. Returns
+    out [B, H, Lq, D] (q.dtype) and the true lse [B, H, Lq] fp32."""
+    b, h, lq, d = q.shape
+    k8 = kv.k
+    lk = k8.data.shape[2]
+    out = torch.empty_like(q)
+    lse = torch.empty((b, h, lq), device=q.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out, lse.fill_(float("-inf"))
+    if k8.rotated:
+        q = apply_rotation(q)
+    smooth_k = kv.mean is not None
+    q8, row_dot = quantize_fp8_launch(
+        q, block=Q_BLOCK, mean=kv.mean, mean_mode=MEAN_ROW_DOT if smooth_k else MEAN_NONE,
+        group=group,
+    )  # fmt: skip
+    v_arg, v_scale = (v, None) if kv.v is None else (kv.v.data, kv.v.scales)
+    lens = None if pm.ctx_lens is None else pm.ctx_lens.to(device=q.device, dtype=torch.int64)
+    grid = lambda meta: (b * h * triton.cdiv(lq, meta["BLOCK_M"]),)
+    fp8_attention_fwd_kernel[grid](
+        q8.data, q8.scales, k8.data, k8.scales, v_arg, v_scale, row_dot, out, lse, lens,
+        *q8.data.stride(), *k8.data.stride(), *v_arg.stride(), *out.stride(),
+        h, group, lq, lk, d, scale, scale * LOG2E,
+        pm.ctx_len, pm.causal_offset, pm.ar_buffer, pm.ar_chunked,
+        q8.scales.shape[2], k8.scales.shape[2], bucket(lq), bucket(lk),
+        MASK=pm.kind, HAS_CTX_LENS=lens is not None, P_FP8=kv.v is not None, SMOOTH_K=smooth_k,
+        ROUND_FIRST=interpreting(),
+        Q_BLOCK=Q_BLOCK, KB=K_BLOCK, BLOCK_D=max(32, head_block(d)),
+        DOT_PRECISION=dot_precision(q.dtype),
+    )  # fmt: skip
+    return out, lse
+
+
 def fp8_attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -58,43 +134,10 @@ def fp8_attention_fwd(
     p_fp8: bool,
     rotate: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate (fp32 copies of q and k), quantise and launch the forward; returns out
-    [B, H, Lq, D] (q.dtype) and the true lse [B, H, Lq] fp32."""
-    b, h, lq, d = q.shape
-    lk = k.shape[2]
-    out = torch.empty_like(q)
-    lse = torch.empty((b, h, lq), device=q.device, dtype=torch.float32)
-    if out.numel() == 0:
-        return out, lse.fill_(float("-inf"))
-    if rotate:
-        q, k = apply_rotation(q), apply_rotation(k)
-    mean = key_mean(k) if smooth_k else None
-    k8, _ = quantize_fp8_launch(
-        k, block=K_BLOCK, mean=mean, mean_mode=MEAN_SUBTRACT if smooth_k else MEAN_NONE
-    )
-    q8, row_dot = quantize_fp8_launch(
-        q, block=Q_BLOCK, mean=mean, mean_mode=MEAN_ROW_DOT if smooth_k else MEAN_NONE,
-        group=group,
-    )  # fmt: skip
-    if p_fp8:
-        v8, _ = quantize_fp8_launch(v, block=K_BLOCK, scale=value_scale(v), transpose=True)
-        v_arg, v_scale = v8.data, v8.scales
-    else:
-        v_arg, v_scale = v, None
-    lens = None if pm.ctx_lens is None else pm.ctx_lens.to(device=q.device, dtype=torch.int64)
-    grid = lambda meta: (b * h * triton.cdiv(lq, meta["BLOCK_M"]),)
-    fp8_attention_fwd_kernel[grid](
-        q8.data, q8.scales, k8.data, k8.scales, v_arg, v_scale, row_dot, out, lse, lens,
-        *q8.data.stride(), *k8.data.stride(), *v_arg.stride(), *out.stride(),
-        h, group, lq, lk, d, scale, scale * LOG2E,
-        pm.ctx_len, pm.causal_offset, pm.ar_buffer, pm.ar_chunked,
-        q8.scales.shape[2], k8.scales.shape[2], bucket(lq), bucket(lk),
-        MASK=pm.kind, HAS_CTX_LENS=lens is not None, P_FP8=p_fp8, SMOOTH_K=smooth_k,
-        ROUND_FIRST=interpreting(),
-        Q_BLOCK=Q_BLOCK, KB=K_BLOCK, BLOCK_D=max(32, head_block(d)),
-        DOT_PRECISION=dot_precision(q.dtype),
-    )  # fmt: skip
-    return out, lse
+    """Quantise k and v (`fp8_quantize_kv`), then q and launch (`fp8_attention_launch`);
+    returns out [B, H, Lq, D] (q.dtype) and the true lse [B, H, Lq] fp32."""
+    kv = fp8_quantize_kv(k, v, smooth_k=smooth_k, p_fp8=p_fp8, rotate=rotate)
+    return fp8_attention_launch(q, v, kv, pm, scale, group)
 
 
 class FP8AttentionFunction(torch.autograd.Function):

@@ -6,7 +6,10 @@ them (`tabpfn_infer.predictor._merge_with_buffer`):
 - context (FP8): every query row of dataset g sees the same keys, its first M_g context
   rows, whatever its row rule. So the S * Lq rows of its S sample paths are one dense
   attention: q viewed as [G, H, S*Lq, D] over k_ctx, v_ctx [G, H_kv, Nc, D], run by
-  tabattn-fp8's FP8 forward (`fp8_attention_fwd`). It returns out and the true fp32 LSE.
+  tabattn-fp8's FP8 forward (`fp8_attention_launch`). It returns out and the true fp32 LSE.
+  The context's K/V are quantised once and reused while the same k_ctx, v_ctx come back
+  unchanged (`QuantizedContextCache`): a decode loop passes each layer's prefilled context
+  at every step.
 - buffer (exact): tabattn-triton's op of the same name with an empty context (Nc = 0
   slices of k_ctx, v_ctx). It runs in the input precision with an fp32 softmax.
 - the two parts merged by their LSEs (`tabattn_core.reference.merge_states`).
@@ -18,7 +21,10 @@ registry ops of the same names, with the signatures of `tabattn_core.reference`.
 from __future__ import annotations
 
 import functools
+import threading
+import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -27,9 +33,14 @@ from tabattn_core.checks import (
     check_scale,
 )
 from tabattn_core.reference import merge_states
-from tabattn_fp8.attention.interface import check_fp8_device, fp8_attention_fwd
+from tabattn_fp8.attention.interface import (
+    QuantizedKV,
+    check_fp8_device,
+    fp8_attention_launch,
+    fp8_quantize_kv,
+)
 from tabattn_triton.ops.attention.interface import PrefixMask
-from tabattn_triton.ops.common import MASK_CONTEXT, needs_grad
+from tabattn_triton.ops.common import MASK_CONTEXT, capturing, needs_grad
 from tabattn_triton.ops.shared_context import (
     check_decode_inputs,
     check_teacher_forcing_inputs,
@@ -38,6 +49,8 @@ from tabattn_triton.ops.shared_context import shared_context_attention as triton
 from tabattn_triton.ops.shared_context import teacher_forcing_attention as triton_tf
 
 __all__ = [
+    "QUANTIZED_CONTEXTS",
+    "QuantizedContextCache",
     "check_fp8_forward",
     "fp8_context_buffer_fwd",
     "fp8_context_fwd",
@@ -47,6 +60,96 @@ __all__ = [
 
 # (q, k_ctx[:, :, :0], v_ctx[:, :, :0]) -> (out, lse): the exact attention over the buffer.
 BufferPart = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """A cached context: weak references to the caller's k_ctx and v_ctx, their `_version`s
+    when quantised, and the result."""
+
+    k_ref: weakref.ref
+    v_ref: weakref.ref
+    versions: tuple[int, int]
+    kv: QuantizedKV
+
+
+class QuantizedContextCache:
+    """The FP8 K/V of shared contexts, quantised once per context and reused by later calls.
+
+    An entry's key: the identity of the caller's k_ctx and v_ctx objects, the rows
+    quantised, the dtype, the options (smooth_k, p_fp8, rotate) and whether the stream is
+    capturing a CUDA graph. It holds the two tensors by weak references, so it keeps no
+    context alive: when either is freed, the entry goes. A new tensor at a freed one's
+    address is a new key. An entry is used only while both tensors' `_version`s (bumped by
+    every in-place write) are those it was made at; otherwise the context is quantised again
+    into new buffers. Inference tensors (no version counter) are never cached. At most
+    `max_entries` (>= 1) entries, the oldest going first: far more than the contexts in
+    use at once (a model's layers).
+
+    CUDA graphs: a hit only reads the entry's buffers; it never reallocates or writes them,
+    and nothing here syncs with the host. Entries made during a capture serve only
+    captures. The capture that missed holds the quantisation kernels, so every replay of
+    its graph rewrites the entry's buffers in place from the context's current values, and
+    a graph captured later that hit reads them: the predictor's "prefill + step 0" graph
+    quantises, its "step t" graph reads. Eager calls never read such an entry (a capture
+    runs nothing, so its buffers hold nothing until a replay), and a capture never reads an
+    eager one (its graph would not requantise a context refilled in place between replays).
+    """
+
+    def __init__(self, max_entries: int = 64):
+        self.max_entries = max_entries
+        self._entries: dict[tuple, _Entry] = {}
+        # Reentrant: a weakref callback (`_drop`) may run inside a locked section (gc).
+        self._lock = threading.RLock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(
+        self,
+        k_ctx: torch.Tensor,
+        v_ctx: torch.Tensor,
+        length: int,
+        *,
+        smooth_k: bool,
+        p_fp8: bool,
+        rotate: bool,
+    ) -> QuantizedKV:
+        """`fp8_quantize_kv` of k_ctx[:, :, :length], v_ctx[:, :, :length] (k_ctx, v_ctx
+        [G, H_kv, Nc, D]), from the cache when it holds them unchanged."""
+        options = {"smooth_k": smooth_k, "p_fp8": p_fp8, "rotate": rotate}
+        if k_ctx.is_inference() or v_ctx.is_inference():
+            return fp8_quantize_kv(k_ctx[:, :, :length], v_ctx[:, :, :length], **options)
+        key = (id(k_ctx), id(v_ctx), length, k_ctx.dtype, smooth_k, p_fp8, rotate, capturing())
+        versions = (k_ctx._version, v_ctx._version)
+        with self._lock:
+            entry = self._entries.get(key)
+        if (
+            entry is not None
+            and entry.k_ref() is k_ctx
+            and entry.v_ref() is v_ctx
+            and entry.versions == versions
+        ):
+            return entry.kv
+        kv = fp8_quantize_kv(k_ctx[:, :, :length], v_ctx[:, :, :length], **options)
+        drop = functools.partial(self._drop, key)
+        entry = _Entry(weakref.ref(k_ctx, drop), weakref.ref(v_ctx, drop), versions, kv)
+        with self._lock:
+            self._entries.pop(key, None)  # a stale entry goes; the new one is the newest
+            self._entries[key] = entry
+            for old in list(self._entries)[: -self.max_entries]:
+                self._entries.pop(old, None)
+        return kv
+
+    def _drop(self, key: tuple, ref: weakref.ref) -> None:
+        """Weakref callback: k_ctx or v_ctx of the entry at `key` was freed."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and (entry.k_ref is ref or entry.v_ref is ref):
+                del self._entries[key]
+
+
+QUANTIZED_CONTEXTS = QuantizedContextCache()
 
 
 def check_fp8_forward(q: torch.Tensor, *tensors: torch.Tensor | None) -> None:
@@ -85,7 +188,9 @@ def fp8_context_fwd(
     rows in any case, as `fp8_attention` does. With one length, k_ctx and v_ctx are sliced
     to it (views). Then the keys past it need not be finite, and the K smoothing and
     scales see only the rows read. With per-dataset lengths, the context-target mask runs
-    over all Nc rows, so every row must be finite (`fp8_attention`).
+    over all Nc rows, so every row must be finite (`fp8_attention`). The quantised K/V
+    come from `QUANTIZED_CONTEXTS` (keyed on the k_ctx, v_ctx objects, not their slices);
+    ctx_lens enter only the launch's mask.
 
     Returns out [G, S, H, Lq, D] (q.dtype) and lse [G, S, H, Lq] (fp32, the true LSE).
     Both are strided views of the [G, H, S*Lq, ...] results. A row with no context key
@@ -94,11 +199,11 @@ def fp8_context_fwd(
     g, s, h, lq, d = q.shape
     q_rows = q.transpose(1, 2).reshape(g, h, s * lq, d)
     if ctx_lens is None:
-        k, v, pm = k_ctx[:, :, :ctx_len], v_ctx[:, :, :ctx_len], PrefixMask()
+        length, pm = ctx_len, PrefixMask()
     else:
-        k, v = k_ctx, v_ctx
-        pm = PrefixMask(MASK_CONTEXT, ctx_len=ctx_len, ctx_lens=ctx_lens)
-    out, lse = fp8_attention_fwd(q_rows, k, v, pm, scale, group, smooth_k, p_fp8, rotate)
+        length, pm = k_ctx.shape[2], PrefixMask(MASK_CONTEXT, ctx_len=ctx_len, ctx_lens=ctx_lens)
+    kv = QUANTIZED_CONTEXTS.get(k_ctx, v_ctx, length, smooth_k=smooth_k, p_fp8=p_fp8, rotate=rotate)
+    out, lse = fp8_attention_launch(q_rows, v_ctx[:, :, :length], kv, pm, scale, group)
     return out.unflatten(2, (s, lq)).transpose(1, 2), lse.unflatten(2, (s, lq)).transpose(1, 2)
 
 
