@@ -16,12 +16,13 @@ includes the graph capture) and a log row every `log_every` steps, checkpoints
 `{"step", "model", "optimizer", "config"}`. Under torchrun (WORLD_SIZE > 1) it joins the
 process group (NCCL on CUDA, gloo on CPU), wraps the model in DistributedDataParallel,
 draws data from a generator seeded per rank, and only rank 0 logs and saves. DDP with a
-CUDA graph warms up 11 steps first (torch's requirement) and needs
-NCCL_ASYNC_ERROR_HANDLING=0 (set here before the process group starts).
+CUDA graph is built on a side stream, warms up 11 steps first (torch's requirements) and
+needs NCCL_ASYNC_ERROR_HANDLING=0 (set here before the process group starts).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -309,9 +310,14 @@ def train_tnp(
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        wrapped = DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None
-        )
+        # torch's CUDA-graph notes: DDP that will be captured is built on a side stream (its
+        # reducer must not tie the step to the legacy default stream, which no capture may
+        # wait on).
+        graphed = config.cuda_graph and device.type == "cuda"
+        with torch.cuda.stream(torch.cuda.Stream(device)) if graphed else contextlib.nullcontext():
+            wrapped = DistributedDataParallel(
+                model, device_ids=[device] if device.type == "cuda" else None
+            )
     trainer = TNPTrainer(
         wrapped,
         batch=config.batch,
