@@ -313,11 +313,13 @@ def train_tnp(
         # torch's CUDA-graph notes: DDP that will be captured is built on a side stream (its
         # reducer must not tie the step to the legacy default stream, which no capture may
         # wait on).
-        graphed = config.cuda_graph and device.type == "cuda"
-        with torch.cuda.stream(torch.cuda.Stream(device)) if graphed else contextlib.nullcontext():
+        side = torch.cuda.Stream(device) if config.cuda_graph and device.type == "cuda" else None
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             wrapped = DistributedDataParallel(
                 model, device_ids=[device] if device.type == "cuda" else None
             )
+        if side is not None:  # its broadcast of rank 0's weights lands before they are read
+            torch.cuda.current_stream(device).wait_stream(side)
     trainer = TNPTrainer(
         wrapped,
         batch=config.batch,
