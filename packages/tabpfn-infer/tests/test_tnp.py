@@ -147,6 +147,17 @@ def test_train_tnp_cli_writes_and_resumes_a_checkpoint(tmp_path, capsys):
         TNPTrainConfig.from_dict({"batchsize": 3})
 
 
+def test_cuda_graph_under_ddp_is_refused_before_the_process_group(monkeypatch):
+    """A CUDA-graph step with DDP is not supported: train_tnp says so under torchrun
+    (WORLD_SIZE > 1) before it joins a process group."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    config = TNPTrainConfig(model=TINY.to_dict(), batch=2, num_context=8, num_target=4,
+                            steps=2, cuda_graph=True)  # fmt: skip
+    with pytest.raises(InputError, match="cuda_graph: expected False with DDP"):
+        train_tnp(config, progress=False)
+    assert not torch.distributed.is_initialized()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -161,17 +172,19 @@ def _ddp_worker(rank: int, world: int, port: int, path: str, cuda: bool) -> None
     config = TNPTrainConfig(
         model={**TINY.to_dict(), "n_layers": 1, "backend": "auto"}, batch=2, num_context=8,
         num_target=4, steps=13, warmup=1, log_every=4, device="cuda" if cuda else "cpu",
-        cuda_graph=cuda,
     )  # fmt: skip
+    with pytest.raises(InputError, match="cuda_graph: expected False with DDP"):
+        train_tnp(replace(config, cuda_graph=True), progress=False)
     model, log = train_tnp(config, out=path if rank == 0 else None, progress=False)
     torch.save({"state": model.cpu().state_dict(), "log": log}, f"{path}.rank{rank}")
 
 
 @pytest.mark.gpu
 def test_ddp_ranks_stay_in_step_and_only_rank_0_logs_gpu(tmp_path):
-    """Two ranks through torch.distributed (NCCL and a CUDA graph on two GPUs, else gloo
-    on CPU; in the GPU tier because spawning two ranks costs ~30 s of CI time): the same
-    weights after training, log rows and the checkpoint from rank 0 only."""
+    """Two ranks through torch.distributed (NCCL on two GPUs, else gloo on CPU; in the GPU
+    tier because spawning two ranks costs ~30 s of CI time): a CUDA-graph step is refused
+    under DDP before the process group starts; the same weights after training, log rows
+    and the checkpoint from rank 0 only."""
     path, cuda = str(tmp_path / "ddp.pt"), torch.cuda.device_count() >= 2
     mp.spawn(_ddp_worker, args=(2, _free_port(), path, cuda), nprocs=2)
     r0, r1 = (torch.load(f"{path}.rank{r}", weights_only=True) for r in (0, 1))

@@ -15,14 +15,13 @@ warm-up then cosine decay of the learning rate, a tqdm bar with loss and tokens/
 includes the graph capture) and a log row every `log_every` steps, checkpoints
 `{"step", "model", "optimizer", "config"}`. Under torchrun (WORLD_SIZE > 1) it joins the
 process group (NCCL on CUDA, gloo on CPU), wraps the model in DistributedDataParallel,
-draws data from a generator seeded per rank, and only rank 0 logs and saves. DDP with a
-CUDA graph is built on a side stream, warms up 11 steps first (torch's requirements) and
-needs NCCL_ASYNC_ERROR_HANDLING=0 (set here before the process group starts).
+draws data from a generator seeded per rank, and only rank 0 logs and saves. DDP steps run
+eagerly: `cuda_graph` with DDP is refused (its capture failed on two H200s, with the model
+wrapped on the default stream or on a side stream; see the CHANGELOG).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -48,7 +47,10 @@ __all__ = [
 
 BETAS = (0.9, 0.95)
 WARMUP_STEPS = 3  # eager steps on a side stream before capturing the graph
-WARMUP_STEPS_DDP = 11  # torch: DDP needs 11 eager iterations before capture
+NO_GRAPH_WITH_DDP = (
+    "cuda_graph: expected False with DDP (WORLD_SIZE > 1): a captured DDP step is not "
+    "supported (its capture failed on two GPUs); run DDP steps eagerly"
+)
 
 
 @dataclass
@@ -128,7 +130,9 @@ class TNPTrainer:
         self.device = params[0].device
         if cuda_graph and self.device.type != "cuda":
             raise InputError(f"cuda_graph: expected a CUDA model, got device {self.device}")
-        self.cuda_graph, self.ddp, self.grad_clip = cuda_graph, ddp, grad_clip
+        if cuda_graph and ddp:
+            raise InputError(NO_GRAPH_WITH_DDP)
+        self.cuda_graph, self.grad_clip = cuda_graph, grad_clip
         dim_x = self.module.config.dim_x
         zeros = lambda *shape: torch.zeros(*shape, device=self.device)
         self.x_context, self.y_context = zeros(batch, num_context, dim_x), zeros(batch, num_context)
@@ -214,7 +218,7 @@ class TNPTrainer:
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            for _ in range(WARMUP_STEPS_DDP if self.ddp else WARMUP_STEPS):
+            for _ in range(WARMUP_STEPS):
                 self.eager_step()
         torch.cuda.current_stream(self.device).wait_stream(side)
         with torch.no_grad():
@@ -277,8 +281,6 @@ def _start_distributed(device_name: str) -> tuple[int, int, torch.device, bool]:
     if cuda:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-        for name in ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_ASYNC_ERROR_HANDLING"):
-            os.environ.setdefault(name, "0")  # CUDA graphs with DDP need it off
     else:
         device = torch.device("cpu")
     started = not dist.is_initialized()
@@ -298,6 +300,8 @@ def train_tnp(
     module docstring. Returns the model and rank 0's log rows (step, loss averaged over
     ranks, lr, tokens_per_s over all ranks; empty on other ranks). With `out`, rank 0
     writes the checkpoint there every `checkpoint_every` steps and at the end."""
+    if config.cuda_graph and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError(NO_GRAPH_WITH_DDP)  # before joining the process group
     rank, world, device, started = _start_distributed(config.device)
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = TransformerNP(config.model).to(device).train()
@@ -310,16 +314,9 @@ def train_tnp(
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        # torch's CUDA-graph notes: DDP that will be captured is built on a side stream (its
-        # reducer must not tie the step to the legacy default stream, which no capture may
-        # wait on).
-        side = torch.cuda.Stream(device) if config.cuda_graph and device.type == "cuda" else None
-        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            wrapped = DistributedDataParallel(
-                model, device_ids=[device] if device.type == "cuda" else None
-            )
-        if side is not None:  # its broadcast of rank 0's weights lands before they are read
-            torch.cuda.current_stream(device).wait_stream(side)
+        wrapped = DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None
+        )
     trainer = TNPTrainer(
         wrapped,
         batch=config.batch,
