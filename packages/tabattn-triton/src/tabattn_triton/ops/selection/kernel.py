@@ -75,17 +75,19 @@ def _selected_block(BI, i, stride_bs, slots, idx, limit, BLOCK_SIZE: tl.constexp
 @triton.jit
 def _group_tile(
     K, V, BI, SEQ, CU_Q, CU_K, stride_kt, stride_kh, stride_vt, stride_vh, stride_bt,
-    stride_bh, stride_bs, H_kv, GROUP, n_sel,
+    stride_bh, stride_bs, Tq, H_kv, GROUP, n_sel,
     CAUSAL: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):  # fmt: skip
-    """This program's (row, kv head) (grid Tq * H_kv): the row, the group's first query head,
-    its heads [BLOCK_H] and which exist, K/V bases of its sequence and kv head, its visible
-    key count, and its block-index row (pointer, slots, indices)."""
+    """This program's (row, kv head) (grid Tq * H_kv, kv-head-major: the programs running
+    together gather from one kv head's K/V, which stays in L2 where all heads' would not):
+    the row, the group's first query head, its heads [BLOCK_H] and which exist, K/V bases
+    of its sequence and kv head, its visible key count, and its block-index row (pointer,
+    slots, indices)."""
     pid = tl.program_id(0).to(tl.int64)
-    row = pid // H_kv
-    h_kv = pid % H_kv
+    h_kv = pid // Tq
+    row = pid % Tq
     k_start, limit = _row_keys(SEQ, CU_Q, CU_K, row, CAUSAL)
     offs_h = tl.arange(0, BLOCK_H)
     h0 = h_kv * GROUP
@@ -119,7 +121,7 @@ def selection_fwd_kernel(
     one-pass online softmax in fp32, out and LSE stored once."""
     row, h0, heads, head_ok, k_base, v_base, limit, bi, slots, idx = _group_tile(
         K, V, BI, SEQ, CU_Q, CU_K, stride_kt, stride_kh, stride_vt, stride_vh, stride_bt,
-        stride_bh, stride_bs, H_kv, GROUP, n_sel, CAUSAL, BLOCK_H, BLOCK_S,
+        stride_bh, stride_bs, Tq, H_kv, GROUP, n_sel, CAUSAL, BLOCK_H, BLOCK_S,
     )  # fmt: skip
     offs_h = tl.arange(0, BLOCK_H)
     offs_n = tl.arange(0, BLOCK_N)
@@ -173,7 +175,7 @@ def selection_bwd_dq_kernel(
     its blocks; also stores delta = rowsum(O * dO) [H, Tq] for the dK/dV kernel."""
     row, h0, heads, head_ok, k_base, v_base, limit, bi, slots, idx = _group_tile(
         K, V, BI, SEQ, CU_Q, CU_K, stride_kt, stride_kh, stride_vt, stride_vh, stride_bt,
-        stride_bh, stride_bs, H_kv, GROUP, n_sel, CAUSAL, BLOCK_H, BLOCK_S,
+        stride_bh, stride_bs, Tq, H_kv, GROUP, n_sel, CAUSAL, BLOCK_H, BLOCK_S,
     )  # fmt: skip
     offs_h = tl.arange(0, BLOCK_H)
     offs_n = tl.arange(0, BLOCK_N)
