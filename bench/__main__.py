@@ -1,4 +1,4 @@
-"""`python -m bench <suite> [--out DIR] [--smoke] [--providers a,b] [--reps N]`.
+"""`python -m bench <suite> [--out DIR] [--smoke] [--providers a,b] [--reps N] [--graph]`.
 
 Run from the repository root with the packages on PYTHONPATH (see bench/README.md).
 Writes <out>/<suite>.json and <out>/<suite>.png and prints a markdown table.
@@ -67,6 +67,14 @@ def _parser(suite_names: list[str]) -> argparse.ArgumentParser:
     p.add_argument(
         "--strict", action="store_true", help="exit 1 when any provider failed or errored"
     )
+    p.add_argument(
+        "--graph",
+        action="store_true",
+        help=(
+            "CUDA only: time replays of each provider's call captured in a CUDA graph (GPU "
+            "time without Python launch cost); correctness and peak memory stay eager"
+        ),
+    )
     return p
 
 
@@ -82,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
             print("error: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
             return 2
         device = torch.device(args.device)
+    if args.graph and device.type != "cuda":
+        print("error: --graph needs a CUDA device", file=sys.stderr)
+        return 2
     providers = None
     if args.providers:
         providers = [p.strip() for p in args.providers.split(",") if p.strip()]
@@ -92,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         reps=args.reps,
         seed=args.seed,
         only=args.only.split(",") if args.only else None,
+        graph=args.graph,
         command=shlex.join(["python", "-m", "bench", *argv]),
     )
     out = Path(args.out)

@@ -137,6 +137,7 @@ class RunConfig:
     seed: int = 0
     command: str = ""
     only: Sequence[str] | None = None  # keep cases whose shape label contains one of these
+    graph: bool = False  # CUDA: time replays of each call captured in a CUDA graph
 
     @property
     def interpret(self) -> bool:
@@ -296,6 +297,17 @@ def _timing_description(cfg: RunConfig) -> dict[str, Any]:
             "return_mode": "median",
             "warmup_ms": cfg.warmup_ms,
             "rep_ms": cfg.rep_ms,
+            "cuda_graph": cfg.graph,
+            **(
+                {
+                    "graph_note": "each provider's call (forward, or forward and backward) "
+                    "captured once in a CUDA graph after one warm-up call on a side stream; "
+                    "its replays are timed: GPU time without the Python launch cost, as in a "
+                    "CUDA-graph training step. Correctness and peak memory: eager calls."
+                }
+                if cfg.graph
+                else {}
+            ),
         }
     return {"method": "time.perf_counter median", "reps": cfg.cpu_reps, "warmup_calls": 1}
 
@@ -375,6 +387,8 @@ def _time(step: Callable[[], Any], inputs: Inputs, mode: str, cfg: RunConfig) ->
     if cfg.device.type == "cuda":
         from triton.testing import do_bench
 
+        if cfg.graph:  # replays write the gradients the capture allocated: none to reset
+            step, leaves = _graph_replay(step, inputs), None
         return float(
             do_bench(
                 step,
@@ -394,6 +408,23 @@ def _time(step: Callable[[], Any], inputs: Inputs, mode: str, cfg: RunConfig) ->
         times.append(time.perf_counter() - start)
     inputs.clear_grads()
     return statistics.median(times) * 1e3
+
+
+def _graph_replay(step: Callable[[], Any], inputs: Inputs) -> Callable[[], None]:
+    """`step` captured in a CUDA graph after one warm-up call on a side stream (gradients
+    cleared before each, so the capture allocates its own); returns the graph's replay."""
+    device = inputs.grad_out.device
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    inputs.clear_grads()
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    inputs.clear_grads()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 def _peak_mb(step: Callable[[], Any], inputs: Inputs, cfg: RunConfig) -> float | None:

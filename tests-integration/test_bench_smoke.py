@@ -179,3 +179,13 @@ def test_training_ddp_scaling_smoke(tmp_path: Path) -> None:
         assert run["tokens_per_s"] > 0 and run["efficiency"] > 0
     assert runs["sdpa x1"]["efficiency"] == 1.0
     assert (tmp_path / "training_ddp.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_graph_timing_needs_cuda(tmp_path: Path) -> None:
+    """`--graph` (time CUDA-graph replays) is refused on a CPU device, naming the reason."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "training_kernels", "--smoke", "--device", "cpu",
+         "--graph", "--out", str(tmp_path)],
+        cwd=REPO_ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "--graph needs a CUDA device" in proc.stderr, proc.stderr
