@@ -235,8 +235,12 @@ def test_bad_input_named_with_expanded_context():
             method(xc, yc, xt, bad_y)
     # 1e300 is finite in float64 but overflows the float32 flag: the exact check finds
     # nothing, so no error.
-    joint = predictor.evaluate_joint_density(xc.float(), yc, xt, torch.full_like(yt, 1e300))
+    joint = predictor.evaluate_joint_density(xc, yc, xt, torch.full_like(yt, 1e300))
     assert joint.shape == yt.shape
+    # Integer features are always finite (and converted to the model's dtype).
+    ints = predictor.evaluate_joint_density(xc.round().long(), yc, xt.round().long(), yt)
+    floats = predictor.evaluate_joint_density(xc.round(), yc, xt.round(), yt)
+    torch.testing.assert_close(ints, floats)
 
 
 def test_training_forward_loss_and_gradients():

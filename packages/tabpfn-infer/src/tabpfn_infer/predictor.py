@@ -158,10 +158,12 @@ def _weight_addresses(model: torch.nn.Module) -> tuple[int, ...]:
 
 
 def _max_magnitude(t: torch.Tensor) -> torch.Tensor:
-    """max |t| as a 0-dim tensor (NaN if t holds one, 0 if empty); an expanded (stride 0)
-    dim is read once."""
+    """max |t| as a 0-dim fp32 tensor (NaN if t holds one; 0 if empty or integer, always
+    finite); an expanded (stride 0) dim is read once."""
     t = t[tuple(slice(0, 1) if stride == 0 else slice(None) for stride in t.stride())]
-    return torch.linalg.vector_norm(t, float("inf")) if t.numel() else t.new_zeros(())
+    if not t.is_floating_point() or t.numel() == 0:
+        return torch.zeros((), device=t.device)
+    return torch.linalg.vector_norm(t, float("inf")).float()
 
 
 def _inference_weights(model: ARTabPFN) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -278,12 +280,10 @@ class ARTabPFNPredictor:
             if t is not None
         ]
         # Finite inputs: the largest |value| of all is finite (NaN and inf propagate through
-        # max; a finite value that overflows x_context's dtype only triggers the exact check);
-        # an expanded tensor is read once. It is read on the host after the call is queued
+        # max; a finite value beyond fp32's range only triggers the exact check); an expanded
+        # tensor is read once. It is read on the host after the call is queued
         # (`_Batch.check_finite`), unless the shared-context test below needs a sync anyway.
-        largest = torch.stack(
-            [_max_magnitude(t).to(x_context.device, x_context.dtype) for _, t, _ in given]
-        ).amax()
+        largest = torch.stack([_max_magnitude(t).to(x_context.device) for _, t, _ in given]).amax()
         if b == 1 or (x_context.stride(0) == 0 and y_context.stride(0) == 0):
             shared = b > 1  # one row, or one context expanded B times: no test needed
         else:
