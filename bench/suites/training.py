@@ -432,6 +432,7 @@ def _plot_curves(result: dict[str, Any], path: Path) -> None:
 
 DDP_VARIANTS = (Variant(()), Variant(ALL))
 DDP_LOG_EVERY = 10
+DDP_TIMEOUT_S = 1800  # per torchrun run (a hung process group fails the run, not the bench)
 
 
 def ddp_scaling(
@@ -463,8 +464,12 @@ def ddp_scaling(
             if cfg.smoke:
                 cmd.append("--smoke")
             start = time.perf_counter()
-            done = subprocess.run(cmd, capture_output=True, text=True)
             key = f"{variant.name} x{world}"
+            try:
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=DDP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                runs[key] = {"status": "error", "reason": f"no result in {DDP_TIMEOUT_S} s"}
+                continue
             if done.returncode != 0:
                 runs[key] = {"status": "error", "reason": done.stderr[-2000:]}
                 continue
