@@ -400,27 +400,35 @@ def loss_curves(cfg: RunConfig, *, steps: int, out: Path) -> dict[str, Any]:
 
 
 def _plot_curves(result: dict[str, Any], path: Path) -> None:
+    h, c = result["header"], result["header"]["case"]
+
+    def draw(ax) -> None:
+        for name, run in result["runs"].items():
+            if run["status"] == "ok":
+                ax.plot([r["step"] for r in run["log"]], [r["loss"] for r in run["log"]],
+                        label=name, lw=1)  # fmt: skip
+
+    _save_figure(
+        path, draw, size=(7, 4), xlabel="step", ylabel="loss (NLL, nats per target)",
+        title=f"TNP loss curves, B{c['B']} M{c['M']} N{c['N']}, seed {h['seed']} — "
+        f"{h['gpu']}, torch {h['torch']}, {h['git_commit'][:12]}",
+    )  # fmt: skip
+
+
+def _save_figure(path: Path, draw, *, size, xlabel: str, ylabel: str, title: str) -> None:
+    """One axes drawn by `draw(ax)`, with labels, grid, legend and a small title, as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    h = result["header"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, run in result["runs"].items():
-        if run["status"] == "ok":
-            ax.plot([r["step"] for r in run["log"]], [r["loss"] for r in run["log"]],
-                    label=name, lw=1)  # fmt: skip
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (NLL, nats per target)")
+    fig, ax = plt.subplots(figsize=size)
+    draw(ax)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
-    c = h["case"]
-    ax.set_title(
-        f"TNP loss curves, B{c['B']} M{c['M']} N{c['N']}, seed {h['seed']} — {h['gpu']}, "
-        f"torch {h['torch']}, {h['git_commit'][:12]}",
-        fontsize=8,
-    )
+    ax.set_title(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -512,31 +520,21 @@ def ddp_worker(variant_name: str, *, steps: int, log: Path, smoke: bool) -> None
 
 
 def _plot_ddp(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    h = result["header"]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    h, c = result["header"], result["header"]["case"]
     ok = [r for r in result["runs"].values() if r["status"] == "ok"]
-    for variant in dict.fromkeys(r["variant"] for r in ok):
-        mine = [r for r in ok if r["variant"] == variant]
-        ax.plot([r["world"] for r in mine], [r["tokens_per_s"] for r in mine], "o-", label=variant)
-    ax.set_xlabel("GPUs (DDP ranks)")
-    ax.set_ylabel("tokens/s (all ranks)")
-    ax.set_xticks(h["worlds"])
-    ax.grid(alpha=0.3)
-    ax.legend()
-    c = h["case"]
-    ax.set_title(
-        f"TNP training, DDP, B{c['B']} M{c['M']} N{c['N']} per rank — {h['gpu']}, "
+
+    def draw(ax) -> None:
+        for variant in dict.fromkeys(r["variant"] for r in ok):
+            mine = [r for r in ok if r["variant"] == variant]
+            ax.plot([r["world"] for r in mine], [r["tokens_per_s"] for r in mine], "o-",
+                    label=variant)  # fmt: skip
+        ax.set_xticks(h["worlds"])
+
+    _save_figure(
+        path, draw, size=(6, 4), xlabel="GPUs (DDP ranks)", ylabel="tokens/s (all ranks)",
+        title=f"TNP training, DDP, B{c['B']} M{c['M']} N{c['N']} per rank — {h['gpu']}, "
         f"{h['git_commit'][:12]}",
-        fontsize=8,
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
