@@ -159,6 +159,30 @@ def test_predictor_top_k_accuracy_smoke(tmp_path: Path) -> None:
             assert r["max_abs_target_nats"] > 1e-6, r
 
 
+def test_selection_crossover_smoke(tmp_path: Path) -> None:
+    """`python -m bench.suites.selection crossover --smoke` (Triton interpreter on CPU):
+    op and predictor cells checked and timed on both paths, per-series crossovers, and both
+    rules fitted with the names of the constants they fill."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.suites.selection", "crossover", "--smoke",
+         "--device", "cpu", "--out", str(tmp_path)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    result = json.loads((tmp_path / "selection_crossover.json").read_text())
+    assert result["header"]["suite"] == "selection_crossover"
+    for level, sizes in (("op", "dense_scores"), ("predictor", "Nc")):
+        rows = result[level]["rows"]
+        assert rows and all(r["status"] == "ok" for r in rows), rows
+        assert all(r["sparse_ms"] > 0 and r["dense_ms"] > 0 and r[sizes] > 0 for r in rows)
+        assert result[level]["crossovers"]
+    for r in result["op"]["rows"]:
+        assert max(r["check"]["rel_err_sparse_vs_dense"].values()) <= r["check"]["bound"]
+    assert set(result["rules"]["op"]) >= {"DENSE_MAX_SCORES", "SPARSE_MAX_FRACTION"}
+    assert set(result["rules"]["predictor"]) >= {"DENSE_CONTEXT_BELOW", "DENSE_CONTEXT_FRACTION"}
+
+
 def test_training_ddp_scaling_smoke(tmp_path: Path) -> None:
     """`python -m bench.suites.training ddp-scaling --smoke`: torchrun with 1 and 2 ranks
     (gloo on CPU) trains the tiny model; every run logs tokens/s and the 2-rank run has an

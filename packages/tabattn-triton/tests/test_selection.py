@@ -153,21 +153,65 @@ def test_backward_is_deterministic():
 
 
 def test_paths_and_auto_decision_logged(caplog, monkeypatch):
+    """Both paths agree; "auto" runs the path the rule picks (the dense one through the
+    reference), and logs each path's first choice once."""
     q, k, v, cu_q, cu_k, bi = make_case([4], [40], 2, 1, 16, 16, 1, torch.float32)
     kw = {"cu_seqlens_q": cu_q, "cu_seqlens_k": cu_k, "block_indices": bi, "block_size": 16}
     sparse = selection_attention(q, k, v, path="sparse", **kw)
     dense = selection_attention(q, k, v, path="dense", **kw)
     for a, b in zip(sparse, dense, strict=True):
         assert_rel_close(a, b, tol=1e-5)
+    ran = []
+    original = selection_interface.reference.selection_attention
+    monkeypatch.setattr(
+        selection_interface.reference,
+        "selection_attention",
+        lambda *a, **kw: ran.append("dense") or original(*a, **kw),
+    )
     monkeypatch.setattr(selection_interface, "_said", set())
-    monkeypatch.setattr(selection_interface, "SPARSE_MAX_FRACTION", 0.3)  # 16 of 40 keys
+    monkeypatch.setattr(selection_interface, "SPARSE_MAX_FRACTION", float("inf"))
+    # 4 rows x 40 keys x 2 heads = 320 dense scores; 16 of 40 keys selected
     with caplog.at_level(logging.INFO, logger="tabattn"):
-        selection_attention(q, k, v, **kw)
-        selection_attention(q, k, v, **kw)
+        monkeypatch.setattr(selection_interface, "DENSE_MAX_SCORES", 321)
+        for _ in range(2):
+            out, lse = selection_attention(q, k, v, **kw)
+        assert ran == ["dense", "dense"]
+        assert_rel_close(out, dense[0], tol=1e-12)
+        assert_rel_close(lse, dense[1], tol=1e-12)
+        monkeypatch.setattr(selection_interface, "DENSE_MAX_SCORES", 320)
+        for _ in range(2):
+            out, lse = selection_attention(q, k, v, **kw)
+        assert ran == ["dense", "dense"]  # the kernels ran
+        assert_rel_close(out, sparse[0], tol=1e-12)
+        assert_rel_close(lse, sparse[1], tol=1e-12)
     said = [r.getMessage() for r in caplog.records if "path=auto" in r.getMessage()]
-    assert len(said) == 1 and "-> dense" in said[0]
+    assert len(said) == 2, said
+    assert "-> dense" in said[0] and "320 dense scores" in said[0] and "-> sparse" in said[1]
     with pytest.raises(InputError, match="path"):
         selection_attention(q, k, v, path="fast", **kw)
+
+
+@pytest.mark.parametrize(
+    "selected, dense, heads, chosen",
+    [
+        (10, 499, 2, "dense"),  # 998 dense scores < DENSE_MAX_SCORES = 1000
+        (10, 500, 2, "sparse"),  # 1000 scores, 2% of the keys selected
+        (124, 500, 2, "sparse"),  # 24.8% < SPARSE_MAX_FRACTION = 0.25
+        (125, 500, 2, "dense"),  # 25%
+        (800, 500, 2, "dense"),  # more slots than keys
+        (0, 0, 2, "dense"),  # nothing to attend: below the size rule
+    ],
+)
+def test_auto_path_rule(monkeypatch, selected, dense, heads, chosen):
+    """path="auto" -> dense below DENSE_MAX_SCORES dense scores or from SPARSE_MAX_FRACTION
+    of the dense keys selected, else sparse; an explicit path is kept."""
+    monkeypatch.setattr(selection_interface, "_said", set())
+    monkeypatch.setattr(selection_interface, "DENSE_MAX_SCORES", 1000)
+    monkeypatch.setattr(selection_interface, "SPARSE_MAX_FRACTION", 0.25)
+    choose = selection_interface._choose_path
+    assert choose("auto", selected=selected, dense=dense, heads=heads) == chosen
+    for path in ("sparse", "dense"):
+        assert choose(path, selected=selected, dense=dense, heads=heads) == path
 
 
 def test_select_blocks_feeds_the_kernel():

@@ -1,8 +1,9 @@
 """Selection (block-sparse, NSA-style) attention over varlen rows: group-centric kernels."""
 
 from tabattn_triton.ops.selection.interface import (
+    DENSE_MAX_SCORES,
     SPARSE_MAX_FRACTION,
     selection_attention,
 )
 
-__all__ = ["SPARSE_MAX_FRACTION", "selection_attention"]
+__all__ = ["DENSE_MAX_SCORES", "SPARSE_MAX_FRACTION", "selection_attention"]

@@ -34,14 +34,20 @@ from tabattn_triton.ops.selection.kernel import (
     selection_fwd_kernel,
 )
 
-__all__ = ["SPARSE_MAX_FRACTION", "Selection", "selection_attention"]
+__all__ = ["DENSE_MAX_SCORES", "SPARSE_MAX_FRACTION", "Selection", "selection_attention"]
 
 log = logging.getLogger("tabattn")
 _said: set[str] = set()
 
-# path="auto" runs the sparse kernels while the selected keys (n_sel * block_size per row)
-# are below this fraction of the keys dense attention would visit, else the dense masked
-# path. Placeholder until measured on the GPU (bench suite `selection`).
+# path="auto" runs the dense masked path (the PyTorch reference) instead of the sparse
+# kernels where it was measured faster: when the dense scores, H * (keys dense attention
+# visits over all rows), are fewer than DENSE_MAX_SCORES, or when the selected keys (n_sel *
+# block_size per row) are at least SPARSE_MAX_FRACTION of the keys dense attention visits.
+# Measured by `python -m bench.suites.selection crossover` (fwd and fwd+bwd, bf16 and fp32,
+# GQA 1 and 16, D 64; the rule of least summed relative time lost over its grid):
+# bench/results/selection_crossover.json, "rules" -> "op". Placeholders until that run: no
+# size rule, and the fraction the op had before it was measured.
+DENSE_MAX_SCORES = 0
 SPARSE_MAX_FRACTION = 0.5
 PATHS = ("auto", "sparse", "dense")
 
@@ -270,20 +276,26 @@ def _dense_keys(cu_q: torch.Tensor, cu_k: torch.Tensor, causal: bool) -> int:
     return int((lk * (lk + 1) // 2 - (first - 1) * first // 2).clamp(min=0).sum())
 
 
-def _choose_path(path: str, n_selected: int, dense: int) -> str:
+def _choose_path(path: str, *, selected: int, dense: int, heads: int) -> str:
+    """The path to run: `path`, or for "auto" the measured rule (module constants above);
+    logs the first "auto" decision of each kind. selected: keys the selection holds over all
+    rows (n_sel * block_size each); dense: keys dense attention visits over all rows."""
     if path not in PATHS:
         raise InputError(f"path: expected one of {PATHS}, got {path!r}")
     if path != "auto":
         return path
-    fraction = n_selected / max(dense, 1)
-    chosen = "sparse" if fraction < SPARSE_MAX_FRACTION else "dense"
+    fraction = selected / max(dense, 1)
+    small = heads * dense < DENSE_MAX_SCORES
+    chosen = "dense" if small or fraction >= SPARSE_MAX_FRACTION else "sparse"
     if chosen not in _said:
         _said.add(chosen)
         log.info(
-            "tabattn: selection_attention path=auto -> %s (selected %.3g of the dense keys, "
-            "threshold SPARSE_MAX_FRACTION=%s)",
+            "tabattn: selection_attention path=auto -> %s (%d dense scores, selected %.3g of "
+            "the dense keys; dense below DENSE_MAX_SCORES=%d or from SPARSE_MAX_FRACTION=%s)",
             chosen,
+            heads * dense,
             fraction,
+            DENSE_MAX_SCORES,
             SPARSE_MAX_FRACTION,
         )
     return chosen
@@ -319,8 +331,10 @@ def selection_attention(
                                                         · · ■ ■ · ·
     ```
     Options: path "sparse" (the kernels), "dense" (the dense masked reference,
-    `tabattn_core.reference.selection_attention`), or "auto": sparse while the selected
-    keys are under SPARSE_MAX_FRACTION of the keys dense attention visits (logged once).
+    `tabattn_core.reference.selection_attention`), or "auto": the dense path where it was
+    measured faster, i.e. fewer than DENSE_MAX_SCORES dense scores (H x the keys dense
+    attention visits) or selected keys at least SPARSE_MAX_FRACTION of those keys, else
+    sparse (the decision logged once per path, logger "tabattn").
     validate_indices: raise InputError for indices outside [-1, blocks of the sequence - 1]
     (one device sync); without it the sparse kernels skip such entries.
 
@@ -330,7 +344,10 @@ def selection_attention(
     group, cu_q, cu_k = _check(q, k, v, cu_seqlens_q, cu_seqlens_k, block_indices, block_size)
     scale = check_scale(scale, q.shape[2])
     chosen = _choose_path(
-        path, q.shape[0] * block_indices.shape[2] * int(block_size), _dense_keys(cu_q, cu_k, causal)
+        path,
+        selected=q.shape[0] * block_indices.shape[2] * int(block_size),
+        dense=_dense_keys(cu_q, cu_k, causal),
+        heads=q.shape[1],
     )
     if chosen == "dense":
         return reference.selection_attention(
