@@ -40,6 +40,7 @@ from tabattn_core.testing import assert_rel_close, rel_error
 from tabattn_fp8 import backend, reference
 from tabattn_fp8.attention import fp8_attention, fp8_context_target_attention
 from tabattn_fp8.attention import interface as fp8_interface
+from tabattn_fp8.attention.interface import P_FP8_DEFAULT
 from tabattn_fp8.quantize.kernel import MEAN_SUBTRACT
 from tabattn_fp8.shared_context import (
     fp8_shared_context_attention,
@@ -170,7 +171,7 @@ def check_against_references(got, args, context_lens, need_buffer, *, teacher_fo
         assert_rel_close(ctx[1], emu[1], tol=emu_lse_tol, name="context lse vs emulated")
     # 2. the op = its FP8 context part (the same kernel) merged with the exact buffer part
     if DEVICE == "cpu":
-        same_ctx = context_part(args, context_lens, need_buffer, p_fp8=True)
+        same_ctx = context_part(args, context_lens, need_buffer, p_fp8=P_FP8_DEFAULT)
         want_out, want_lse = merged(same_ctx, buffer, q)
         assert_rel_close(out, want_out, tol=EMULATED_TOL, name="out vs fp8 context + buffer")
         assert_rel_close(lse, want_lse, tol=EMULATED_TOL, name="lse vs fp8 context + buffer")
@@ -180,9 +181,10 @@ def check_against_references(got, args, context_lens, need_buffer, *, teacher_fo
     if torch.isfinite(ref_lse).any():
         assert cosine(out, ref_out) >= FP8_COSINE
     emu_out, emu_lse = merged(
-        emulated_context(q, k_ctx, v_ctx, context_lens, p_fp8=True), buffer, q
+        emulated_context(q, k_ctx, v_ctx, context_lens, p_fp8=P_FP8_DEFAULT), buffer, q
     )
-    assert_rel_close(out, emu_out, tol=EMULATED_P_FP8_TOL, name="out vs emulated")
+    emu_out_tol = EMULATED_P_FP8_TOL if P_FP8_DEFAULT else emu_tol
+    assert_rel_close(out, emu_out, tol=emu_out_tol, name="out vs emulated")
     assert_rel_close(lse, emu_lse, tol=emu_lse_tol, name="lse vs emulated")
 
 
@@ -498,7 +500,7 @@ def test_context_lengths_key_the_rows_quantised(cache):
 def test_options_key_the_quantisation(cache):
     q, kc, vc, _, _ = inputs(1, 2, 4, 2, 1, 27, 1, 32)
     scale = 32**-0.5
-    options = [{}, {"p_fp8": False}, {"rotate": False}, {"smooth_k": False}, {}]
+    options = [{}, {"p_fp8": not P_FP8_DEFAULT}, {"rotate": False}, {"smooth_k": False}, {}]
     got = [fp8_context_fwd(q, kc, vc, 27, None, 2, scale, **o) for o in options]
     assert cache.quantised == 4 and len(cache) == 4
     for o, one in zip(options, got, strict=True):

@@ -34,6 +34,7 @@ from tabattn_core.checks import (
 )
 from tabattn_core.reference import merge_states
 from tabattn_fp8.attention.interface import (
+    P_FP8_DEFAULT,
     QuantizedKV,
     check_fp8_device,
     fp8_attention_launch,
@@ -174,7 +175,7 @@ def fp8_context_fwd(
     scale: float,
     *,
     smooth_k: bool = True,
-    p_fp8: bool = True,
+    p_fp8: bool = P_FP8_DEFAULT,
     rotate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The context part in FP8. All S*Lq rows of dataset g attend to its first M_g context
@@ -218,7 +219,7 @@ def fp8_context_buffer_fwd(
     buffer_part: BufferPart | None,
     *,
     smooth_k: bool = True,
-    p_fp8: bool = True,
+    p_fp8: bool = P_FP8_DEFAULT,
     rotate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The launcher behind both ops, with inputs already checked. It combines the FP8
