@@ -16,7 +16,10 @@ Providers: `torch` (backend "torch": the PyTorch references, split by the predic
 scores stay under `SCORE_BUDGET`), `triton` (backend "triton", cuda_graph=False: every
 kernel launched from Python), `triton-graph` (backend "triton", cuda_graph=True, CUDA only:
 the first call with these shapes warms up and captures the call's CUDA graphs, later calls
-copy their inputs in and replay them; decode steps 1.. are one graph replayed per step).
+copy their inputs in and replay them; decode steps 1.. are one graph replayed per step),
+`triton-graph-tf32x3` (the same with fp32_precision="tf32x3": fp32-level products instead
+of the predictor's default bf16x3; float32 cases only). The PyTorch parts and the torch
+provider follow torch's default float32 matmul precision ("highest").
 
 Timing: end to end. Every call of a provider is wrapped in the host clock, with
 `torch.cuda.synchronize()` before and after; `e2e_ms` is the median over every call after
@@ -92,10 +95,11 @@ FLOAT32_DENSITY_NATS = 5e-3
 BF16_SLACK_NATS = 1e-2
 GRAPH_SAMPLE_TOL = 1e-3  # triton-graph vs triton eager samples, float32
 TORCH_MAX_BYTES = 8 * 2**30  # torch provider: working set of one attention call
-PROVIDERS = (  # name, predictor backend, cuda_graph, modes
-    ("torch", "torch", False, MODES),
-    ("triton", "triton", False, MODES),
-    ("triton-graph", "triton", True, MODES),
+PROVIDERS = (  # name, predictor backend, cuda_graph, fp32_precision, modes
+    ("torch", "torch", False, "bf16x3", MODES),
+    ("triton", "triton", False, "bf16x3", MODES),
+    ("triton-graph", "triton", True, "bf16x3", MODES),
+    ("triton-graph-tf32x3", "triton", True, "tf32x3", MODES),
 )
 
 # The peer's triton backend, float32, H200, another run: (mode, B, Nc, Nt) -> ms or why not.
@@ -264,14 +268,18 @@ def _check_available(case: dict[str, Any], backend: str, graph: bool, cfg: RunCo
             raise Unavailable(str(exc)) from None
 
 
-def _make(name: str, backend: str, graph: bool):
+def _make(name: str, backend: str, graph: bool, precision: str):
     def make(case: dict[str, Any], inputs: Inputs):
         from tabpfn_infer.predictor import ARTabPFNPredictor
 
         cfg: RunConfig = inputs.extra["cfg"]
         _check_available(case, backend, graph, cfg)
+        if precision != "bf16x3" and case["dtype"] != "float32":
+            raise Unavailable("fp32_precision applies to float32 models only")
         model = _model(case["tiny"], _dtype_of(case), cfg.device)
-        predictor = ARTabPFNPredictor(model, backend=backend, cuda_graph=graph)
+        predictor = ARTabPFNPredictor(
+            model, backend=backend, cuda_graph=graph, fp32_precision=precision
+        )
         call = _call(case, inputs, predictor)
         method = "sample_sequence" if case["mode"] == SAMPLE else "evaluate_joint_density"
         run = _RUNS[(_shape_label(case), case["mode"], name)] = _Run(name)
@@ -427,12 +435,12 @@ SUITE = register_suite(
         providers={
             name: Provider(
                 name,
-                _make(name, backend, graph),
-                f'backend="{backend}", cuda_graph={graph}',
+                _make(name, backend, graph, precision),
+                f'backend="{backend}", cuda_graph={graph}, fp32_precision="{precision}"',
                 modes=modes,
                 rel_tol=1.0,  # the check's error is measured / bound
             )
-            for name, backend, graph, modes in PROVIDERS
+            for name, backend, graph, precision, modes in PROVIDERS
         },
         make_inputs=_make_inputs,
         forward_flops=_forward_flops,

@@ -11,12 +11,14 @@ import torch
 
 from tabattn_core import masks, reference
 from tabattn_core.checks import InputError
+from tabattn_core.precision import fp32_dot_precision
 from tabattn_core.testing import AttentionShape, assert_rel_close, rel_error
 from tabattn_triton.ops.attention import (
     context_target_attention,
     flash_attention,
     varlen_attention,
 )
+from tabattn_triton.ops.common import dot_precision
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -284,6 +286,43 @@ def test_gpu_varlen_datasets_of_different_sizes(causal):
     compare_varlen(
         [m + n for m, n in zip(ms, ns, strict=True)], ms, 8, 2, 64, causal, torch.bfloat16
     )
+
+
+def test_fp32_dot_precision_follows_the_scope_then_torch(monkeypatch):
+    """fp32 dots: the `fp32_dot_precision` scope's mode, else torch's allow_tf32; the
+    interpreter, which has no bf16x3, runs that mode as tf32x3."""
+    flag = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert dot_precision(torch.float32) == "tf32x3"
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert dot_precision(torch.float32) == "tf32"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = flag
+    with fp32_dot_precision("tf32x3"):
+        assert dot_precision(torch.float32) == "tf32x3"
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with fp32_dot_precision("bf16x3"):
+            assert dot_precision(torch.float32) == "bf16x3"
+            monkeypatch.setenv("TRITON_INTERPRET", "1")
+            assert dot_precision(torch.float32) == "tf32x3"
+    assert dot_precision(torch.float16) == dot_precision(torch.bfloat16) == "tf32"
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_dot_modes_differ_as_documented(monkeypatch):
+    """Each scoped mode really reaches the kernel: errors against fp64 order as
+    tf32x3 < bf16x3 < tf32, each within its mode's bound."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    shape = AttentionShape(2, 4, 4, 300, 400, 64)
+    q, k, v = make_inputs(shape, torch.float32)
+    ref, _ = reference.attention(q.double(), k.double(), v.double())
+    errors = {}
+    for mode in ("tf32x3", "bf16x3", "tf32"):
+        with fp32_dot_precision(mode):
+            errors[mode] = rel_error(flash_attention(q, k, v), ref)
+    assert errors["tf32x3"] < 1e-5 and errors["bf16x3"] < 1e-4 and errors["tf32"] < 5e-3, errors
+    assert 3 * errors["tf32x3"] < errors["bf16x3"] and 3 * errors["bf16x3"] < errors["tf32"], errors
 
 
 @pytest.mark.gpu

@@ -3,6 +3,7 @@ reproducibility, shared vs per-row contexts, edge sizes and bad input."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -258,23 +259,27 @@ def test_training_forward_loss_and_gradients():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_golden_joint_density(golden, dtype):
-    """Golden densities on the GPU, backends torch and auto (the Triton kernels). float32:
-    both within 5e-3 nats (dots may run in TF32, as the peer's do). bfloat16: the model itself
+    """Golden densities on the GPU, backends torch and auto (the Triton kernels; float32 in
+    both bf16x3 and tf32x3 dots). float32: all within 5e-3 nats (dots may run in TF32, as
+    the peer's do). bfloat16: the model itself
     rounds, so the kernels' error may be at most 2x that of the same bf16 model run by
     PyTorch (FA3's rule), both against the float64 values."""
     model = peer_model(golden, dtype).cuda()
     for inputs, reference in (("inputs", "ejd_ref64"), ("inputs_distinct", "ejd_distinct_ref64")):
         data = {k: v.cuda() for k, v in golden[inputs].items()}
         errors = {}
-        for backend in ("torch", "auto"):
-            out = ARTabPFNPredictor(model, backend=backend).evaluate_joint_density(
+        for backend, precision in (("torch", "bf16x3"), ("auto", "bf16x3"), ("auto", "tf32x3")):
+            predictor = ARTabPFNPredictor(model, backend=backend, fp32_precision=precision)
+            out = predictor.evaluate_joint_density(
                 data["x_context"], data["y_context"], data["x_target"], data["y_target"]
             )
-            errors[backend] = (out.double().cpu() - golden["outputs"][reference]).abs().max()
+            error = (out.double().cpu() - golden["outputs"][reference]).abs().max()
+            errors[backend if precision == "bf16x3" else f"{backend} {precision}"] = error
         if dtype == torch.float32:
             assert max(errors.values()) < 5e-3, (reference, errors)
         else:
             assert errors["auto"] <= 2 * errors["torch"] + 1e-2, (reference, errors)
+            assert errors["auto tf32x3"] == errors["auto"], "bf16 models ignore fp32_precision"
 
 
 @pytest.mark.gpu
@@ -309,6 +314,50 @@ def test_reference_backend_splits_large_calls(monkeypatch):
             predictor.stepwise_log_density(xc, yc, xt, yt), want_steps, rtol=1e-12, atol=1e-12
         )
         monkeypatch.undo()
+
+
+def test_fp32_precision_is_checked_and_scopes_every_call(monkeypatch):
+    """The predictor's fp32_precision is the scoped dot precision while its methods run (and
+    only then); an unknown one is refused naming the argument."""
+    import tabpfn_infer.predictor as predictor_module
+    from tabattn_core.precision import scoped_fp32_dot_precision
+
+    with pytest.raises(InputError, match="fp32_precision: expected one of"):
+        ARTabPFNPredictor(small_model(), fp32_precision="ieee")
+    seen = []
+    through_layers = predictor_module._through_layers
+
+    def spy(*args, **kwargs):
+        seen.append(scoped_fp32_dot_precision())
+        return through_layers(*args, **kwargs)
+
+    monkeypatch.setattr(predictor_module, "_through_layers", spy)
+    predictor = ARTabPFNPredictor(small_model(), backend="torch", fp32_precision="tf32")
+    xc, yc, xt, yt = task(b=3, nc=9, nt=4, shared=True)
+    predictor.evaluate_joint_density(xc, yc, xt, yt)
+    predictor.sample_sequence(xc, yc, xt, generator=torch.Generator().manual_seed(0))
+    predictor.marginal_mixture(xc, yc, xt)
+    assert len(seen) >= 3 and set(seen) == {"tf32"}
+    assert scoped_fp32_dot_precision() is None
+
+
+def test_weight_addresses_follow_every_way_of_replacing_weights():
+    """The graphs' staleness key (the parameters' addresses) changes when parameters are
+    assigned, a layer is replaced, or a parameter's data moves, although the parameter list
+    is cached between registrations."""
+    model = small_model()
+    predictor = ARTabPFNPredictor(model)
+    seen = [predictor._weight_addresses()]
+    assert seen[0] == predictor._weight_addresses()  # unchanged: same key
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    seen.append(predictor._weight_addresses())
+    model.backbone.layers[0] = copy.deepcopy(model.backbone.layers[-1])
+    seen.append(predictor._weight_addresses())
+    for param in model.parameters():
+        param.data = param.data.clone()
+    seen.append(predictor._weight_addresses())
+    assert len(set(seen)) == len(seen)
+    assert seen[-1] == tuple(p.data_ptr() for p in model.parameters())
 
 
 @pytest.mark.gpu
@@ -383,6 +432,16 @@ def all_outputs(predictor, xc, yc, xt, yt):
     )
 
 
+@pytest.fixture
+def forced_selection(monkeypatch):
+    """`context_top_k` always through the selection (its measured dense fallback off)."""
+    import tabpfn_infer.predictor as predictor_module
+
+    monkeypatch.setattr(predictor_module, "DENSE_CONTEXT_BELOW", 0)
+    monkeypatch.setattr(predictor_module, "DENSE_CONTEXT_FRACTION", float("inf"))
+
+
+@pytest.mark.usefixtures("forced_selection")
 @pytest.mark.parametrize("shared", [False, True])
 def test_context_top_k_of_all_blocks_is_exact(shared):
     """Selecting every context block (37 rows in blocks of 8: 5, the last short) and merging
@@ -395,6 +454,7 @@ def test_context_top_k_of_all_blocks_is_exact(shared):
         torch.testing.assert_close(all_outputs(top, xc, yc, xt, yt), dense, rtol=0, atol=1e-10)
 
 
+@pytest.mark.usefixtures("forced_selection")
 @pytest.mark.parametrize("shared", [False, True])
 def test_context_top_k_changes_results_and_keeps_the_chain_rule(shared, monkeypatch):
     """One block of 8 of 37 context rows: finite results that differ from the dense ones;
@@ -425,6 +485,7 @@ def test_context_top_k_changes_results_and_keeps_the_chain_rule(shared, monkeypa
     )
 
 
+@pytest.mark.usefixtures("forced_selection")
 def test_context_top_k_with_an_empty_context():
     model = small_model()
     xc, yc, xt, yt = task(nc=0, nt=3)
@@ -433,6 +494,66 @@ def test_context_top_k_with_an_empty_context():
     torch.testing.assert_close(
         all_outputs(top, xc, yc, xt, yt), all_outputs(dense, xc, yc, xt, yt), rtol=0, atol=1e-10
     )
+
+
+@pytest.mark.parametrize(
+    "below, fraction, dense",
+    [
+        (38, float("inf"), True),  # 37 context rows < 38
+        (37, float("inf"), False),
+        (0, 8 / 37, True),  # one block of 8 covers 8/37 of the context
+        (0, 8 / 37 + 1e-9, False),
+    ],
+)
+def test_context_top_k_dense_below_the_measured_crossover(monkeypatch, below, fraction, dense):
+    """Contexts shorter than DENSE_CONTEXT_BELOW, or covered to DENSE_CONTEXT_FRACTION by the
+    k blocks, run the op of the predictor without top-k: densities, stepwise densities,
+    marginals and samples equal to the last bit; otherwise the selection (results differ)."""
+    import tabpfn_infer.predictor as predictor_module
+
+    monkeypatch.setattr(predictor_module, "DENSE_CONTEXT_BELOW", below)
+    monkeypatch.setattr(predictor_module, "DENSE_CONTEXT_FRACTION", fraction)
+    model = small_model()
+    xc, yc, xt, yt = task(nc=37, shared=True)
+    exact = ARTabPFNPredictor(model, backend="torch")
+    top = ARTabPFNPredictor(model, backend="torch", context_top_k=1, context_block_size=8)
+    got, want = all_outputs(top, xc, yc, xt, yt), all_outputs(exact, xc, yc, xt, yt)
+    samples = [
+        p.sample_sequence(xc, yc, xt, generator=torch.Generator().manual_seed(0))
+        for p in (top, exact)
+    ]
+    assert torch.equal(got, want) == dense
+    if dense:
+        assert torch.equal(*samples)
+    else:
+        assert (got - want).abs().max() > 1e-3
+
+
+def test_context_top_k_decision_logged_once(monkeypatch, caplog):
+    """Each op's first decision either way is logged once (logger "tabattn"), naming the
+    context length and the constants."""
+    import logging
+
+    import tabpfn_infer.predictor as predictor_module
+
+    monkeypatch.setattr(predictor_module, "_said", set())
+    monkeypatch.setattr(predictor_module, "DENSE_CONTEXT_BELOW", 38)
+    model = small_model()
+    xc, yc, xt, yt = task(nc=37, shared=True)
+    top = ARTabPFNPredictor(model, backend="torch", context_top_k=1, context_block_size=8)
+    with caplog.at_level(logging.INFO, logger="tabattn"):
+        for _ in range(2):
+            top.evaluate_joint_density(xc, yc, xt, yt)
+            top.stepwise_log_density(xc, yc, xt, yt)
+        monkeypatch.setattr(predictor_module, "DENSE_CONTEXT_BELOW", 37)
+        top.evaluate_joint_density(xc, yc, xt, yt)
+        top.evaluate_joint_density(xc, yc, xt, yt)
+    said = [r.getMessage() for r in caplog.records if "context_top_k" in r.getMessage()]
+    assert len(said) == 3, said
+    assert "teacher_forcing_attention runs exact dense attention" in said[0]
+    assert "over 37 context rows" in said[0] and "DENSE_CONTEXT_BELOW=38" in said[0]
+    assert "shared_context_attention runs exact dense attention" in said[1]
+    assert "teacher_forcing_attention runs selection attention" in said[2]
 
 
 @pytest.mark.parametrize(
@@ -452,6 +573,7 @@ def test_context_top_k_bad_values_named(kwargs, name):
         ARTabPFNPredictor(small_model(), backend="torch", **kwargs)
 
 
+@pytest.mark.usefixtures("forced_selection")
 def test_estimator_passes_context_top_k():
     from tabpfn_infer.estimator import ARTabPFNRegressor
 
@@ -468,6 +590,7 @@ def test_estimator_passes_context_top_k():
 
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("forced_selection")
 @pytest.mark.parametrize("backend", ["torch", "auto"])
 def test_gpu_context_top_k(backend):
     """float32 on the GPU, 1000 context rows in 16 blocks of 64: all 16 blocks match the

@@ -26,6 +26,7 @@ from tabattn_core.masks import (
     SelectionMask,
     TeacherForcingMask,
 )
+from tabattn_core.precision import FP32_DOT_PRECISIONS, fp32_dot_precision
 from tabattn_core.reference import (
     attention,
     context_target_attention,
@@ -40,6 +41,7 @@ from tabattn_core.registry import OPS, Backend, get_backend, get_op
 __version__ = "0.1.0"
 
 __all__ = [
+    "FP32_DOT_PRECISIONS",
     "OPS",
     "ARTrainingRowMask",
     "Backend",
@@ -54,6 +56,7 @@ __all__ = [
     "TeacherForcingMask",
     "attention",
     "context_target_attention",
+    "fp32_dot_precision",
     "get_backend",
     "get_op",
     "gmm_cdf",

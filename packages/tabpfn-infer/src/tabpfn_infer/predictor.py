@@ -16,6 +16,7 @@ more); their buffer part stays exact, and the two parts are merged by their LSEs
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import threading
 import warnings
@@ -27,6 +28,7 @@ import torch
 from tabattn_core.checks import InputError, check_positive_int, check_tensor
 from tabattn_core.gmm import gmm_sample_from_noise
 from tabattn_core.kv_cache import SharedContextKVCache
+from tabattn_core.precision import check_fp32_dot_precision, fp32_dot_precision
 from tabattn_core.reference import merge_states
 from tabattn_core.registry import get_backend
 from tabattn_core.selection import select_blocks
@@ -83,6 +85,44 @@ def _split_call(
     return torch.cat(outs, dim), torch.cat(lses, dim)
 
 
+log = logging.getLogger("tabattn")
+_said: set[tuple[str, bool]] = set()
+
+# With `context_top_k`, the context is read by exact dense attention (the op the predictor
+# runs without top-k) where that was measured faster than the selection: contexts of fewer
+# than DENSE_CONTEXT_BELOW rows, or top_k * block_size covering at least
+# DENSE_CONTEXT_FRACTION of the context. One rule for decoding and teacher forcing (both
+# then read the same keys: the chain rule holds). Measured by `python -m
+# bench.suites.selection crossover` (default ARTabPFN, float32, triton backend, eager, one
+# shared context; evaluate_joint_density and sample_sequence; the rule of least summed
+# relative time lost over its grid): bench/results/selection_crossover.json, "rules" ->
+# "predictor". Placeholders until that run: no length rule; a top-k covering the whole
+# context (the dense result) runs the dense op.
+DENSE_CONTEXT_BELOW = 0
+DENSE_CONTEXT_FRACTION = 1.0
+
+
+def _dense_context(name: str, nc: int, *, top_k: int, block_size: int) -> bool:
+    """Whether the `context_top_k` call of op `name` over a context of nc rows runs exact
+    dense attention (module constants above); logs each op's first decision either way."""
+    dense = nc < DENSE_CONTEXT_BELOW or top_k * block_size >= DENSE_CONTEXT_FRACTION * nc
+    if (name, dense) not in _said:
+        _said.add((name, dense))
+        log.info(
+            "tabattn: ARTabPFNPredictor context_top_k=%d (blocks of %d) over %d context rows: "
+            "%s runs %s (dense below DENSE_CONTEXT_BELOW=%d rows or from "
+            "DENSE_CONTEXT_FRACTION=%s of the context)",
+            top_k,
+            block_size,
+            nc,
+            name,
+            "exact dense attention" if dense else "selection attention",
+            DENSE_CONTEXT_BELOW,
+            DENSE_CONTEXT_FRACTION,
+        )
+    return dense
+
+
 def _top_k_context(
     attend,
     q: torch.Tensor,
@@ -111,10 +151,13 @@ def _top_k_context(
     )
 
 
-def _merge_with_buffer(context, op, q, k_ctx, v_ctx, k_buf=None, v_buf=None, **kwargs):
+def _merge_with_buffer(context, op, dense, q, k_ctx, v_ctx, k_buf=None, v_buf=None, **kwargs):
     """A decode or teacher-forcing `op` whose context part is `context(q, k_ctx, v_ctx)`
     (the top-k selection): `op` runs over the buffer alone (an empty context, Nc = 0) and the
-    two parts are merged by their LSEs. Without a buffer, the context part alone."""
+    two parts are merged by their LSEs. Without a buffer, the context part alone. Where
+    `dense(Nc)` (`_dense_context`), `op` itself over context and buffer, as without top-k."""
+    if dense(k_ctx.shape[2]):
+        return op(q, k_ctx, v_ctx, *(() if k_buf is None else (k_buf, v_buf)), **kwargs)
     part = context(q, k_ctx, v_ctx)
     if k_buf is None:
         return part
@@ -141,20 +184,18 @@ def _through_layers(
     return x
 
 
-def _weight_addresses(model: torch.nn.Module) -> tuple[int, ...]:
-    """The address of every parameter, by a direct walk of the module tree (`parameters()`
-    names each one on the way: ~1 ms per call for the default model on the GPU host, a
-    third of a density call at (256, 1024, 32))."""
-    addresses, stack = [], [model]
-    while stack:
-        module = stack.pop()
-        if module is None:
-            continue
-        for p in module._parameters.values():
-            if p is not None:
-                addresses.append(p.data_ptr())
-        stack.extend(module._modules.values())
-    return tuple(addresses)
+# Counts every registration of a parameter or submodule by any module (assigning a
+# Parameter or a Module attribute, register_parameter, load_state_dict(assign=True), a new
+# layer): the cue for a predictor to list its model's parameters anew.
+_registrations = [0]
+
+
+def _count_registration(*_args) -> None:
+    _registrations[0] += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
 
 
 def _max_magnitude(t: torch.Tensor) -> torch.Tensor:
@@ -164,6 +205,14 @@ def _max_magnitude(t: torch.Tensor) -> torch.Tensor:
     if not t.is_floating_point() or t.numel() == 0:
         return torch.zeros((), device=t.device)
     return torch.linalg.vector_norm(t, float("inf")).float()
+
+
+def _largest_magnitude(given: list[tuple[str, torch.Tensor, tuple[str, ...]]]) -> torch.Tensor:
+    """max |value| over the given tensors, a 0-dim fp32 tensor on the first one's device:
+    finite iff they all are (NaN and inf propagate through max; a finite value beyond fp32's
+    range only triggers the exact check)."""
+    device = given[0][1].device
+    return torch.stack([_max_magnitude(t).to(device) for _, t, _ in given]).amax()
 
 
 def _inference_weights(model: ARTabPFN) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -180,12 +229,15 @@ class _Batch:
     y_target: torch.Tensor | None  # [G, S, Nt]
     batch: int  # B = G * S
     given: list[tuple[str, torch.Tensor, tuple[str, ...]]]  # the caller's (name, tensor, axes)
-    largest: torch.Tensor | float  # finite iff every given tensor is (a device scalar, unread)
+    largest: float | None  # finite iff every given tensor is; None: not yet computed
 
     def check_finite(self) -> None:
-        """Raise `InputError` naming the first NaN/inf of the given tensors (reads `largest`:
-        a host sync, made after the call's work is queued)."""
-        if not math.isfinite(float(self.largest)):
+        """Raise `InputError` naming the first NaN/inf of the given tensors. Called after the
+        call's work is queued, it queues the max |value| of the inputs behind that work, so
+        the read is the call's only host sync."""
+        if self.largest is None:
+            self.largest = float(_largest_magnitude(self.given))
+        if not math.isfinite(self.largest):
             for name, t, axes in self.given:
                 check_finite(name, t, axes)
         self.largest = 0.0
@@ -198,6 +250,17 @@ class _Batch:
             "x_target": self.x_target,
             "y": y,
         }
+
+
+def _in_precision_scope(method: Callable) -> Callable:
+    """Run a predictor method with its kernels' float32 dots in `self.fp32_precision`."""
+
+    @functools.wraps(method)
+    def scoped(self, *args, **kwargs):
+        with fp32_dot_precision(self.fp32_precision):
+            return method(self, *args, **kwargs)
+
+    return scoped
 
 
 class ARTabPFNPredictor:
@@ -214,6 +277,14 @@ class ARTabPFNPredictor:
     `release_graphs()` (`captured_methods` lists them). A capture that CUDA refuses is
     reported by a warning, and those calls run eagerly.
 
+    fp32_precision: how the kernels multiply a float32 model's operands on tensor cores
+    (`tabattn_core.precision`; fp32 accumulation in every mode): "bf16x3" (default: ~16
+    mantissa bits per product; joint densities within ~1e-3 nats of float64, measured in
+    the `predictor` bench suite, and ~1.4x faster than "tf32x3" on Hopper), "tf32x3"
+    (fp32-level products, ~3e-5 nats) or "tf32" (10 bits; ~2e-2 nats, too coarse for
+    densities). The PyTorch parts of the model and the "torch" backend follow torch's own
+    settings; bf16/fp16 models are unaffected.
+
     context_top_k: None (default) for exact attention; an int k for selection attention over
     large contexts: every buffer and target row (joint density, decode steps, marginals)
     reads, per layer and kv head, only the k context blocks of `context_block_size` rows
@@ -221,7 +292,12 @@ class ARTabPFNPredictor:
     through the registry's "selection_attention"; its attention over the buffer stays exact,
     and the two parts are merged by their LSEs. A row's blocks depend only on its query and
     the context, so decoding and teacher forcing pick the same ones (the chain rule holds).
-    k >= the number of blocks is exact. The context rows' own attention
+    k >= the number of blocks is exact. Where exact dense attention was measured faster
+    (`bench.suites.selection crossover`), it is used instead, and the results are those of
+    the predictor without top-k: contexts shorter than `DENSE_CONTEXT_BELOW` rows, or k
+    blocks covering at least `DENSE_CONTEXT_FRACTION` of the context (module constants; one
+    rule for decoding and teacher forcing, so the chain rule still holds; each op's first
+    decision is logged, logger "tabattn"). The context rows' own attention
     (`prefill_context`) stays dense. Block selection synchronises with the host (not
     graph-safe): with top-k, every call runs eagerly, without CUDA graphs.
     """
@@ -234,14 +310,18 @@ class ARTabPFNPredictor:
         cuda_graph: bool = True,
         context_top_k: int | None = None,
         context_block_size: int = 64,
+        fp32_precision: str = "bf16x3",
     ):
         self.model = model
         self.backend = backend
         self.cuda_graph = cuda_graph
+        self.fp32_precision = check_fp32_dot_precision("fp32_precision", fp32_precision)
         if context_top_k is not None:
             check_positive_int("context_top_k", context_top_k)
         self.context_top_k = context_top_k
         self.context_block_size = check_positive_int("context_block_size", context_block_size)
+        self._parameter_list: tuple[int, list[torch.Tensor]] | None = None  # (registrations, list)
+        self._graph_devices: dict[torch.device, bool] = {}  # `_graphs_apply` per device
         self._graphs: dict[str, _Captured] = {}  # per method, the latest input shapes'
         self._eager: set[tuple] = set()  # (method, input key) whose capture CUDA refused
         self._lock = threading.Lock()
@@ -252,8 +332,21 @@ class ARTabPFNPredictor:
 
     # ---- inputs ---------------------------------------------------------------------
 
+    def _model_parameters(self) -> list[torch.Tensor]:
+        """The model's parameters, listed anew only after a parameter or module was
+        registered anywhere (`_registrations`); walking the module tree every call costs
+        ~0.15 ms of host time on the GPU machine."""
+        if self._parameter_list is None or self._parameter_list[0] != _registrations[0]:
+            self._parameter_list = (_registrations[0], list(self.model.parameters()))
+        return self._parameter_list[1]
+
+    def _weight_addresses(self) -> tuple[int, ...]:
+        """The address of every parameter, read every call: `p.data = ...` and `.to()` move
+        a parameter without registering one."""
+        return tuple(map(torch.Tensor.data_ptr, self._model_parameters()))
+
     def _arrange(self, x_context, y_context, x_target, y_target=None) -> _Batch:
-        param = next(self.model.parameters())
+        param = self._model_parameters()[0]
         dev, dt = param.device, param.dtype
         check_tensor("x_context", x_context, ndim=3, dims="[B, Nc, C]")
         b, nc, c = x_context.shape
@@ -279,16 +372,15 @@ class ARTabPFNPredictor:
             )
             if t is not None
         ]
-        # Finite inputs: the largest |value| of all is finite (NaN and inf propagate through
-        # max; a finite value beyond fp32's range only triggers the exact check); an expanded
-        # tensor is read once. It is read on the host after the call is queued
-        # (`_Batch.check_finite`), unless the shared-context test below needs a sync anyway.
-        largest = torch.stack([_max_magnitude(t).to(x_context.device) for _, t, _ in given]).amax()
+        # Finite inputs are confirmed after the call is queued (`_Batch.check_finite`), unless
+        # the shared-context test below needs a sync anyway: then both are read at once.
+        largest = None
         if b == 1 or (x_context.stride(0) == 0 and y_context.stride(0) == 0):
             shared = b > 1  # one row, or one context expanded B times: no test needed
         else:
             same = (x_context == x_context[:1]).all() & (y_context == y_context[:1]).all()
-            shared, largest = torch.stack([same.to(largest.dtype), largest]).tolist()
+            magnitude = _largest_magnitude(given)
+            shared, largest = torch.stack([same.to(magnitude.dtype), magnitude]).tolist()
         g, s = (1, b) if shared else (b, 1)
         # Only the distinct contexts are converted (an expanded shared context is never
         # copied B times).
@@ -304,7 +396,7 @@ class ARTabPFNPredictor:
             given,
             largest,
         )
-        if not isinstance(largest, torch.Tensor):
+        if largest is not None:
             batch.check_finite()
         return batch
 
@@ -312,7 +404,8 @@ class ARTabPFNPredictor:
         """The registry's implementation of `name`; the PyTorch references materialise the
         scores, so there the call is split along datasets or sample paths to keep them
         under SCORE_BUDGET bytes (the kernels need no split). With `context_top_k`, the
-        decode and teacher-forcing ops read the context through `_top_k_context`."""
+        decode and teacher-forcing ops read the context through `_top_k_context`, or
+        densely where `_dense_context` says (measured faster)."""
         backend = get_backend(self.backend, device=device, op=name)
         op = backend.ops[name]
         if backend.name == "torch":
@@ -328,7 +421,10 @@ class ARTabPFNPredictor:
         )
         if selection.name == "torch":
             context = functools.partial(_split_call, context, "selection_attention")
-        return functools.partial(_merge_with_buffer, context, op)
+        dense = functools.partial(
+            _dense_context, name, top_k=self.context_top_k, block_size=self.context_block_size
+        )
+        return functools.partial(_merge_with_buffer, context, op, dense)
 
     def _linear(self, device: torch.device):
         """The fused linear op (GEMM + bias/activation/residual/norm in one launch) of the
@@ -340,6 +436,7 @@ class ARTabPFNPredictor:
     # ---- the three passes -------------------------------------------------------------
 
     @torch.no_grad()
+    @_in_precision_scope
     def prefill_context(
         self,
         x_context: torch.Tensor,
@@ -362,6 +459,7 @@ class ARTabPFNPredictor:
         return kv
 
     @torch.no_grad()
+    @_in_precision_scope
     def evaluate_joint_density(
         self,
         x_context: torch.Tensor,
@@ -409,6 +507,7 @@ class ARTabPFNPredictor:
         return [(density, 1)], result
 
     @torch.no_grad()
+    @_in_precision_scope
     def sample_sequence(
         self,
         x_context: torch.Tensor,
@@ -437,6 +536,7 @@ class ARTabPFNPredictor:
         return self._run("sample_sequence", data, noise, stages)
 
     @torch.no_grad()
+    @_in_precision_scope
     def stepwise_log_density(
         self,
         x_context: torch.Tensor,
@@ -451,6 +551,7 @@ class ARTabPFNPredictor:
         return self._run("stepwise_log_density", data, data.y_target, stages)
 
     @torch.no_grad()
+    @_in_precision_scope
     def marginal_mixture(
         self, x_context: torch.Tensor, y_context: torch.Tensor, x_target: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -591,11 +692,12 @@ class ARTabPFNPredictor:
         """`_run` with CUDA graphs: capture at the first call with these shapes, replay."""
         # The graphs read the weights at their addresses: a model whose parameters were
         # reallocated (`.to()`, `load_state_dict(assign=True)`) is captured anew; so is a call
-        # after allow_tf32 changed (the fp32 kernels' dot precision is fixed at capture).
+        # after allow_tf32 or fp32_precision changed (dot precisions are fixed at capture).
         key = (
             tuple((name, t.shape, t.dtype, t.device) for name, t in inputs.items()),
-            _weight_addresses(self.model),
+            self._weight_addresses(),
             torch.backends.cuda.matmul.allow_tf32,
+            self.fp32_precision,
         )
         if (method, key) not in self._eager:
             with self._lock:
@@ -619,13 +721,12 @@ class ARTabPFNPredictor:
     def _graphs_apply(self, device: torch.device) -> bool:
         """CUDA graphs are used with `cuda_graph`, on CUDA, with a kernel backend and without
         `context_top_k` (its block selection syncs with the host)."""
-        backend = get_backend(self.backend, device=device, op="shared_context_attention")
-        return (
-            self.cuda_graph
-            and device.type == "cuda"
-            and backend.name != "torch"
-            and self.context_top_k is None
-        )
+        if not (self.cuda_graph and device.type == "cuda" and self.context_top_k is None):
+            return False
+        if device not in self._graph_devices:  # the registry's choice, resolved once
+            backend = get_backend(self.backend, device=device, op="shared_context_attention")
+            self._graph_devices[device] = backend.name != "torch"
+        return self._graph_devices[device]
 
     @property
     def captured_methods(self) -> tuple[str, ...]:
@@ -686,8 +787,7 @@ class _Captured:
             self.graphs.append((graph, repeats))
 
     def replay(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        for name, t in inputs.items():
-            self.inputs[name].copy_(t)
+        torch._foreach_copy_(list(self.inputs.values()), [inputs[name] for name in self.inputs])
         for graph, repeats in self.graphs:
             for _ in range(repeats):
                 graph.replay()

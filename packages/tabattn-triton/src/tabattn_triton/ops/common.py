@@ -18,6 +18,7 @@ import triton.language as tl
 import triton.testing
 
 from tabattn_core.checks import InputError
+from tabattn_core.precision import scoped_fp32_dot_precision
 
 # Mask kinds (constexpr MASK of the kernels).
 MASK_NONE, MASK_CONTEXT, MASK_CAUSAL, MASK_AR_ROWS, MASK_TEACHER_BUFFER = 0, 1, 2, 3, 4
@@ -91,13 +92,20 @@ def check_device(name: str, t: torch.Tensor) -> None:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp16/bf16 dots use tensor cores. fp32 follows torch.backends.cuda.matmul.allow_tf32:
-    on, one TF32 product ("tf32"); off (the default), "tf32x3": each operand split into a
-    high and a low TF32 part and three products summed, fp32-level accuracy on tensor cores
-    (Triton's own fp32 dot, "ieee", runs on the CUDA cores several times slower)."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    """The input precision of a kernel's dots for operands of `dtype`. fp16/bf16: their own
+    tensor-core products (the name is then unused). fp32: the mode of the enclosing
+    `tabattn_core.precision.fp32_dot_precision` scope; outside any scope, torch's setting:
+    "tf32" with torch.backends.cuda.matmul.allow_tf32, else "tf32x3" (fp32-level accuracy on
+    tensor cores; Triton's own fp32 dot, "ieee", runs on the CUDA cores several times
+    slower). The interpreter, which knows no "bf16x3", computes that mode as "tf32x3"."""
+    if dtype != torch.float32:
+        return "tf32"
+    mode = scoped_fp32_dot_precision()
+    if mode is None:
+        mode = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+    if mode == "bf16x3" and interpreting():
         return "tf32x3"
-    return "tf32"
+    return mode
 
 
 @triton.jit
