@@ -96,9 +96,14 @@ _said: set[tuple[str, bool]] = set()
 # bench.suites.selection crossover` (default ARTabPFN, float32, triton backend, eager, one
 # shared context; evaluate_joint_density and sample_sequence; the rule of least summed
 # relative time lost over its grid): bench/results/selection_crossover.json, "rules" ->
-# "predictor". Placeholders until that run: no length rule; a top-k covering the whole
-# context (the dense result) runs the dense op.
-DENSE_CONTEXT_BELOW = 0
+# "predictor" (that run, on an H200 at commit f1e78e4, was cut off in the predictor part; its
+# printed cells are in bench/results/selection_crossover_predictor.log). Dense was faster in
+# every cell measured: density at Nc 1024-65536 (B 64, Nt 16: top-k 1.05-2.5x slower;
+# B 512, Nt 64: 1.5-26x) and sampling at Nc 1024 (2.0x). Both passes pay the context's own
+# dense attention, and top-k runs eagerly with a host sync per layer. So contexts up to the
+# largest measured, 2**16 rows, read densely; longer ones take the top-k asked for
+# (unmeasured). A top-k covering the whole context (the dense result) runs the dense op.
+DENSE_CONTEXT_BELOW = 2**16 + 1
 DENSE_CONTEXT_FRACTION = 1.0
 
 
