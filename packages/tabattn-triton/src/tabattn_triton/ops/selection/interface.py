@@ -9,6 +9,7 @@ kernels, or the dense masked reference when the selection covers most keys) and
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -82,7 +83,26 @@ def _selection(
     group: int,
     device: torch.device,
 ) -> Selection:
-    """From host offsets (already validated): everything the kernels index by row or block."""
+    """From host offsets (already validated): everything the kernels index by row or block.
+    Cached per offsets' values (`_selection_of`): a batch layout seen before (every layer of
+    a model, every step of a loop) costs no launches and no host-to-device copies."""
+    return _selection_of(
+        tuple(cu_q.tolist()), tuple(cu_k.tolist()), tq, block_size, causal, group, device
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _selection_of(
+    cu_q_values: tuple[int, ...],
+    cu_k_values: tuple[int, ...],
+    tq: int,
+    block_size: int,
+    causal: bool,
+    group: int,
+    device: torch.device,
+) -> Selection:
+    """`_selection` for offsets given as values; the kernels only read its tensors."""
+    cu_q, cu_k = (torch.tensor(t, dtype=torch.int64) for t in (cu_q_values, cu_k_values))
     counts = (cu_k.diff() + block_size - 1) // block_size
     base = torch.cumsum(counts, 0) - counts
     block_seq = torch.repeat_interleave(torch.arange(counts.numel()), counts)
