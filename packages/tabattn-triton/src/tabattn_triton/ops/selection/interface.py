@@ -369,7 +369,7 @@ def selection_attention(
     chosen = _choose_path(
         path,
         selected=q.shape[0] * block_indices.shape[2] * int(block_size),
-        dense=_dense_keys(cu_q, cu_k, causal),
+        dense=_dense_keys(cu_q, cu_k, causal) if path == "auto" else 0,  # host work: only if used
         heads=q.shape[1],
     )
     if chosen == "dense":
