@@ -112,28 +112,6 @@ def test_random_qkv_layouts(shape):
         testing.random_qkv(shape, layout="bdhl")
 
 
-def test_validated_offsets_memo_follows_identity_version_and_total():
-    """The memo behind `check_cu_seqlens` for device offsets answers only for the same tensor
-    object, unchanged (version counter) and the same total; entries die with their tensor."""
-    memo = checks._ValidatedOffsets(limit=3)
-    t = torch.tensor([0, 3, 7])
-    host = t.clone()
-    assert memo.get(t, 7) is None
-    memo.put(t, 7, host)
-    assert memo.get(t, 7) is host
-    assert memo.get(t, 8) is None  # another total
-    assert memo.get(t.clone(), 7) is None  # equal values, another tensor
-    t.add_(0)  # an in-place write bumps the version
-    assert memo.get(t, 7) is None
-    memo.put(t, 7, host)
-    del t
-    assert len(memo._entries) == 0  # freed with its tensor
-    kept = [torch.tensor([0, i]) for i in range(4)]
-    for i, u in enumerate(kept):
-        memo.put(u, i, u)
-    assert len(memo._entries) <= 3  # bounded
-
-
 @pytest.mark.gpu
 def test_gpu_device_offsets_checked_once_until_written():
     cu = torch.tensor([0, 3, 7], device="cuda")

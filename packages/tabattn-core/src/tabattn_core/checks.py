@@ -3,10 +3,11 @@ actual value, and is raised before any kernel launches."""
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterable, Sequence
 
 import torch
+
+from tabattn_core.memo import TensorMemo
 
 __all__ = [
     "check_block_indices",
@@ -134,32 +135,10 @@ def check_scale(scale: float | None, head_dim: int) -> float:
     return s
 
 
-class _ValidatedOffsets:
-    """Host copies of device offsets that passed `check_cu_seqlens`, per tensor object (held
-    by weak reference), its version counter and the total: a later check of the same
-    unchanged tensor needs no device-to-host copy, so no stream sync. In-place writes bump
-    the version (re-checked); writes that bypass it (through `.data`, DLPack or raw
-    pointers) are not seen."""
-
-    def __init__(self, limit: int = 64):
-        self.limit = limit
-        self._entries: dict[int, tuple[weakref.ref, int, int, torch.Tensor]] = {}
-
-    def get(self, t: torch.Tensor, total: int) -> torch.Tensor | None:
-        entry = self._entries.get(id(t))
-        if entry is not None and entry[0]() is t and entry[1:3] == (t._version, total):
-            return entry[3]
-        return None
-
-    def put(self, t: torch.Tensor, total: int, host: torch.Tensor) -> None:
-        if len(self._entries) >= self.limit:
-            self._entries.clear()
-        key = id(t)
-        ref = weakref.ref(t, lambda _, key=key: self._entries.pop(key, None))
-        self._entries[key] = (ref, t._version, total, host)
-
-
-VALIDATED_OFFSETS = _ValidatedOffsets()
+# Host copies of device offsets that passed `check_cu_seqlens`, per tensor object, version
+# and total: checking the same unchanged tensor again needs no device-to-host copy (no
+# stream sync).
+VALIDATED_OFFSETS = TensorMemo()
 
 
 def check_cu_seqlens(name: str, cu: object, *, total: int, device: torch.device) -> torch.Tensor:
@@ -173,7 +152,7 @@ def check_cu_seqlens(name: str, cu: object, *, total: int, device: torch.device)
         name, cu, ndim=1, dtypes=(torch.int32, torch.int64), device=device, dims="[B+1]"
     )
     on_device = t.device.type != "cpu"
-    if on_device and (host := VALIDATED_OFFSETS.get(t, total)) is not None:
+    if on_device and (host := VALIDATED_OFFSETS.lookup((t,), total)) is not None:
         return host
     host = t.to(device="cpu", dtype=torch.int64)
     if (
@@ -188,7 +167,7 @@ def check_cu_seqlens(name: str, cu: object, *, total: int, device: torch.device)
             + ("..." if len(shown) > 8 else "")
         )
     if on_device:
-        VALIDATED_OFFSETS.put(t, total, host)
+        VALIDATED_OFFSETS.store((t,), total, host)
     return host
 
 

@@ -21,10 +21,7 @@ registry ops of the same names, with the signatures of `tabattn_core.reference`.
 from __future__ import annotations
 
 import functools
-import threading
-import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 
@@ -32,6 +29,7 @@ from tabattn_core.checks import (
     InputError,
     check_scale,
 )
+from tabattn_core.memo import TensorMemo
 from tabattn_core.reference import merge_states
 from tabattn_fp8.attention.interface import (
     P_FP8_DEFAULT,
@@ -63,29 +61,16 @@ __all__ = [
 BufferPart = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-@dataclass(frozen=True)
-class _Entry:
-    """A cached context: weak references to the caller's k_ctx and v_ctx, their `_version`s
-    when quantised, and the result."""
-
-    k_ref: weakref.ref
-    v_ref: weakref.ref
-    versions: tuple[int, int]
-    kv: QuantizedKV
-
-
-class QuantizedContextCache:
+class QuantizedContextCache(TensorMemo):
     """The FP8 K/V of shared contexts, quantised once per context and reused by later calls.
 
-    An entry's key: the identity of the caller's k_ctx and v_ctx objects, the rows
+    A `tabattn_core.memo.TensorMemo` on the caller's k_ctx and v_ctx objects, with the rows
     quantised, the dtype, the options (smooth_k, p_fp8, rotate) and whether the stream is
-    capturing a CUDA graph. It holds the two tensors by weak references, so it keeps no
-    context alive: when either is freed, the entry goes. A new tensor at a freed one's
-    address is a new key. An entry is used only while both tensors' `_version`s (bumped by
-    every in-place write) are those it was made at; otherwise the context is quantised again
-    into new buffers. Inference tensors (no version counter) are never cached. At most
-    `max_entries` (>= 1) entries, the oldest going first: far more than the contexts in
-    use at once (a model's layers).
+    capturing a CUDA graph as the rest of the key: it keeps no context alive, a new tensor
+    at a freed one's address is a new key, and an in-place write to either tensor (its
+    `_version`) makes the context quantised again into new buffers. Inference tensors (no
+    version counter) are never cached. At most `max_entries` entries, oldest first: far
+    more than the contexts in use at once (a model's layers).
 
     CUDA graphs: a hit only reads the entry's buffers; it never reallocates or writes them,
     and nothing here syncs with the host. Entries made during a capture serve only
@@ -96,15 +81,6 @@ class QuantizedContextCache:
     runs nothing, so its buffers hold nothing until a replay), and a capture never reads an
     eager one (its graph would not requantise a context refilled in place between replays).
     """
-
-    def __init__(self, max_entries: int = 64):
-        self.max_entries = max_entries
-        self._entries: dict[tuple, _Entry] = {}
-        # Reentrant: a weakref callback (`_drop`) may run inside a locked section (gc).
-        self._lock = threading.RLock()
-
-    def __len__(self) -> int:
-        return len(self._entries)
 
     def get(
         self,
@@ -118,36 +94,15 @@ class QuantizedContextCache:
     ) -> QuantizedKV:
         """`fp8_quantize_kv` of k_ctx[:, :, :length], v_ctx[:, :, :length] (k_ctx, v_ctx
         [G, H_kv, Nc, D]), from the cache when it holds them unchanged."""
-        options = {"smooth_k": smooth_k, "p_fp8": p_fp8, "rotate": rotate}
-        if k_ctx.is_inference() or v_ctx.is_inference():
-            return fp8_quantize_kv(k_ctx[:, :, :length], v_ctx[:, :, :length], **options)
-        key = (id(k_ctx), id(v_ctx), length, k_ctx.dtype, smooth_k, p_fp8, rotate, capturing())
-        versions = (k_ctx._version, v_ctx._version)
-        with self._lock:
-            entry = self._entries.get(key)
-        if (
-            entry is not None
-            and entry.k_ref() is k_ctx
-            and entry.v_ref() is v_ctx
-            and entry.versions == versions
-        ):
-            return entry.kv
-        kv = fp8_quantize_kv(k_ctx[:, :, :length], v_ctx[:, :, :length], **options)
-        drop = functools.partial(self._drop, key)
-        entry = _Entry(weakref.ref(k_ctx, drop), weakref.ref(v_ctx, drop), versions, kv)
-        with self._lock:
-            self._entries.pop(key, None)  # a stale entry goes; the new one is the newest
-            self._entries[key] = entry
-            for old in list(self._entries)[: -self.max_entries]:
-                self._entries.pop(old, None)
+        extra = (length, k_ctx.dtype, smooth_k, p_fp8, rotate, capturing())
+        kv = self.lookup((k_ctx, v_ctx), extra)
+        if kv is None:
+            kv = fp8_quantize_kv(
+                k_ctx[:, :, :length], v_ctx[:, :, :length],
+                smooth_k=smooth_k, p_fp8=p_fp8, rotate=rotate,
+            )  # fmt: skip
+            self.store((k_ctx, v_ctx), extra, kv)
         return kv
-
-    def _drop(self, key: tuple, ref: weakref.ref) -> None:
-        """Weakref callback: k_ctx or v_ctx of the entry at `key` was freed."""
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None and (entry.k_ref is ref or entry.v_ref is ref):
-                del self._entries[key]
 
 
 QUANTIZED_CONTEXTS = QuantizedContextCache()
