@@ -156,19 +156,19 @@ def test_row_and_block_tables_are_cached_per_offsets():
     """A batch layout seen before reuses its tables (no launches or copies), by the offsets'
     values whatever tensors hold them; other offsets or block sizes get their own, and the
     results equal an uncached run's."""
-    selection_interface._selection_of.cache_clear()
+    selection_interface._selection.cache_clear()
     q, k, v, cu_q, cu_k, bi = make_case([5, 3], [37, 20], 2, 1, 16, 8, 3, torch.float32)
     kw = {"block_indices": bi, "block_size": 8, "path": "sparse"}
     first = selection_attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, **kw)
     again = selection_attention(q, k, v, cu_seqlens_q=cu_q.clone(), cu_seqlens_k=cu_k.long(), **kw)
-    info = selection_interface._selection_of.cache_info()
+    info = selection_interface._selection.cache_info()
     assert (info.misses, info.hits) == (1, 1)
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     other_k = torch.tensor([0, 40, 57], device=cu_k.device)
     k2, v2 = k[:57], v[:57]
     got = selection_attention(q, k2, v2, cu_seqlens_q=cu_q, cu_seqlens_k=other_k, **kw)
-    assert selection_interface._selection_of.cache_info().misses == 2
-    selection_interface._selection_of.cache_clear()
+    assert selection_interface._selection.cache_info().misses == 2
+    selection_interface._selection.cache_clear()
     want = selection_attention(q, k2, v2, cu_seqlens_q=cu_q, cu_seqlens_k=other_k, **kw)
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
 

@@ -74,25 +74,8 @@ class Selection:
     group: int
 
 
-def _selection(
-    cu_q: torch.Tensor,
-    cu_k: torch.Tensor,
-    tq: int,
-    block_size: int,
-    causal: bool,
-    group: int,
-    device: torch.device,
-) -> Selection:
-    """From host offsets (already validated): everything the kernels index by row or block.
-    Cached per offsets' values (`_selection_of`): a batch layout seen before (every layer of
-    a model, every step of a loop) costs no launches and no host-to-device copies."""
-    return _selection_of(
-        tuple(cu_q.tolist()), tuple(cu_k.tolist()), tq, block_size, causal, group, device
-    )
-
-
 @functools.lru_cache(maxsize=16)
-def _selection_of(
+def _selection(
     cu_q_values: tuple[int, ...],
     cu_k_values: tuple[int, ...],
     tq: int,
@@ -101,7 +84,9 @@ def _selection_of(
     group: int,
     device: torch.device,
 ) -> Selection:
-    """`_selection` for offsets given as values; the kernels only read its tensors."""
+    """From the (validated) offsets' values: everything the kernels index by row or block.
+    Cached: a batch layout seen before (every layer of a model, every step of a loop) costs
+    no launches and no host-to-device copies; the kernels only read its tensors."""
     cu_q, cu_k = (torch.tensor(t, dtype=torch.int64) for t in (cu_q_values, cu_k_values))
     counts = (cu_k.diff() + block_size - 1) // block_size
     base = torch.cumsum(counts, 0) - counts
@@ -377,7 +362,10 @@ def selection_attention(
             q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
             block_indices=block_indices, block_size=block_size, causal=causal, scale=scale,
         )  # fmt: skip
-    sel = _selection(cu_q, cu_k, q.shape[0], int(block_size), bool(causal), group, q.device)
+    sel = _selection(
+        tuple(cu_q.tolist()), tuple(cu_k.tolist()), q.shape[0], int(block_size), bool(causal),
+        group, q.device,
+    )  # fmt: skip
     if validate_indices:
         _validate_indices(block_indices, sel, cu_k)
     return SelectionAttentionFunction.apply(q, k, v, block_indices, sel, scale)
