@@ -376,9 +376,14 @@ def _compare(got: dict[str, torch.Tensor], ref: dict[str, Check]) -> dict[str, f
     return errors
 
 
+def sync_device(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA; nothing to wait for on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _sync(inputs: Inputs) -> None:
-    if inputs.grad_out.is_cuda:
-        torch.cuda.synchronize(inputs.grad_out.device)
+    sync_device(inputs.grad_out.device)
 
 
 def _time(step: Callable[[], Any], inputs: Inputs, mode: str, cfg: RunConfig) -> float:

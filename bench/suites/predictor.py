@@ -73,6 +73,7 @@ from bench.harness import (
     Unavailable,
     need_gpu_or_interpreter,
     register_suite,
+    sync_device,
 )
 
 SAMPLE, DENSITY = "sample", "density"
@@ -239,11 +240,6 @@ class _Run:
 _RUNS: dict[tuple[str, str, str], _Run] = {}  # (shape label, mode, provider); read by annotate
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _check_available(case: dict[str, Any], backend: str, graph: bool, cfg: RunConfig) -> None:
     """Raise Unavailable (with the reason) where the provider cannot run the case here."""
     from tabattn_core.checks import InputError
@@ -286,10 +282,10 @@ def _make(name: str, backend: str, graph: bool, precision: str):
 
         def fn():
             inputs.extra["last_run"] = run  # the check (Check.select) reads who ran
-            _sync(cfg.device)
+            sync_device(cfg.device)
             start = time.perf_counter()
             out = call()
-            _sync(cfg.device)
+            sync_device(cfg.device)
             run.seconds.append(time.perf_counter() - start)
             if graph and method not in predictor.captured_methods:
                 raise RuntimeError("the CUDA-graph capture was refused: the call ran eagerly")

@@ -61,6 +61,7 @@ from bench.harness import (
     collect_header,
     need_gpu_or_interpreter,
     register_suite,
+    sync_device,
 )
 from bench.suites.context_target import _check_rows
 from bench.suites.shared_context import _compiled_flex
@@ -573,17 +574,12 @@ def _forced_selection():
     return _patched(predictor_module, DENSE_CONTEXT_BELOW=0, DENSE_CONTEXT_FRACTION=math.inf)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _wall_ms(fn, device: torch.device):
     """(result, milliseconds) of one call, synchronised on both sides."""
-    _sync(device)
+    sync_device(device)
     start = time.perf_counter()
     result = fn()
-    _sync(device)
+    sync_device(device)
     return result, (time.perf_counter() - start) * 1e3
 
 
