@@ -213,3 +213,24 @@ def test_graph_timing_needs_cuda(tmp_path: Path) -> None:
         cwd=REPO_ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2 and "--graph needs a CUDA device" in proc.stderr, proc.stderr
+
+
+def test_selection_floor_smoke(tmp_path: Path) -> None:
+    """`python -m bench.suites.selection floor --smoke` (Triton interpreter on CPU): the
+    gather-floor kernel's sums checked against torch under every config (the command exits
+    non-zero otherwise), then dense, selection and floor timed per GQA group."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.suites.selection", "floor", "--smoke",
+         "--device", "cpu", "--out", str(tmp_path)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    result = json.loads((tmp_path / "selection_floor.json").read_text())
+    assert result["header"]["suite"] == "selection_floor"
+    assert [r["G"] for r in result["rows"]] == [1, 2]
+    for r in result["rows"]:
+        assert len(r["floor_ms_by_config"]) == len(result["header"]["floor_configs"])
+        assert r["floor_ms"] == min(r["floor_ms_by_config"].values()) > 0
+        assert r["dense_ms"] > 0 and r["selection_ms"] > 0
+        assert r["dense_over_floor"] == r["dense_ms"] / r["floor_ms"]

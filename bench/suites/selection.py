@@ -33,6 +33,10 @@ each other first, then timed (do_bench medians); per series the crossover; and t
 rules whose values are the constants of `tabattn_triton.ops.selection.interface`
 (DENSE_MAX_SCORES, SPARSE_MAX_FRACTION: "rules" -> "op") and `tabpfn_infer.predictor`
 (DENSE_CONTEXT_BELOW, DENSE_CONTEXT_FRACTION: "rules" -> "predictor").
+
+What gathering the selected K/V alone costs (the bound on the forward's speedup over dense):
+`python -m bench.suites.selection floor [--out DIR] [--smoke]` (`bench.suites.selection_floor`)
+writes selection_floor.json.
 """
 
 from __future__ import annotations
@@ -988,7 +992,7 @@ def crossover(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.suites.selection")
-    p.add_argument("command", choices=["predictor-accuracy", "crossover"])
+    p.add_argument("command", choices=["predictor-accuracy", "crossover", "floor"])
     p.add_argument("--out", type=Path, default=Path("bench/out"))
     p.add_argument("--smoke", action="store_true", help="small tasks / tiny grid")
     p.add_argument("--seed", type=int, default=0)
@@ -1001,15 +1005,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--device",
         default=None,
-        help="predictor-accuracy: default cpu; crossover: default cuda when available",
+        help="predictor-accuracy: default cpu; crossover, floor: default cuda when available",
     )
     args = p.parse_args(argv)
     device = args.device or (
-        "cuda" if args.command == "crossover" and torch.cuda.is_available() else "cpu"
+        "cuda" if args.command != "predictor-accuracy" and torch.cuda.is_available() else "cpu"
     )
     cfg = RunConfig(device=torch.device(device), smoke=args.smoke, seed=args.seed,
-                    reps=1 if args.smoke and args.command == "crossover" else None,
+                    reps=1 if args.smoke and args.command != "predictor-accuracy" else None,
                     command=" ".join(["python -m bench.suites.selection", *(argv or sys.argv[1:])]))  # fmt: skip
+    if args.command == "floor":
+        from bench.suites import selection_floor
+
+        selection_floor.run(cfg, out=args.out)
+        print(f"wrote {args.out / 'selection_floor.json'}")
+        return 0
     if args.command == "crossover":
         parts = ("op", "predictor") if args.part == "all" else (args.part,)
         result = crossover(cfg, out=args.out, parts=parts)

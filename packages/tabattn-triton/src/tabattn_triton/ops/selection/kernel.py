@@ -6,7 +6,9 @@ query heads of that kv head (padded to BLOCK_H >= 16 rows for tl.dot), so every 
 block is read once for the whole group. Each of the row's n_sel block indices (sequence
 relative) is visited when it is >= 0, holds a key the row sees (past the sequence's keys or,
 with CAUSAL, past the row's causal end it is skipped) and did not occur at an earlier slot
-(duplicates count once). The backward recomputes P from the saved LSE. dK/dV run one program
+(duplicates count once). A skipped slot is not branched around: its tile starts at the row's
+visible end, so every load is masked off; the block loop then has no branch and the
+pipeliner prefetches the next block's K/V while this one computes. The backward recomputes P from the saved LSE. dK/dV run one program
 per (kv head, key block, BLOCK_N keys of it) over the rows that selected the block, listed
 by an inverted index (interface.py): deterministic, no atomics.
 """
@@ -22,7 +24,8 @@ from tabattn_triton.ops.common import finish_softmax, load_rows, online_softmax_
 # (warps, stages); BLOCK_N is chosen by the launcher from the block size and head dim. The
 # first entry is the single config used when autotuning is off.
 FWD_CONFIGS = [
-    triton.Config({}, num_warps=w, num_stages=s) for w, s in [(4, 2), (4, 3), (8, 2), (2, 2)]
+    triton.Config({}, num_warps=w, num_stages=s)
+    for w, s in [(4, 2), (4, 3), (8, 2), (2, 2), (2, 3), (2, 4)]
 ]
 # (ROW_TILES, warps, stages): the dK/dV query tile holds ROW_TILES * BLOCK_H (row, head) pairs.
 BWD_DKDV_CONFIGS = [
@@ -63,17 +66,18 @@ def _row_keys(SEQ, CU_Q, CU_K, row, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _selected_block(BI, i, stride_bs, slots, idx, limit, BLOCK_SIZE: tl.constexpr):
-    """First key of the block at slot i and whether to visit it: index >= 0, not at an
-    earlier slot, and starting before the row's visible end."""
+def selected_block(BI, i, stride_bs, slots, idx, limit, BLOCK_SIZE: tl.constexpr):
+    """First key of the block at slot i when it is visited (index >= 0, not at an earlier
+    slot, starting before the row's visible end `limit`), else `limit`: every key of a tile
+    starting there is masked off."""
     blk = tl.load(BI + i * stride_bs).to(tl.int64)
     start = blk * BLOCK_SIZE
     earlier = tl.sum(((idx == blk) & (slots < i)).to(tl.int32), 0)
-    return start, (blk >= 0) & (start < limit) & (earlier == 0)
+    return tl.where((blk >= 0) & (start < limit) & (earlier == 0), start, limit)
 
 
 @triton.jit
-def _group_tile(
+def group_tile(
     K, V, BI, SEQ, CU_Q, CU_K, stride_kt, stride_kh, stride_vt, stride_vh, stride_bt,
     stride_bh, stride_bs, Tq, H_kv, GROUP, n_sel,
     CAUSAL: tl.constexpr,
@@ -119,7 +123,7 @@ def selection_fwd_kernel(
 ):  # fmt: skip
     """Grid: (Tq * H_kv,). One program: the GROUP query heads of one row over its blocks;
     one-pass online softmax in fp32, out and LSE stored once."""
-    row, h0, heads, head_ok, k_base, v_base, limit, bi, slots, idx = _group_tile(
+    row, h0, heads, head_ok, k_base, v_base, limit, bi, slots, idx = group_tile(
         K, V, BI, SEQ, CU_Q, CU_K, stride_kt, stride_kh, stride_vt, stride_vh, stride_bt,
         stride_bh, stride_bs, Tq, H_kv, GROUP, n_sel, CAUSAL, BLOCK_H, BLOCK_S,
     )  # fmt: skip
@@ -134,17 +138,16 @@ def selection_fwd_kernel(
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
     for i in range(0, n_sel):
-        start, visit = _selected_block(bi, i, stride_bs, slots, idx, limit, BLOCK_SIZE)
-        if visit:
-            for sub in tl.static_range(0, BLOCK_SIZE, BLOCK_N):
-                cols = start + sub + offs_n
-                col_ok = (cols < limit) & (sub + offs_n < BLOCK_SIZE)
-                k_t = tl.trans(load_rows(k_base, cols, stride_kt, stride_kd, offs_d, col_ok, d_ok))
-                v_t = load_rows(v_base, cols, stride_vt, stride_vd, offs_d, col_ok, d_ok)
-                visible = (offs_h >= 0)[:, None] & col_ok[None, :]
-                acc, m_i, l_i = online_softmax_tile(
-                    acc, m_i, l_i, q, k_t, v_t, qk_scale, visible, True, DOT_PRECISION
-                )
+        start = selected_block(bi, i, stride_bs, slots, idx, limit, BLOCK_SIZE)
+        for sub in tl.static_range(0, BLOCK_SIZE, BLOCK_N):
+            cols = start + sub + offs_n
+            col_ok = (cols < limit) & (sub + offs_n < BLOCK_SIZE)
+            k_t = tl.trans(load_rows(k_base, cols, stride_kt, stride_kd, offs_d, col_ok, d_ok))
+            v_t = load_rows(v_base, cols, stride_vt, stride_vd, offs_d, col_ok, d_ok)
+            visible = (offs_h >= 0)[:, None] & col_ok[None, :]
+            acc, m_i, l_i = online_softmax_tile(
+                acc, m_i, l_i, q, k_t, v_t, qk_scale, visible, True, DOT_PRECISION
+            )
     out, lse = finish_softmax(acc, m_i, l_i)
     o_ptrs = O + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=head_ok[:, None] & d_ok[None, :])
@@ -173,7 +176,7 @@ def selection_bwd_dq_kernel(
 ):  # fmt: skip
     """Grid: (Tq * H_kv,). One program: dQ of the GROUP query heads of one row, re-walking
     its blocks; also stores delta = rowsum(O * dO) [H, Tq] for the dK/dV kernel."""
-    row, h0, heads, head_ok, k_base, v_base, limit, bi, slots, idx = _group_tile(
+    row, h0, heads, head_ok, k_base, v_base, limit, bi, slots, idx = group_tile(
         K, V, BI, SEQ, CU_Q, CU_K, stride_kt, stride_kh, stride_vt, stride_vh, stride_bt,
         stride_bh, stride_bs, Tq, H_kv, GROUP, n_sel, CAUSAL, BLOCK_H, BLOCK_S,
     )  # fmt: skip
@@ -196,16 +199,15 @@ def selection_bwd_dq_kernel(
     kv_end = tl.zeros_like(offs_h).to(tl.int64) + limit
     dq = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
     for i in range(0, n_sel):
-        start, visit = _selected_block(bi, i, stride_bs, slots, idx, limit, BLOCK_SIZE)
-        if visit:
-            for sub in tl.static_range(0, BLOCK_SIZE, BLOCK_N):
-                # keys past the block (sub tiles wider than it) are masked by the block end
-                ends = tl.minimum(kv_end, start + BLOCK_SIZE)
-                dq = dq_tile(
-                    dq, q, do, lse, delta, k_base, v_base, start + sub, offs_n, ends,
-                    stride_kt, stride_kd, stride_vt, stride_vd, limit, qk_scale, offs_d, d_ok,
-                    True, DOT_PRECISION,
-                )  # fmt: skip
+        start = selected_block(bi, i, stride_bs, slots, idx, limit, BLOCK_SIZE)
+        for sub in tl.static_range(0, BLOCK_SIZE, BLOCK_N):
+            # keys past the block (sub tiles wider than it) are masked by the block end
+            ends = tl.minimum(kv_end, start + BLOCK_SIZE)
+            dq = dq_tile(
+                dq, q, do, lse, delta, k_base, v_base, start + sub, offs_n, ends,
+                stride_kt, stride_kd, stride_vt, stride_vd, limit, qk_scale, offs_d, d_ok,
+                True, DOT_PRECISION,
+            )  # fmt: skip
     dq_ptrs = DQ + row * stride_dqt + heads[:, None] * stride_dqh + offs_d[None, :] * stride_dqd
     tl.store(
         dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=head_ok[:, None] & d_ok[None, :]
