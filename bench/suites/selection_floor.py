@@ -1,11 +1,11 @@
 """The gather floor of the selection forward: `python -m bench.suites.selection floor`.
 
 `gather_floor_kernel` has the selection forward's grid, block walk and masks (the building
-blocks `group_tile` and `selected_block` of `tabattn_triton.ops.selection.kernel`) and loads
+blocks `row_tile` and `tile_entry` of `tabattn_triton.ops.selection.kernel`) and loads
 every K/V tile the forward loads, but only sums them: no dots, no softmax. Its time is what
 gathering the selected K/V alone costs on this GPU, so dense ms / floor ms bounds the
-speedup over dense attention that a selection forward of this design (each row and kv head
-reads its own blocks) can reach. Timed at the suite's shapes next to the selection forward
+speedup over dense attention that a selection forward of this design (each tile of rows and
+kv head reads the union of its rows' blocks once) can reach. Timed at the suite's shapes next to the selection forward
 (`selection_attention(path="sparse")`) and our dense kernel; the floor's sums are checked
 against torch first (relative error at most 1e-4, fp32 sums of the same values).
 """
@@ -23,7 +23,7 @@ import triton.language as tl
 
 from bench.harness import RunConfig, collect_header
 from tabattn_triton.ops.common import head_block, load_rows
-from tabattn_triton.ops.selection.kernel import group_tile, selected_block
+from tabattn_triton.ops.selection.kernel import row_tile, tile_entry
 
 # (num_warps, num_stages) tried for the floor; its time is the fastest of them.
 FLOOR_CONFIGS = ((2, 3), (2, 4), (4, 2), (4, 3), (4, 4), (8, 2))
@@ -34,65 +34,82 @@ SMOKE = {"H": 2, "Lq": 4, "contexts": (80,), "groups": (1, 2), "dims": (16,), "b
 
 @triton.jit
 def gather_floor_kernel(
-    K, V, OUT, BI, SEQ, CU_Q, CU_K,
+    K, V, OUT, BI, ROW_KEY_START, ROW_LIMITS, TILE_KEYS, TILE_COUNTS,
     stride_kt, stride_kh, stride_kd,
     stride_vt, stride_vh, stride_vd,
-    stride_bt, stride_bh, stride_bs,
-    Tq, H_kv, n_sel, D,
+    stride_bt, stride_bh, stride_bs, stride_tk,
+    Tq, n_tiles, GROUP, n_sel, D,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    GROUP_P2: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """Grid: (Tq * H_kv,) as the selection forward. OUT [H_kv, Tq, BLOCK_D] fp32: the sum
-    over the keys the row visits of k + v."""
-    _, _, _, _, k_base, v_base, limit, bi, slots, idx = group_tile(
-        K, V, BI, SEQ, CU_Q, CU_K, stride_kt, stride_kh, stride_vt, stride_vh, stride_bt,
-        stride_bh, stride_bs, Tq, H_kv, 1, n_sel, False, 16, BLOCK_S,
+    """Grid: (H_kv * n_tiles,) as the selection forward. OUT [H_kv * n_tiles, BLOCK_D] fp32:
+    the sum of k + v over the keys the tile loads."""
+    h_kv, _, _, _, end_key, starts, own, n_entries = row_tile(
+        BI, ROW_KEY_START, ROW_LIMITS, TILE_COUNTS, stride_bt, stride_bh, stride_bs, Tq,
+        n_tiles, GROUP, n_sel, BLOCK_SIZE, BLOCK_H, GROUP_P2, BLOCK_S,
     )  # fmt: skip
+    slots = tl.arange(0, BLOCK_S)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for i in range(0, n_sel):
-        start = selected_block(bi, i, stride_bs, slots, idx, limit, BLOCK_SIZE)
+    for j in range(0, n_entries):
+        key, _, load_end = tile_entry(
+            TILE_KEYS, stride_tk, j, own, slots, starts, end_key, BLOCK_SIZE, BLOCK_H, GROUP_P2
+        )
         for sub in tl.static_range(0, BLOCK_SIZE, BLOCK_N):
-            cols = start + sub + offs_n
-            col_ok = (cols < limit) & (sub + offs_n < BLOCK_SIZE)
-            k = load_rows(k_base, cols, stride_kt, stride_kd, offs_d, col_ok, d_ok)
-            v = load_rows(v_base, cols, stride_vt, stride_vd, offs_d, col_ok, d_ok)
+            cols = key + sub + offs_n
+            k = load_rows(
+                K + h_kv * stride_kh, cols, stride_kt, stride_kd, offs_d, cols < load_end, d_ok
+            )
+            v = load_rows(
+                V + h_kv * stride_vh, cols, stride_vt, stride_vd, offs_d, cols < load_end, d_ok
+            )
             acc += k.to(tl.float32) + v.to(tl.float32)
     tl.store(OUT + tl.program_id(0).to(tl.int64) * BLOCK_D + offs_d, tl.sum(acc, 0))
 
 
-def gather_floor(k, v, bi, sel, q, warps: int, stages: int) -> torch.Tensor:
-    """Launch the floor kernel; returns [H_kv, Tq, D] fp32."""
-    from tabattn_triton.ops.selection.interface import _flags
+def gather_floor(k, v, bi, sel, tiles, q, warps: int, stages: int) -> torch.Tensor:
+    """Launch the floor kernel; returns [H_kv * n_tiles, D] fp32."""
+    from tabattn_triton.ops.selection.interface import _flags, _walk_args
 
     tq, h_kv, n_sel = bi.shape
     flags = _flags(q, sel)
-    out = torch.empty((h_kv, tq, flags["BLOCK_D"]), device=k.device, dtype=torch.float32)
-    gather_floor_kernel[(tq * h_kv,)](
-        k, v, out, bi, sel.seq_of_row, sel.cu_q, sel.cu_k,
-        *k.stride(), *v.stride(), *bi.stride(), tq, h_kv, n_sel, k.shape[2],
-        BLOCK_SIZE=sel.block_size, BLOCK_N=flags["BLOCK_N"],
+    out = torch.empty(
+        (h_kv * tiles.n_tiles, flags["BLOCK_D"]), device=k.device, dtype=torch.float32
+    )
+    tables, stride_tk = _walk_args(bi, sel, tiles)
+    gather_floor_kernel[(h_kv * tiles.n_tiles,)](
+        k, v, out, bi, *tables, *k.stride(), *v.stride(), *bi.stride(), stride_tk,
+        tq, tiles.n_tiles, sel.group, n_sel, k.shape[2],
+        BLOCK_SIZE=sel.block_size, BLOCK_N=flags["BLOCK_N"], BLOCK_H=flags["BLOCK_H"],
+        GROUP_P2=triton.next_power_of_2(sel.group),
         BLOCK_S=triton.next_power_of_2(max(n_sel, 1)), BLOCK_D=head_block(k.shape[2]),
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
-    return out[:, :, : k.shape[2]]
+    return out[:, : k.shape[2]]
 
 
-def floor_reference(k: torch.Tensor, v: torch.Tensor, bi: torch.Tensor, bs: int) -> torch.Tensor:
-    """[H_kv, Tq, D] fp32: per row and kv head, the sum of k + v over the distinct selected
-    blocks (one sequence, no causal clamp; -1 = unused)."""
+def floor_reference(k: torch.Tensor, v: torch.Tensor, bi: torch.Tensor, bs: int, rows: int):
+    """([H_kv * n_tiles, D] fp32, blocks): per kv head and tile of `rows` consecutive rows,
+    the sum of k + v over the distinct blocks the tile's rows selected (one sequence, no
+    causal clamp; -1 = unused), and how many (tile, kv head, block) loads that is."""
     lk, h_kv, d = k.shape
     n_blocks = -(-lk // bs)
     kv = torch.zeros(n_blocks * bs, h_kv, d, device=k.device, dtype=torch.float32)
     kv[:lk] = k.float() + v.float()
     block_sums = kv.view(n_blocks, bs, h_kv, d).sum(1)  # [blocks, H_kv, D]
-    chosen = torch.zeros(*bi.shape[:2], n_blocks + 1, device=k.device)
-    chosen.scatter_(2, torch.where(bi >= 0, bi, n_blocks), 1.0)
-    return torch.einsum("thb,bhd->htd", chosen[:, :, :n_blocks], block_sums)
+    n_tiles = -(-bi.shape[0] // rows)
+    chosen = torch.zeros(n_tiles * rows, h_kv, n_blocks + 1, device=k.device)
+    index = torch.where(bi >= 0, bi, n_blocks)
+    chosen[: bi.shape[0]].scatter_(2, index, torch.ones_like(index, dtype=chosen.dtype))
+    chosen = chosen.view(n_tiles, rows, h_kv, -1).amax(1)[:, :, :n_blocks]
+    sums = torch.einsum("thb,bhd->htd", chosen, block_sums).reshape(h_kv * n_tiles, d)
+    return sums, int(chosen.sum())
 
 
 def _floor_row(case: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
@@ -101,20 +118,23 @@ def _floor_row(case: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
     from bench.suites import selection as suite
     from tabattn_triton.ops.attention import flash_attention
     from tabattn_triton.ops.selection import selection_attention
-    from tabattn_triton.ops.selection.interface import _selection
+    from tabattn_triton.ops.selection.interface import _selection, row_tiles
 
     inputs = suite._make_inputs(case, cfg, cfg.seed)
     q, k, v = (inputs.leaves[n].detach() for n in ("q", "k", "v"))
     bi, scale, bs = inputs.extra["block_indices"], inputs.extra["scale"], case["bs"]
     sel = _selection((0, case["Lq"]), (0, case["Lk"]), case["Lq"], bs, False, case["G"], q.device)
-    ref = floor_reference(k, v, bi, bs)
+    tiles = row_tiles(bi, sel)
+    ref, loaded_blocks = floor_reference(k, v, bi, bs, tiles.rows)
     floors = {}
     for warps, stages in FLOOR_CONFIGS:
-        err = ((gather_floor(k, v, bi, sel, q, warps, stages) - ref).norm() / ref.norm()).item()
+        err = (
+            (gather_floor(k, v, bi, sel, tiles, q, warps, stages) - ref).norm() / ref.norm()
+        ).item()
         if not err <= FLOOR_RTOL:
             raise SystemExit(f"floor: {case} w{warps}s{stages}: relative error {err:.3g}")
         floors[f"w{warps}s{stages}"] = suite._median_ms(
-            lambda w=warps, s=stages: gather_floor(k, v, bi, sel, q, w, s), cfg
+            lambda w=warps, s=stages: gather_floor(k, v, bi, sel, tiles, q, w, s), cfg
         )["ms"]
     kw = {"cu_seqlens_q": inputs.extra["cu_q"], "cu_seqlens_k": inputs.extra["cu_k"],
           "block_indices": bi, "block_size": bs, "scale": scale, "path": "sparse"}  # fmt: skip
@@ -123,10 +143,10 @@ def _floor_row(case: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
         selection_ms = suite._median_ms(lambda: selection_attention(q, k, v, **kw), cfg)["ms"]
         dense_ms = suite._median_ms(lambda: flash_attention(qh, kh, vh, scale=scale), cfg)["ms"]
     best = min(floors, key=floors.get)
-    gathered = ref.shape[0] * ref.shape[1] * case["n_sel"] * bs * case["D"] * 2 * 2
+    gathered = loaded_blocks * bs * case["D"] * 2 * 2  # K and V, 2 bytes each
     return {**case, "dense_ms": dense_ms, "selection_ms": selection_ms,
             "floor_ms": floors[best], "floor_config": best, "floor_ms_by_config": floors,
-            "gathered_bytes": gathered, "floor_tb_per_s": gathered / floors[best] / 1e9,
+            "rows_per_tile": tiles.rows, "gathered_bytes": gathered, "floor_tb_per_s": gathered / floors[best] / 1e9,
             "selection_tb_per_s": gathered / selection_ms / 1e9,
             "dense_over_selection": dense_ms / selection_ms,
             "dense_over_floor": dense_ms / floors[best],
@@ -135,29 +155,28 @@ def _floor_row(case: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
 
 def run(cfg: RunConfig, *, out: Path) -> dict[str, Any]:
     """Time dense, selection forward and floor at the suite's shapes (Lk in CONTEXTS);
-    write selection_floor.json under `out`."""
+    write selection_floor.json under `out` after each shape."""
     from bench.suites import selection as suite
 
     grid = SMOKE if cfg.smoke else {"H": suite.H, "Lq": suite.LQ, "contexts": CONTEXTS,
                                     "groups": suite.GROUPS, "dims": suite.HEAD_DIMS,
                                     "bs": suite.BLOCK_SIZE, "sel": suite.N_SEL}  # fmt: skip
-    rows = []
-    for d, lk, g in itertools.product(grid["dims"], grid["contexts"], grid["groups"]):
-        case = {"pattern": "selection", "H": grid["H"], "G": g, "Lq": grid["Lq"], "Lk": lk,
-                "D": d, "bs": grid["bs"], "n_sel": grid["sel"]}  # fmt: skip
-        row = _floor_row(case, cfg)
-        rows.append(row)
-        print(f"floor G{g} D{d} Lk{lk}: dense {row['dense_ms']:.4g} ms, selection "
-              f"{row['selection_ms']:.4g} ms ({row['dense_over_selection']:.3g}x), floor "
-              f"{row['floor_ms']:.4g} ms ({row['floor_config']}, {row['floor_tb_per_s']:.3g} "
-              f"TB/s): bound {row['dense_over_floor']:.3g}x", flush=True)  # fmt: skip
     header = collect_header(suite.SUITE, cfg)
     for key in ("table_columns", "table_notes", "baselines", "flops", "reference_method",
                 "providers", "rel_tol", "description", "panel_keys"):  # fmt: skip
         header.pop(key, None)
     header.update(suite="selection_floor", floor_configs=[list(c) for c in FLOOR_CONFIGS],
                   floor_rtol=FLOOR_RTOL, method=__doc__.strip())  # fmt: skip
-    result = {"header": header, "rows": rows}
+    result: dict[str, Any] = {"header": header, "rows": []}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "selection_floor.json").write_text(json.dumps(result, indent=1) + "\n")
+    for d, lk, g in itertools.product(grid["dims"], grid["contexts"], grid["groups"]):
+        case = {"pattern": "selection", "H": grid["H"], "G": g, "Lq": grid["Lq"], "Lk": lk,
+                "D": d, "bs": grid["bs"], "n_sel": grid["sel"]}  # fmt: skip
+        row = _floor_row(case, cfg)
+        result["rows"].append(row)
+        (out / "selection_floor.json").write_text(json.dumps(result, indent=1) + "\n")
+        print(f"floor G{g} D{d} Lk{lk}: dense {row['dense_ms']:.4g} ms, selection "
+              f"{row['selection_ms']:.4g} ms ({row['dense_over_selection']:.3g}x), floor "
+              f"{row['floor_ms']:.4g} ms ({row['floor_config']}, {row['floor_tb_per_s']:.3g} "
+              f"TB/s): bound {row['dense_over_floor']:.3g}x", flush=True)  # fmt: skip
     return result

@@ -75,10 +75,12 @@ def compare(q, k, v, cu_q, cu_k, bi, bs, causal, dtype, *, scale=None, dense_ref
 
 CASES = [
     # (lqs, lks, H, H_kv, D, block size, n_sel, causal): odd lengths, an empty sequence,
-    # short last blocks, GQA 1 and 2, D = 48, block sizes not a multiple of the tile
+    # short last blocks, GQA 1, 2 and 16 (16 and 8 rows per tile, tiles across sequences;
+    # one row per tile), D = 48, block sizes not a multiple of the tile
     ([3, 0, 4], [40, 9, 33], 4, 2, 48, 16, 3, False),
     ([4, 0, 5], [40, 9, 33], 2, 1, 32, 16, 3, True),
     ([6, 2], [20, 0], 2, 2, 16, 5, 2, True),
+    ([5, 2], [40, 17], 16, 1, 16, 8, 4, True),
 ]
 
 

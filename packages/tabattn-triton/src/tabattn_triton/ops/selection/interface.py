@@ -59,12 +59,14 @@ PATHS = ("auto", "sparse", "dense")
 @dataclass(frozen=True)
 class Selection:
     """Launch parameters shared by forward and backward: int64 offsets on the device, each
-    query row's sequence [Tq] and visible key count [Tq] (causal applied), each sequence's
-    key blocks (count, first global block index) and every global block's sequence."""
+    query row's sequence [Tq], the packed index of its sequence's first key [Tq] and its
+    visible key count [Tq] (causal applied), each sequence's key blocks (count, first global
+    block index) and every global block's sequence."""
 
     cu_q: torch.Tensor
     cu_k: torch.Tensor
     seq_of_row: torch.Tensor
+    row_key_start: torch.Tensor
     row_limits: torch.Tensor
     block_base: torch.Tensor
     block_seq: torch.Tensor
@@ -104,6 +106,7 @@ def _selection(
         cu_q=cu_q_d,
         cu_k=cu_k_d,
         seq_of_row=seq,
+        row_key_start=cu_k_d[seq],
         row_limits=limits,
         block_base=base.to(device),
         block_seq=block_seq.to(device),
@@ -120,16 +123,66 @@ def _block_n(block_size: int, block_d: int, cap_at_64: int) -> int:
     return min(max(16, triton.next_power_of_2(block_size)), cap)
 
 
+def _block_h(group: int) -> int:
+    """(row, head) pairs of a forward / dQ tile: the group padded to a power of two, at
+    least 16 (tl.dot); 16 // that many rows when the group is smaller."""
+    return max(16, triton.next_power_of_2(group))
+
+
 def _flags(q: torch.Tensor, sel: Selection, *, dkdv: bool = False) -> dict:
     block_d = head_block(q.shape[2])
-    return {
-        "CAUSAL": sel.causal,
+    flags = {
         "BLOCK_SIZE": sel.block_size,
         "BLOCK_N": _block_n(sel.block_size, block_d, 32 if dkdv else 64),
-        "BLOCK_H": max(16, triton.next_power_of_2(sel.group)),
+        "BLOCK_H": _block_h(sel.group),
         "BLOCK_D": block_d,
         "DOT_PRECISION": dot_precision(q.dtype),
     }
+    if dkdv:
+        return {**flags, "CAUSAL": sel.causal, "GROUP_P2": triton.next_power_of_2(sel.group)}
+    return flags
+
+
+@dataclass(frozen=True)
+class RowTiles:
+    """The forward / dQ walk: rows per tile, tiles, and (several rows per tile) each tile's
+    distinct chosen blocks as first keys, ascending [H_kv * n_tiles, rows * n_sel] int64,
+    with their count [H_kv * n_tiles] int32 (None with one row per tile)."""
+
+    rows: int
+    n_tiles: int
+    keys: torch.Tensor | None
+    counts: torch.Tensor | None
+
+
+def row_tiles(bi: torch.Tensor, sel: Selection) -> RowTiles:
+    """Group the rows into tiles of _block_h(group) // group_p2 rows and list each tile's
+    union of chosen blocks per kv head (torch ops, no host sync). A row's entry counts when
+    it is >= 0 and its block starts before the row's visible end, as in the kernels."""
+    tq, h_kv, n_sel = bi.shape
+    group_p2 = triton.next_power_of_2(sel.group)
+    rows = _block_h(sel.group) // group_p2
+    n_tiles = triton.cdiv(tq, rows)
+    if rows == 1:
+        return RowTiles(rows, n_tiles, None, None)
+    first = sel.row_key_start[:, None, None]
+    starts = first + bi.to(torch.int64) * sel.block_size
+    counted = (bi >= 0) & (starts < first + sel.row_limits[:, None, None])
+    none = 1 << 62  # past every packed key index (exact through pad's float value)
+    starts = torch.where(counted, starts, none)
+    starts = torch.nn.functional.pad(starts, (0, 0, 0, 0, 0, n_tiles * rows - tq), value=none)
+    keys = starts.view(n_tiles, rows, h_kv, n_sel).permute(2, 0, 1, 3)
+    keys = keys.reshape(h_kv * n_tiles, rows * n_sel).sort(-1).values
+    repeat = torch.nn.functional.pad(keys[:, 1:] == keys[:, :-1], (1, 0), value=False)
+    keys = keys.masked_fill(repeat, none).sort(-1).values
+    return RowTiles(rows, n_tiles, keys, (keys != none).sum(-1, dtype=torch.int32))
+
+
+def _walk_args(bi: torch.Tensor, sel: Selection, tiles: RowTiles) -> tuple:
+    """Kernel arguments of the walk: tables, then (after the tensors' strides) its sizes."""
+    keys = bi if tiles.keys is None else tiles.keys  # unused with one row per tile
+    counts = bi if tiles.counts is None else tiles.counts
+    return (sel.row_key_start, sel.row_limits, keys, counts), keys.stride(0)
 
 
 def selection_fwd(
@@ -138,6 +191,7 @@ def selection_fwd(
     v: torch.Tensor,
     bi: torch.Tensor,
     sel: Selection,
+    tiles: RowTiles,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward; returns out [Tq, H, D] (q.dtype) and lse [H, Tq] fp32."""
@@ -147,10 +201,12 @@ def selection_fwd(
     lse = torch.empty((h, tq), device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
-    selection_fwd_kernel[(tq * h_kv,)](
-        q, k, v, out, lse, bi, sel.seq_of_row, sel.cu_q, sel.cu_k,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bi.stride(),
-        tq, h_kv, sel.group, n_sel, d, scale * LOG2E,
+    tables, stride_tk = _walk_args(bi, sel, tiles)
+    selection_fwd_kernel[(h_kv * tiles.n_tiles,)](
+        q, k, v, out, lse, bi, *tables,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bi.stride(), stride_tk,
+        tq, tiles.n_tiles, sel.group, n_sel, d, scale * LOG2E,
+        GROUP_P2=triton.next_power_of_2(sel.group),
         BLOCK_S=triton.next_power_of_2(max(n_sel, 1)), **_flags(q, sel),
     )  # fmt: skip
     return out, lse
@@ -188,6 +244,7 @@ def selection_bwd(
     lse: torch.Tensor,
     bi: torch.Tensor,
     sel: Selection,
+    tiles: RowTiles,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward (dQ + delta per row, then dK/dV per key block); returns dq, dk,
@@ -200,10 +257,12 @@ def selection_bwd(
     if do.stride(-1) != 1:
         do = do.contiguous()
     delta = torch.empty((h, tq), device=q.device, dtype=torch.float32)
-    selection_bwd_dq_kernel[(tq * h_kv,)](
-        q, k, v, out, do, dq, lse, delta, bi, sel.seq_of_row, sel.cu_q, sel.cu_k,
+    tables, stride_tk = _walk_args(bi, sel, tiles)
+    selection_bwd_dq_kernel[(h_kv * tiles.n_tiles,)](
+        q, k, v, out, do, dq, lse, delta, bi, *tables,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *do.stride(), *dq.stride(),
-        *bi.stride(), tq, h_kv, sel.group, n_sel, d, scale, scale * LOG2E,
+        *bi.stride(), stride_tk, tq, tiles.n_tiles, sel.group, n_sel, d, scale, scale * LOG2E,
+        GROUP_P2=triton.next_power_of_2(sel.group),
         BLOCK_S=triton.next_power_of_2(max(n_sel, 1)), **_flags(q, sel),
     )  # fmt: skip
     offsets, rows = inverted_index(bi, sel)
@@ -213,27 +272,28 @@ def selection_bwd(
         q, k, v, do, dk, dv, lse, delta, sel.cu_q, sel.cu_k, sel.block_seq, sel.block_base,
         offsets, rows,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        tq, sel.group, sel.num_blocks, d, scale, scale * LOG2E,
-        GROUP_P2=triton.next_power_of_2(sel.group), **flags,
+        tq, sel.group, sel.num_blocks, d, scale, scale * LOG2E, **flags,
     )  # fmt: skip
     return dq, dk, dv
 
 
 class SelectionAttentionFunction(torch.autograd.Function):
-    """Saves q, k, v, out, lse and the block indices; the LSE output is not differentiable."""
+    """Saves q, k, v, out, lse, the block indices and the row tiles' walk; the LSE output is
+    not differentiable."""
 
     @staticmethod
     def forward(ctx, q, k, v, block_indices, sel: Selection, scale: float):
-        out, lse = selection_fwd(q, k, v, block_indices, sel, scale)
+        tiles = row_tiles(block_indices, sel)
+        out, lse = selection_fwd(q, k, v, block_indices, sel, tiles, scale)
         ctx.save_for_backward(q, k, v, out, lse, block_indices)
-        ctx.sel, ctx.scale = sel, scale
+        ctx.sel, ctx.tiles, ctx.scale = sel, tiles, scale
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, do, _dlse):
         q, k, v, out, lse, bi = ctx.saved_tensors
-        dq, dk, dv = selection_bwd(do, q, k, v, out, lse, bi, ctx.sel, ctx.scale)
+        dq, dk, dv = selection_bwd(do, q, k, v, out, lse, bi, ctx.sel, ctx.tiles, ctx.scale)
         return dq, dk, dv, None, None, None
 
 

@@ -1,16 +1,22 @@
 """Selection (block-sparse, NSA-style) attention kernels: forward, backward dQ, backward dK/dV.
 
 Varlen rows packed end to end: q [Tq, H, D], k/v [Tk, H_kv, D], any strides. Group-centric:
-one forward / dQ program takes one query row and one kv head, its query tile holds the GROUP
-query heads of that kv head (padded to BLOCK_H >= 16 rows for tl.dot), so every selected K/V
-block is read once for the whole group. Each of the row's n_sel block indices (sequence
-relative) is visited when it is >= 0, holds a key the row sees (past the sequence's keys or,
-with CAUSAL, past the row's causal end it is skipped) and did not occur at an earlier slot
-(duplicates count once). A skipped slot is not branched around: its tile starts at the row's
-visible end, so every load is masked off; the block loop then has no branch and the
-pipeliner prefetches the next block's K/V while this one computes. The backward recomputes P from the saved LSE. dK/dV run one program
-per (kv head, key block, BLOCK_N keys of it) over the rows that selected the block, listed
-by an inverted index (interface.py): deterministic, no atomics.
+a forward / dQ program takes one kv head and a tile of BLOCK_H (row, query head) pairs, the
+GROUP query heads of ROWS = BLOCK_H // GROUP_P2 consecutive rows (BLOCK_H >= 16 for
+tl.dot; GROUP >= 16: one row). It walks the union of the blocks its rows selected, each K/V
+block read once for the whole tile, and masks every row to the blocks it chose: where
+selections overlap (short contexts, few heads per group) rows share the reads, and the tile
+rows that one row's group would leave as padding hold other rows instead.
+
+Blocks are named by their first key's packed index. A row's index (sequence relative) counts
+when it is >= 0 and its block holds a key the row sees (`row_limits`: the sequence's keys,
+with causal the row's causal end); a repeated index counts once. One row per tile walks the
+row's own indices (a repeat masked off in place); several walk the union listed by
+`tile_keys` (interface.py: ascending, distinct, with a count). Skipped entries are masked,
+not branched around, so the block loop has no branch and the pipeliner prefetches the next
+block's K/V while this one computes. The backward recomputes P from the saved LSE. dK/dV run
+one program per (kv head, key block, BLOCK_N keys of it) over the rows that selected the
+block, listed by an inverted index (interface.py): deterministic, no atomics.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ BWD_DKDV_CONFIGS = [
     triton.Config({"ROW_TILES": r}, num_warps=w, num_stages=s)
     for r, w, s in [(1, 4, 2), (2, 4, 2), (4, 4, 2), (2, 8, 2), (4, 8, 3)]
 ]
+FWD_AUTOTUNE_KEY = ["BLOCK_SIZE", "BLOCK_N", "BLOCK_H", "GROUP_P2", "BLOCK_D", "DOT_PRECISION"]
 AUTOTUNE_KEY = ["BLOCK_SIZE", "BLOCK_N", "BLOCK_H", "BLOCK_D", "CAUSAL", "DOT_PRECISION"]
 
 
@@ -51,167 +58,189 @@ def _prune_dkdv(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _row_keys(SEQ, CU_Q, CU_K, row, CAUSAL: tl.constexpr):
-    """Packed offset of the first key of `row`'s sequence and the number of its keys the row
-    sees (bottom-right causal: Lk - Lq + i + 1 for row i, clamped to [0, Lk])."""
-    b = tl.load(SEQ + row).to(tl.int64)
-    q_start = tl.load(CU_Q + b)
-    k_start = tl.load(CU_K + b)
-    seq_k = tl.load(CU_K + b + 1) - k_start
-    limit = seq_k
-    if CAUSAL:
-        seq_q = tl.load(CU_Q + b + 1) - q_start
-        limit = tl.minimum(tl.maximum(seq_k - seq_q + (row - q_start) + 1, 0), seq_k)
-    return k_start, limit
-
-
-@triton.jit
-def selected_block(BI, i, stride_bs, slots, idx, limit, BLOCK_SIZE: tl.constexpr):
-    """First key of the block at slot i when it is visited (index >= 0, not at an earlier
-    slot, starting before the row's visible end `limit`), else `limit`: every key of a tile
-    starting there is masked off."""
-    blk = tl.load(BI + i * stride_bs).to(tl.int64)
-    start = blk * BLOCK_SIZE
-    earlier = tl.sum(((idx == blk) & (slots < i)).to(tl.int32), 0)
-    return tl.where((blk >= 0) & (start < limit) & (earlier == 0), start, limit)
-
-
-@triton.jit
-def group_tile(
-    K, V, BI, SEQ, CU_Q, CU_K, stride_kt, stride_kh, stride_vt, stride_vh, stride_bt,
-    stride_bh, stride_bs, Tq, H_kv, GROUP, n_sel,
-    CAUSAL: tl.constexpr,
+def row_tile(
+    BI, ROW_KEY_START, ROW_LIMITS, TILE_COUNTS, stride_bt, stride_bh, stride_bs, Tq, n_tiles,
+    GROUP, n_sel,
+    BLOCK_SIZE: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    GROUP_P2: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):  # fmt: skip
-    """This program's (row, kv head) (grid Tq * H_kv, kv-head-major: the programs running
-    together gather from one kv head's K/V, which stays in L2 where all heads' would not):
-    the row, the group's first query head, its heads [BLOCK_H] and which exist, K/V bases
-    of its sequence and kv head, its visible key count, and its block-index row (pointer,
-    slots, indices)."""
+    """This program's tile (grid H_kv * n_tiles, kv-head-major: the programs running together
+    gather from one kv head's K/V, which stays in L2 where all heads' would not). Tile row t
+    is (row tile * ROWS + t // GROUP_P2, query head h_kv * GROUP + t % GROUP_P2). Returns
+    the kv head, rows [BLOCK_H], heads, which pairs exist, each row's end of visible keys
+    (packed index), its selected blocks' first keys [BLOCK_H, BLOCK_S] (-1: slot not
+    counted), the one row's own list [BLOCK_S] (one row per tile) and the entries to walk."""
     pid = tl.program_id(0).to(tl.int64)
-    h_kv = pid // Tq
-    row = pid % Tq
-    k_start, limit = _row_keys(SEQ, CU_Q, CU_K, row, CAUSAL)
-    offs_h = tl.arange(0, BLOCK_H)
-    h0 = h_kv * GROUP
-    k_base = K + k_start * stride_kt + h_kv * stride_kh
-    v_base = V + k_start * stride_vt + h_kv * stride_vh
-    bi = BI + row * stride_bt + h_kv * stride_bh
+    h_kv = pid // n_tiles
+    offs_t = tl.arange(0, BLOCK_H)
+    rows = (pid % n_tiles) * (BLOCK_H // GROUP_P2) + offs_t // GROUP_P2
+    group_slot = offs_t % GROUP_P2
+    ok = (group_slot < GROUP) & (rows < Tq)
+    rows = tl.where(ok, rows, 0)
+    first_key = tl.load(ROW_KEY_START + rows)
+    end_key = first_key + tl.load(ROW_LIMITS + rows, mask=ok, other=0)
     slots = tl.arange(0, BLOCK_S)
-    idx = tl.load(bi + slots * stride_bs, mask=slots < n_sel, other=-1).to(tl.int64)
-    return row, h0, h0 + offs_h, offs_h < GROUP, k_base, v_base, limit, bi, slots, idx
+    idx = tl.load(
+        BI + rows[:, None] * stride_bt + h_kv * stride_bh + slots[None, :] * stride_bs,
+        mask=ok[:, None] & (slots < n_sel)[None, :],
+        other=-1,
+    ).to(tl.int64)
+    starts = first_key[:, None] + idx * BLOCK_SIZE
+    starts = tl.where((idx >= 0) & (starts < end_key[:, None]), starts, -1)
+    own = tl.max(tl.where((offs_t == 0)[:, None], starts, -1), 0)
+    if BLOCK_H == GROUP_P2:
+        n_entries = n_sel
+    else:
+        n_entries = tl.load(TILE_COUNTS + pid)
+    return h_kv, rows, h_kv * GROUP + group_slot, ok, end_key, starts, own, n_entries
 
 
-@triton.autotune(configs=pick_configs(FWD_CONFIGS, lambda c: True), key=AUTOTUNE_KEY)
+@triton.jit
+def tile_entry(
+    TILE_KEYS, stride_tk, j, own, slots, starts, end_key,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    GROUP_P2: tl.constexpr,
+):  # fmt: skip
+    """Entry j of the walk: the block's first key (>= 0), each tile row's end of visible keys
+    in it (the block's first key or less: the row did not choose it) and the end of the keys
+    to load (0 when no row chose it: every load masked off)."""
+    if BLOCK_H == GROUP_P2:
+        key = tl.max(tl.where(slots == j, own, -1), 0)
+        repeat = tl.sum(((own == key) & (slots < j)).to(tl.int32), 0) > 0
+        key = tl.where(repeat, -1, key)
+    else:
+        key = tl.load(TILE_KEYS + tl.program_id(0).to(tl.int64) * stride_tk + j)
+    chosen = tl.sum(((starts == key) & (starts >= 0)).to(tl.int32), 1) > 0
+    kv_end = tl.where(chosen, tl.minimum(end_key, key + BLOCK_SIZE), 0)
+    return tl.maximum(key, 0), kv_end, tl.max(kv_end, 0)
+
+
+@triton.autotune(configs=pick_configs(FWD_CONFIGS, lambda c: True), key=FWD_AUTOTUNE_KEY)
 @triton.jit
 def selection_fwd_kernel(
-    Q, K, V, O, LSE, BI, SEQ, CU_Q, CU_K,
+    Q, K, V, O, LSE, BI, ROW_KEY_START, ROW_LIMITS, TILE_KEYS, TILE_COUNTS,
     stride_qt, stride_qh, stride_qd,
     stride_kt, stride_kh, stride_kd,
     stride_vt, stride_vh, stride_vd,
     stride_ot, stride_oh, stride_od,
-    stride_bt, stride_bh, stride_bs,
-    Tq, H_kv, GROUP, n_sel, D, qk_scale,
-    CAUSAL: tl.constexpr,
+    stride_bt, stride_bh, stride_bs, stride_tk,
+    Tq, n_tiles, GROUP, n_sel, D, qk_scale,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    GROUP_P2: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Grid: (Tq * H_kv,). One program: the GROUP query heads of one row over its blocks;
+    """Grid: (H_kv * n_tiles,). One program: its tile's rows over the blocks they chose;
     one-pass online softmax in fp32, out and LSE stored once."""
-    row, h0, heads, head_ok, k_base, v_base, limit, bi, slots, idx = group_tile(
-        K, V, BI, SEQ, CU_Q, CU_K, stride_kt, stride_kh, stride_vt, stride_vh, stride_bt,
-        stride_bh, stride_bs, Tq, H_kv, GROUP, n_sel, CAUSAL, BLOCK_H, BLOCK_S,
+    h_kv, rows, heads, ok, end_key, starts, own, n_entries = row_tile(
+        BI, ROW_KEY_START, ROW_LIMITS, TILE_COUNTS, stride_bt, stride_bh, stride_bs, Tq,
+        n_tiles, GROUP, n_sel, BLOCK_SIZE, BLOCK_H, GROUP_P2, BLOCK_S,
     )  # fmt: skip
-    offs_h = tl.arange(0, BLOCK_H)
+    slots = tl.arange(0, BLOCK_S)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    q = load_rows(
-        Q + row * stride_qt + h0 * stride_qh, offs_h, stride_qh, stride_qd, offs_d, head_ok, d_ok
+    q_ptrs = (
+        Q + rows[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd
     )
+    q = tl.load(q_ptrs, mask=ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + h_kv * stride_kh
+    v_base = V + h_kv * stride_vh
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    for i in range(0, n_sel):
-        start = selected_block(bi, i, stride_bs, slots, idx, limit, BLOCK_SIZE)
+    for j in range(0, n_entries):
+        key, kv_end, load_end = tile_entry(
+            TILE_KEYS, stride_tk, j, own, slots, starts, end_key, BLOCK_SIZE, BLOCK_H, GROUP_P2
+        )
         for sub in tl.static_range(0, BLOCK_SIZE, BLOCK_N):
-            cols = start + sub + offs_n
-            col_ok = (cols < limit) & (sub + offs_n < BLOCK_SIZE)
+            cols = key + sub + offs_n
+            col_ok = cols < load_end
             k_t = tl.trans(load_rows(k_base, cols, stride_kt, stride_kd, offs_d, col_ok, d_ok))
             v_t = load_rows(v_base, cols, stride_vt, stride_vd, offs_d, col_ok, d_ok)
-            visible = (offs_h >= 0)[:, None] & col_ok[None, :]
+            visible = cols[None, :] < kv_end[:, None]
             acc, m_i, l_i = online_softmax_tile(
                 acc, m_i, l_i, q, k_t, v_t, qk_scale, visible, True, DOT_PRECISION
             )
     out, lse = finish_softmax(acc, m_i, l_i)
-    o_ptrs = O + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=head_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + heads * Tq + row, lse, mask=head_ok)
+    o_ptrs = (
+        O + rows[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :] * stride_od
+    )
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=ok[:, None] & d_ok[None, :])
+    tl.store(LSE + heads * Tq + rows, lse, mask=ok)
 
 
-@triton.autotune(configs=pick_configs(FWD_CONFIGS, lambda c: True), key=AUTOTUNE_KEY)
+@triton.autotune(configs=pick_configs(FWD_CONFIGS, lambda c: True), key=FWD_AUTOTUNE_KEY)
 @triton.jit
 def selection_bwd_dq_kernel(
-    Q, K, V, O, DO, DQ, LSE, DELTA, BI, SEQ, CU_Q, CU_K,
+    Q, K, V, O, DO, DQ, LSE, DELTA, BI, ROW_KEY_START, ROW_LIMITS, TILE_KEYS, TILE_COUNTS,
     stride_qt, stride_qh, stride_qd,
     stride_kt, stride_kh, stride_kd,
     stride_vt, stride_vh, stride_vd,
     stride_ot, stride_oh, stride_od,
     stride_dot, stride_doh, stride_dod,
     stride_dqt, stride_dqh, stride_dqd,
-    stride_bt, stride_bh, stride_bs,
-    Tq, H_kv, GROUP, n_sel, D, sm_scale, qk_scale,
-    CAUSAL: tl.constexpr,
+    stride_bt, stride_bh, stride_bs, stride_tk,
+    Tq, n_tiles, GROUP, n_sel, D, sm_scale, qk_scale,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    GROUP_P2: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Grid: (Tq * H_kv,). One program: dQ of the GROUP query heads of one row, re-walking
-    its blocks; also stores delta = rowsum(O * dO) [H, Tq] for the dK/dV kernel."""
-    row, h0, heads, head_ok, k_base, v_base, limit, bi, slots, idx = group_tile(
-        K, V, BI, SEQ, CU_Q, CU_K, stride_kt, stride_kh, stride_vt, stride_vh, stride_bt,
-        stride_bh, stride_bs, Tq, H_kv, GROUP, n_sel, CAUSAL, BLOCK_H, BLOCK_S,
+    """Grid: (H_kv * n_tiles,). One program: dQ of its tile's (row, head) pairs, re-walking
+    their blocks; also stores delta = rowsum(O * dO) [H, Tq] for the dK/dV kernel."""
+    h_kv, rows, heads, ok, end_key, starts, own, n_entries = row_tile(
+        BI, ROW_KEY_START, ROW_LIMITS, TILE_COUNTS, stride_bt, stride_bh, stride_bs, Tq,
+        n_tiles, GROUP, n_sel, BLOCK_SIZE, BLOCK_H, GROUP_P2, BLOCK_S,
     )  # fmt: skip
-    offs_h = tl.arange(0, BLOCK_H)
+    slots = tl.arange(0, BLOCK_S)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    q = load_rows(
-        Q + row * stride_qt + h0 * stride_qh, offs_h, stride_qh, stride_qd, offs_d, head_ok, d_ok
+    tile_ok = ok[:, None] & d_ok[None, :]
+    q_ptrs = (
+        Q + rows[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd
     )
-    o_base = O + row * stride_ot + h0 * stride_oh
-    o = load_rows(o_base, offs_h, stride_oh, stride_od, offs_d, head_ok, d_ok)
-    do_base = DO + row * stride_dot + h0 * stride_doh
-    do = load_rows(do_base, offs_h, stride_doh, stride_dod, offs_d, head_ok, d_ok)
+    q = tl.load(q_ptrs, mask=tile_ok, other=0.0)
+    o_ptrs = (
+        O + rows[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :] * stride_od
+    )
+    o = tl.load(o_ptrs, mask=tile_ok, other=0.0)
+    do_ptrs = (
+        DO + rows[:, None] * stride_dot + heads[:, None] * stride_doh + offs_d[None, :] * stride_dod
+    )
+    do = tl.load(do_ptrs, mask=tile_ok, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + heads * Tq + row, delta, mask=head_ok)
+    tl.store(DELTA + heads * Tq + rows, delta, mask=ok)
     # saved LSE in log2 units, +inf where a row saw nothing (P = 0 there)
-    lse = tl.load(LSE + heads * Tq + row, mask=head_ok, other=float("inf"))
+    lse = tl.load(LSE + heads * Tq + rows, mask=ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-    kv_end = tl.zeros_like(offs_h).to(tl.int64) + limit
+    k_base = K + h_kv * stride_kh
+    v_base = V + h_kv * stride_vh
     dq = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    for i in range(0, n_sel):
-        start = selected_block(bi, i, stride_bs, slots, idx, limit, BLOCK_SIZE)
+    for j in range(0, n_entries):
+        key, kv_end, load_end = tile_entry(
+            TILE_KEYS, stride_tk, j, own, slots, starts, end_key, BLOCK_SIZE, BLOCK_H, GROUP_P2
+        )
         for sub in tl.static_range(0, BLOCK_SIZE, BLOCK_N):
-            # keys past the block (sub tiles wider than it) are masked by the block end
-            ends = tl.minimum(kv_end, start + BLOCK_SIZE)
             dq = dq_tile(
-                dq, q, do, lse, delta, k_base, v_base, start + sub, offs_n, ends,
-                stride_kt, stride_kd, stride_vt, stride_vd, limit, qk_scale, offs_d, d_ok,
+                dq, q, do, lse, delta, k_base, v_base, key + sub, offs_n, kv_end,
+                stride_kt, stride_kd, stride_vt, stride_vd, load_end, qk_scale, offs_d, d_ok,
                 True, DOT_PRECISION,
             )  # fmt: skip
-    dq_ptrs = DQ + row * stride_dqt + heads[:, None] * stride_dqh + offs_d[None, :] * stride_dqd
-    tl.store(
-        dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=head_ok[:, None] & d_ok[None, :]
+    dq_ptrs = (
+        DQ + rows[:, None] * stride_dqt + heads[:, None] * stride_dqh + offs_d[None, :] * stride_dqd
     )
+    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=tile_ok)
 
 
 @triton.autotune(
