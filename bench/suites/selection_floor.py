@@ -34,11 +34,11 @@ SMOKE = {"H": 2, "Lq": 4, "contexts": (80,), "groups": (1, 2), "dims": (16,), "b
 
 @triton.jit
 def gather_floor_kernel(
-    K, V, OUT, BI, ROW_KEY_START, ROW_LIMITS, TILE_KEYS, TILE_COUNTS,
+    K, V, OUT, BI, ROW_KEY_START, ROW_LIMITS, TILE_KEYS, TILE_ROWS, TILE_COUNTS,
     stride_kt, stride_kh, stride_kd,
     stride_vt, stride_vh, stride_vd,
     stride_bt, stride_bh, stride_bs, stride_tk,
-    Tq, n_tiles, GROUP, n_sel, D,
+    Tq, Tk, n_tiles, GROUP, n_sel, D,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -48,19 +48,19 @@ def gather_floor_kernel(
 ):  # fmt: skip
     """Grid: (H_kv * n_tiles,) as the selection forward. OUT [H_kv * n_tiles, BLOCK_D] fp32:
     the sum of k + v over the keys the tile loads."""
-    h_kv, _, _, _, end_key, starts, own, n_entries = row_tile(
+    h_kv, _, _, _, end_key, n_entries, bi_row, first, end, own = row_tile(
         BI, ROW_KEY_START, ROW_LIMITS, TILE_COUNTS, stride_bt, stride_bh, stride_bs, Tq,
-        n_tiles, GROUP, n_sel, BLOCK_SIZE, BLOCK_H, GROUP_P2, BLOCK_S,
+        n_tiles, GROUP, n_sel, BLOCK_H, GROUP_P2, BLOCK_S,
     )  # fmt: skip
-    slots = tl.arange(0, BLOCK_S)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for j in range(0, n_entries):
         key, _, load_end = tile_entry(
-            TILE_KEYS, stride_tk, j, own, slots, starts, end_key, BLOCK_SIZE, BLOCK_H, GROUP_P2
-        )
+            j, bi_row, first, end, own, end_key, TILE_KEYS, TILE_ROWS, stride_bs, stride_tk, Tk,
+            BLOCK_SIZE, BLOCK_H, GROUP_P2, BLOCK_S,
+        )  # fmt: skip
         for sub in tl.static_range(0, BLOCK_SIZE, BLOCK_N):
             cols = key + sub + offs_n
             k = load_rows(
@@ -85,7 +85,7 @@ def gather_floor(k, v, bi, sel, tiles, q, warps: int, stages: int) -> torch.Tens
     tables, stride_tk = _walk_args(bi, sel, tiles)
     gather_floor_kernel[(h_kv * tiles.n_tiles,)](
         k, v, out, bi, *tables, *k.stride(), *v.stride(), *bi.stride(), stride_tk,
-        tq, tiles.n_tiles, sel.group, n_sel, k.shape[2],
+        tq, k.shape[0], tiles.n_tiles, sel.group, n_sel, k.shape[2],
         BLOCK_SIZE=sel.block_size, BLOCK_N=flags["BLOCK_N"], BLOCK_H=flags["BLOCK_H"],
         GROUP_P2=triton.next_power_of_2(sel.group),
         BLOCK_S=triton.next_power_of_2(max(n_sel, 1)), BLOCK_D=head_block(k.shape[2]),

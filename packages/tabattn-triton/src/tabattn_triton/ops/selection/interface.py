@@ -147,11 +147,13 @@ def _flags(q: torch.Tensor, sel: Selection, *, dkdv: bool = False) -> dict:
 class RowTiles:
     """The forward / dQ walk: rows per tile, tiles, and (several rows per tile) each tile's
     distinct chosen blocks as first keys, ascending [H_kv * n_tiles, rows * n_sel] int64,
-    with their count [H_kv * n_tiles] int32 (None with one row per tile)."""
+    which of the tile's rows chose each (bit r: row r; int32, same shape) and their count
+    [H_kv * n_tiles] int32 (None with one row per tile)."""
 
     rows: int
     n_tiles: int
     keys: torch.Tensor | None
+    row_bits: torch.Tensor | None
     counts: torch.Tensor | None
 
 
@@ -160,29 +162,35 @@ def row_tiles(bi: torch.Tensor, sel: Selection) -> RowTiles:
     union of chosen blocks per kv head (torch ops, no host sync). A row's entry counts when
     it is >= 0 and its block starts before the row's visible end, as in the kernels."""
     tq, h_kv, n_sel = bi.shape
-    group_p2 = triton.next_power_of_2(sel.group)
-    rows = _block_h(sel.group) // group_p2
+    rows = _block_h(sel.group) // triton.next_power_of_2(sel.group)
     n_tiles = triton.cdiv(tq, rows)
     if rows == 1:
-        return RowTiles(rows, n_tiles, None, None)
+        return RowTiles(rows, n_tiles, None, None, None)
+    pad = torch.nn.functional.pad
     first = sel.row_key_start[:, None, None]
     starts = first + bi.to(torch.int64) * sel.block_size
     counted = (bi >= 0) & (starts < first + sel.row_limits[:, None, None])
-    none = 1 << 62  # past every packed key index (exact through pad's float value)
-    starts = torch.where(counted, starts, none)
-    starts = torch.nn.functional.pad(starts, (0, 0, 0, 0, 0, n_tiles * rows - tq), value=none)
-    keys = starts.view(n_tiles, rows, h_kv, n_sel).permute(2, 0, 1, 3)
-    keys = keys.reshape(h_kv * n_tiles, rows * n_sel).sort(-1).values
-    repeat = torch.nn.functional.pad(keys[:, 1:] == keys[:, :-1], (1, 0), value=False)
-    keys = keys.masked_fill(repeat, none).sort(-1).values
-    return RowTiles(rows, n_tiles, keys, (keys != none).sum(-1, dtype=torch.int32))
+    none = 1 << 62  # past every (first key, row) value; exact through pad's float value
+    tile_row = (torch.arange(tq, device=bi.device) % rows)[:, None, None]
+    pairs = pad(torch.where(counted, starts * rows + tile_row, none),
+                (0, 0, 0, 0, 0, n_tiles * rows - tq), value=none)  # fmt: skip
+    pairs = pairs.view(n_tiles, rows, h_kv, n_sel).permute(2, 0, 1, 3)
+    pairs = pairs.reshape(h_kv * n_tiles, rows * n_sel).sort(-1).values  # by key, then row
+    repeat = pad(pairs[:, 1:] == pairs[:, :-1], (1, 0), value=False)
+    keys = torch.where(pairs < none, pairs // rows, none)
+    bits = torch.where((pairs < none) & ~repeat, torch.ones_like(pairs) << (pairs % rows), 0)
+    run = pad(keys[:, 1:] != keys[:, :-1], (1, 0), value=True).cumsum(-1) - 1
+    keys = torch.full_like(keys, none).scatter_(1, run, keys)  # a run's entries share one key
+    row_bits = torch.zeros_like(bits).scatter_add_(1, run, bits).to(torch.int32)
+    return RowTiles(rows, n_tiles, keys, row_bits, (keys != none).sum(-1, dtype=torch.int32))
 
 
 def _walk_args(bi: torch.Tensor, sel: Selection, tiles: RowTiles) -> tuple:
-    """Kernel arguments of the walk: tables, then (after the tensors' strides) its sizes."""
-    keys = bi if tiles.keys is None else tiles.keys  # unused with one row per tile
-    counts = bi if tiles.counts is None else tiles.counts
-    return (sel.row_key_start, sel.row_limits, keys, counts), keys.stride(0)
+    """Kernel arguments of the walk: its tables, and the key table's row stride."""
+    if tiles.keys is None:  # one row per tile: the tables are not read
+        return (sel.row_key_start, sel.row_limits, bi, bi, bi), 0
+    tables = (sel.row_key_start, sel.row_limits, tiles.keys, tiles.row_bits, tiles.counts)
+    return tables, tiles.keys.stride(0)
 
 
 def selection_fwd(
@@ -205,7 +213,7 @@ def selection_fwd(
     selection_fwd_kernel[(h_kv * tiles.n_tiles,)](
         q, k, v, out, lse, bi, *tables,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bi.stride(), stride_tk,
-        tq, tiles.n_tiles, sel.group, n_sel, d, scale * LOG2E,
+        tq, k.shape[0], tiles.n_tiles, sel.group, n_sel, d, scale * LOG2E,
         GROUP_P2=triton.next_power_of_2(sel.group),
         BLOCK_S=triton.next_power_of_2(max(n_sel, 1)), **_flags(q, sel),
     )  # fmt: skip
@@ -261,7 +269,8 @@ def selection_bwd(
     selection_bwd_dq_kernel[(h_kv * tiles.n_tiles,)](
         q, k, v, out, do, dq, lse, delta, bi, *tables,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *do.stride(), *dq.stride(),
-        *bi.stride(), stride_tk, tq, tiles.n_tiles, sel.group, n_sel, d, scale, scale * LOG2E,
+        *bi.stride(), stride_tk, tq, k.shape[0], tiles.n_tiles, sel.group, n_sel, d, scale,
+        scale * LOG2E,
         GROUP_P2=triton.next_power_of_2(sel.group),
         BLOCK_S=triton.next_power_of_2(max(n_sel, 1)), **_flags(q, sel),
     )  # fmt: skip

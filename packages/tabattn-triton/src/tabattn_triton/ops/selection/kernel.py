@@ -12,9 +12,9 @@ Blocks are named by their first key's packed index. A row's index (sequence rela
 when it is >= 0 and its block holds a key the row sees (`row_limits`: the sequence's keys,
 with causal the row's causal end); a repeated index counts once. One row per tile walks the
 row's own indices (a repeat masked off in place); several walk the union listed by
-`tile_keys` (interface.py: ascending, distinct, with a count). Skipped entries are masked,
-not branched around, so the block loop has no branch and the pipeliner prefetches the next
-block's K/V while this one computes. The backward recomputes P from the saved LSE. dK/dV run
+`row_tiles` (interface.py: ascending, distinct, a bit per tile row that chose the block, a
+count). Skipped entries are masked, not branched around, so the block loop has no branch and
+the pipeliner prefetches the next block's K/V while this one computes. The backward recomputes P from the saved LSE. dK/dV run
 one program per (kv head, key block, BLOCK_N keys of it) over the rows that selected the
 block, listed by an inverted index (interface.py): deterministic, no atomics.
 """
@@ -61,7 +61,6 @@ def _prune_dkdv(configs, named_args, **kwargs):
 def row_tile(
     BI, ROW_KEY_START, ROW_LIMITS, TILE_COUNTS, stride_bt, stride_bh, stride_bs, Tq, n_tiles,
     GROUP, n_sel,
-    BLOCK_SIZE: tl.constexpr,
     BLOCK_H: tl.constexpr,
     GROUP_P2: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -70,8 +69,8 @@ def row_tile(
     gather from one kv head's K/V, which stays in L2 where all heads' would not). Tile row t
     is (row tile * ROWS + t // GROUP_P2, query head h_kv * GROUP + t % GROUP_P2). Returns
     the kv head, rows [BLOCK_H], heads, which pairs exist, each row's end of visible keys
-    (packed index), its selected blocks' first keys [BLOCK_H, BLOCK_S] (-1: slot not
-    counted), the one row's own list [BLOCK_S] (one row per tile) and the entries to walk."""
+    (packed index), the entries to walk and, with one row per tile, the walk over its own
+    indices: their pointer, the row's first and end key, the indices [BLOCK_S]."""
     pid = tl.program_id(0).to(tl.int64)
     h_kv = pid // n_tiles
     offs_t = tl.arange(0, BLOCK_H)
@@ -79,55 +78,65 @@ def row_tile(
     group_slot = offs_t % GROUP_P2
     ok = (group_slot < GROUP) & (rows < Tq)
     rows = tl.where(ok, rows, 0)
-    first_key = tl.load(ROW_KEY_START + rows)
-    end_key = first_key + tl.load(ROW_LIMITS + rows, mask=ok, other=0)
+    end_key = tl.load(ROW_KEY_START + rows) + tl.load(ROW_LIMITS + rows, mask=ok, other=0)
+    row = pid % n_tiles
+    bi_row = BI + row * stride_bt + h_kv * stride_bh
     slots = tl.arange(0, BLOCK_S)
-    idx = tl.load(
-        BI + rows[:, None] * stride_bt + h_kv * stride_bh + slots[None, :] * stride_bs,
-        mask=ok[:, None] & (slots < n_sel)[None, :],
-        other=-1,
-    ).to(tl.int64)
-    starts = first_key[:, None] + idx * BLOCK_SIZE
-    starts = tl.where((idx >= 0) & (starts < end_key[:, None]), starts, -1)
-    own = tl.max(tl.where((offs_t == 0)[:, None], starts, -1), 0)
     if BLOCK_H == GROUP_P2:
         n_entries = n_sel
+        first = tl.load(ROW_KEY_START + row)
+        end = first + tl.load(ROW_LIMITS + row)
+        own = tl.load(bi_row + slots * stride_bs, mask=slots < n_sel, other=-1).to(tl.int64)
     else:
         n_entries = tl.load(TILE_COUNTS + pid)
-    return h_kv, rows, h_kv * GROUP + group_slot, ok, end_key, starts, own, n_entries
+        first = row * 0
+        end = row * 0
+        own = tl.full([BLOCK_S], -1, tl.int64)
+    return h_kv, rows, h_kv * GROUP + group_slot, ok, end_key, n_entries, bi_row, first, end, own
 
 
 @triton.jit
 def tile_entry(
-    TILE_KEYS, stride_tk, j, own, slots, starts, end_key,
+    j, bi_row, first, end, own, end_key, TILE_KEYS, TILE_ROWS, stride_bs, stride_tk, Tk,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_H: tl.constexpr,
     GROUP_P2: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):  # fmt: skip
-    """Entry j of the walk: the block's first key (>= 0), each tile row's end of visible keys
-    in it (the block's first key or less: the row did not choose it) and the end of the keys
-    to load (0 when no row chose it: every load masked off)."""
+    """Entry j of the walk: the block's first key, each tile row's end of visible keys in it
+    (the first key or less: the row did not choose it) and the end of the keys to load (0:
+    none). One row per tile: the row's index at slot j (skipped: -1, past the row's keys, or
+    a repeat of an earlier slot). Several: union entry j and its rows' bits (bit r: the
+    tile's row r chose it)."""
     if BLOCK_H == GROUP_P2:
-        key = tl.max(tl.where(slots == j, own, -1), 0)
-        repeat = tl.sum(((own == key) & (slots < j)).to(tl.int32), 0) > 0
-        key = tl.where(repeat, -1, key)
+        blk = tl.load(bi_row + j * stride_bs).to(tl.int64)
+        key = first + blk * BLOCK_SIZE
+        slots = tl.arange(0, BLOCK_S)
+        repeat = tl.sum(((own == blk) & (slots < j)).to(tl.int32), 0) > 0
+        visit = (blk >= 0) & (key < end) & (repeat == 0)
+        load_end = tl.where(visit, tl.minimum(end, key + BLOCK_SIZE), 0)
+        key = tl.where(visit, key, 0)
+        kv_end = tl.zeros([BLOCK_H], tl.int64) + load_end
     else:
-        key = tl.load(TILE_KEYS + tl.program_id(0).to(tl.int64) * stride_tk + j)
-    chosen = tl.sum(((starts == key) & (starts >= 0)).to(tl.int32), 1) > 0
-    kv_end = tl.where(chosen, tl.minimum(end_key, key + BLOCK_SIZE), 0)
-    return tl.maximum(key, 0), kv_end, tl.max(kv_end, 0)
+        at = tl.program_id(0).to(tl.int64) * stride_tk + j
+        key = tl.load(TILE_KEYS + at)
+        bits = tl.load(TILE_ROWS + at)
+        chosen = ((bits >> (tl.arange(0, BLOCK_H) // GROUP_P2)) & 1) != 0
+        kv_end = tl.where(chosen, tl.minimum(end_key, key + BLOCK_SIZE), 0)
+        load_end = tl.minimum(key + BLOCK_SIZE, Tk)
+    return key, kv_end, load_end
 
 
 @triton.autotune(configs=pick_configs(FWD_CONFIGS, lambda c: True), key=FWD_AUTOTUNE_KEY)
 @triton.jit
 def selection_fwd_kernel(
-    Q, K, V, O, LSE, BI, ROW_KEY_START, ROW_LIMITS, TILE_KEYS, TILE_COUNTS,
+    Q, K, V, O, LSE, BI, ROW_KEY_START, ROW_LIMITS, TILE_KEYS, TILE_ROWS, TILE_COUNTS,
     stride_qt, stride_qh, stride_qd,
     stride_kt, stride_kh, stride_kd,
     stride_vt, stride_vh, stride_vd,
     stride_ot, stride_oh, stride_od,
     stride_bt, stride_bh, stride_bs, stride_tk,
-    Tq, n_tiles, GROUP, n_sel, D, qk_scale,
+    Tq, Tk, n_tiles, GROUP, n_sel, D, qk_scale,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -138,11 +147,10 @@ def selection_fwd_kernel(
 ):  # fmt: skip
     """Grid: (H_kv * n_tiles,). One program: its tile's rows over the blocks they chose;
     one-pass online softmax in fp32, out and LSE stored once."""
-    h_kv, rows, heads, ok, end_key, starts, own, n_entries = row_tile(
+    h_kv, rows, heads, ok, end_key, n_entries, bi_row, first, end, own = row_tile(
         BI, ROW_KEY_START, ROW_LIMITS, TILE_COUNTS, stride_bt, stride_bh, stride_bs, Tq,
-        n_tiles, GROUP, n_sel, BLOCK_SIZE, BLOCK_H, GROUP_P2, BLOCK_S,
+        n_tiles, GROUP, n_sel, BLOCK_H, GROUP_P2, BLOCK_S,
     )  # fmt: skip
-    slots = tl.arange(0, BLOCK_S)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
@@ -157,8 +165,9 @@ def selection_fwd_kernel(
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
     for j in range(0, n_entries):
         key, kv_end, load_end = tile_entry(
-            TILE_KEYS, stride_tk, j, own, slots, starts, end_key, BLOCK_SIZE, BLOCK_H, GROUP_P2
-        )
+            j, bi_row, first, end, own, end_key, TILE_KEYS, TILE_ROWS, stride_bs, stride_tk, Tk,
+            BLOCK_SIZE, BLOCK_H, GROUP_P2, BLOCK_S,
+        )  # fmt: skip
         for sub in tl.static_range(0, BLOCK_SIZE, BLOCK_N):
             cols = key + sub + offs_n
             col_ok = cols < load_end
@@ -179,7 +188,8 @@ def selection_fwd_kernel(
 @triton.autotune(configs=pick_configs(FWD_CONFIGS, lambda c: True), key=FWD_AUTOTUNE_KEY)
 @triton.jit
 def selection_bwd_dq_kernel(
-    Q, K, V, O, DO, DQ, LSE, DELTA, BI, ROW_KEY_START, ROW_LIMITS, TILE_KEYS, TILE_COUNTS,
+    Q, K, V, O, DO, DQ, LSE, DELTA, BI, ROW_KEY_START, ROW_LIMITS, TILE_KEYS, TILE_ROWS,
+    TILE_COUNTS,
     stride_qt, stride_qh, stride_qd,
     stride_kt, stride_kh, stride_kd,
     stride_vt, stride_vh, stride_vd,
@@ -187,7 +197,7 @@ def selection_bwd_dq_kernel(
     stride_dot, stride_doh, stride_dod,
     stride_dqt, stride_dqh, stride_dqd,
     stride_bt, stride_bh, stride_bs, stride_tk,
-    Tq, n_tiles, GROUP, n_sel, D, sm_scale, qk_scale,
+    Tq, Tk, n_tiles, GROUP, n_sel, D, sm_scale, qk_scale,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -198,11 +208,10 @@ def selection_bwd_dq_kernel(
 ):  # fmt: skip
     """Grid: (H_kv * n_tiles,). One program: dQ of its tile's (row, head) pairs, re-walking
     their blocks; also stores delta = rowsum(O * dO) [H, Tq] for the dK/dV kernel."""
-    h_kv, rows, heads, ok, end_key, starts, own, n_entries = row_tile(
+    h_kv, rows, heads, ok, end_key, n_entries, bi_row, first, end, own = row_tile(
         BI, ROW_KEY_START, ROW_LIMITS, TILE_COUNTS, stride_bt, stride_bh, stride_bs, Tq,
-        n_tiles, GROUP, n_sel, BLOCK_SIZE, BLOCK_H, GROUP_P2, BLOCK_S,
+        n_tiles, GROUP, n_sel, BLOCK_H, GROUP_P2, BLOCK_S,
     )  # fmt: skip
-    slots = tl.arange(0, BLOCK_S)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
@@ -229,8 +238,9 @@ def selection_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
     for j in range(0, n_entries):
         key, kv_end, load_end = tile_entry(
-            TILE_KEYS, stride_tk, j, own, slots, starts, end_key, BLOCK_SIZE, BLOCK_H, GROUP_P2
-        )
+            j, bi_row, first, end, own, end_key, TILE_KEYS, TILE_ROWS, stride_bs, stride_tk, Tk,
+            BLOCK_SIZE, BLOCK_H, GROUP_P2, BLOCK_S,
+        )  # fmt: skip
         for sub in tl.static_range(0, BLOCK_SIZE, BLOCK_N):
             dq = dq_tile(
                 dq, q, do, lse, delta, k_base, v_base, key + sub, offs_n, kv_end,
