@@ -42,24 +42,24 @@ def gather_floor_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_H: tl.constexpr,
-    GROUP_P2: tl.constexpr,
+    HEAD_SLOTS: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Grid: (H_kv * n_tiles,) as the selection forward. OUT [H_kv * n_tiles, BLOCK_D] fp32:
     the sum of k + v over the keys the tile loads."""
-    h_kv, _, _, _, end_key, n_entries, bi_row, first, end, own = row_tile(
+    h_kv, rows, heads, ok, end_key, n_entries, bi_row, first, end, own = row_tile(
         BI, ROW_KEY_START, ROW_LIMITS, TILE_COUNTS, stride_bt, stride_bh, stride_bs, Tq,
-        n_tiles, GROUP, n_sel, BLOCK_H, GROUP_P2, BLOCK_S,
+        n_tiles, GROUP, n_sel, BLOCK_H, HEAD_SLOTS, BLOCK_S,
     )  # fmt: skip
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for j in range(0, n_entries):
-        key, _, load_end = tile_entry(
+        key, kv_end, load_end = tile_entry(
             j, bi_row, first, end, own, end_key, TILE_KEYS, TILE_ROWS, stride_bs, stride_tk, Tk,
-            BLOCK_SIZE, BLOCK_H, GROUP_P2, BLOCK_S,
+            BLOCK_SIZE, BLOCK_H, HEAD_SLOTS, BLOCK_S,
         )  # fmt: skip
         for sub in tl.static_range(0, BLOCK_SIZE, BLOCK_N):
             cols = key + sub + offs_n
@@ -87,7 +87,7 @@ def gather_floor(k, v, bi, sel, tiles, q, warps: int, stages: int) -> torch.Tens
         k, v, out, bi, *tables, *k.stride(), *v.stride(), *bi.stride(), stride_tk,
         tq, k.shape[0], tiles.n_tiles, sel.group, n_sel, k.shape[2],
         BLOCK_SIZE=sel.block_size, BLOCK_N=flags["BLOCK_N"], BLOCK_H=flags["BLOCK_H"],
-        GROUP_P2=triton.next_power_of_2(sel.group),
+        HEAD_SLOTS=flags["BLOCK_H"] // tiles.rows,
         BLOCK_S=triton.next_power_of_2(max(n_sel, 1)), BLOCK_D=head_block(k.shape[2]),
         num_warps=warps, num_stages=stages,
     )  # fmt: skip

@@ -157,12 +157,13 @@ class RowTiles:
     counts: torch.Tensor | None
 
 
-def row_tiles(bi: torch.Tensor, sel: Selection) -> RowTiles:
-    """Group the rows into tiles of _block_h(group) // group_p2 rows and list each tile's
-    union of chosen blocks per kv head (torch ops, no host sync). A row's entry counts when
-    it is >= 0 and its block starts before the row's visible end, as in the kernels."""
+def row_tiles(bi: torch.Tensor, sel: Selection, rows: int | None = None) -> RowTiles:
+    """Group the rows into tiles of `rows` rows (default: _block_h(group) // group_p2, the
+    most a tile holds) and list each tile's union of chosen blocks per kv head (torch ops,
+    no host sync). A row's entry counts when it is >= 0 and its block starts before the
+    row's visible end, as in the kernels."""
     tq, h_kv, n_sel = bi.shape
-    rows = _block_h(sel.group) // triton.next_power_of_2(sel.group)
+    rows = rows or _block_h(sel.group) // triton.next_power_of_2(sel.group)
     n_tiles = triton.cdiv(tq, rows)
     if rows == 1:
         return RowTiles(rows, n_tiles, None, None, None)
@@ -214,7 +215,7 @@ def selection_fwd(
         q, k, v, out, lse, bi, *tables,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bi.stride(), stride_tk,
         tq, k.shape[0], tiles.n_tiles, sel.group, n_sel, d, scale * LOG2E,
-        GROUP_P2=triton.next_power_of_2(sel.group),
+        HEAD_SLOTS=_block_h(sel.group) // tiles.rows,
         BLOCK_S=triton.next_power_of_2(max(n_sel, 1)), **_flags(q, sel),
     )  # fmt: skip
     return out, lse
@@ -271,7 +272,7 @@ def selection_bwd(
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *do.stride(), *dq.stride(),
         *bi.stride(), stride_tk, tq, k.shape[0], tiles.n_tiles, sel.group, n_sel, d, scale,
         scale * LOG2E,
-        GROUP_P2=triton.next_power_of_2(sel.group),
+        HEAD_SLOTS=_block_h(sel.group) // tiles.rows,
         BLOCK_S=triton.next_power_of_2(max(n_sel, 1)), **_flags(q, sel),
     )  # fmt: skip
     offsets, rows = inverted_index(bi, sel)

@@ -2,8 +2,8 @@
 
 Varlen rows packed end to end: q [Tq, H, D], k/v [Tk, H_kv, D], any strides. Group-centric:
 a forward / dQ program takes one kv head and a tile of BLOCK_H (row, query head) pairs, the
-GROUP query heads of ROWS = BLOCK_H // GROUP_P2 consecutive rows (BLOCK_H >= 16 for
-tl.dot; GROUP >= 16: one row). It walks the union of the blocks its rows selected, each K/V
+GROUP query heads of ROWS = BLOCK_H // HEAD_SLOTS consecutive rows (BLOCK_H >= 16 for
+tl.dot; HEAD_SLOTS >= GROUP, a power of two; ROWS = 1 when it is BLOCK_H). It walks the union of the blocks its rows selected, each K/V
 block read once for the whole tile, and masks every row to the blocks it chose: where
 selections overlap (short contexts, few heads per group) rows share the reads, and the tile
 rows that one row's group would leave as padding hold other rows instead.
@@ -38,7 +38,7 @@ BWD_DKDV_CONFIGS = [
     triton.Config({"ROW_TILES": r}, num_warps=w, num_stages=s)
     for r, w, s in [(1, 4, 2), (2, 4, 2), (4, 4, 2), (2, 8, 2), (4, 8, 3)]
 ]
-FWD_AUTOTUNE_KEY = ["BLOCK_SIZE", "BLOCK_N", "BLOCK_H", "GROUP_P2", "BLOCK_D", "DOT_PRECISION"]
+FWD_AUTOTUNE_KEY = ["BLOCK_SIZE", "BLOCK_N", "BLOCK_H", "HEAD_SLOTS", "BLOCK_D", "DOT_PRECISION"]
 AUTOTUNE_KEY = ["BLOCK_SIZE", "BLOCK_N", "BLOCK_H", "BLOCK_D", "CAUSAL", "DOT_PRECISION"]
 
 
@@ -62,27 +62,27 @@ def row_tile(
     BI, ROW_KEY_START, ROW_LIMITS, TILE_COUNTS, stride_bt, stride_bh, stride_bs, Tq, n_tiles,
     GROUP, n_sel,
     BLOCK_H: tl.constexpr,
-    GROUP_P2: tl.constexpr,
+    HEAD_SLOTS: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):  # fmt: skip
     """This program's tile (grid H_kv * n_tiles, kv-head-major: the programs running together
     gather from one kv head's K/V, which stays in L2 where all heads' would not). Tile row t
-    is (row tile * ROWS + t // GROUP_P2, query head h_kv * GROUP + t % GROUP_P2). Returns
+    is (row tile * ROWS + t // HEAD_SLOTS, query head h_kv * GROUP + t % HEAD_SLOTS). Returns
     the kv head, rows [BLOCK_H], heads, which pairs exist, each row's end of visible keys
     (packed index), the entries to walk and, with one row per tile, the walk over its own
     indices: their pointer, the row's first and end key, the indices [BLOCK_S]."""
     pid = tl.program_id(0).to(tl.int64)
     h_kv = pid // n_tiles
     offs_t = tl.arange(0, BLOCK_H)
-    rows = (pid % n_tiles) * (BLOCK_H // GROUP_P2) + offs_t // GROUP_P2
-    group_slot = offs_t % GROUP_P2
+    rows = (pid % n_tiles) * (BLOCK_H // HEAD_SLOTS) + offs_t // HEAD_SLOTS
+    group_slot = offs_t % HEAD_SLOTS
     ok = (group_slot < GROUP) & (rows < Tq)
     rows = tl.where(ok, rows, 0)
     end_key = tl.load(ROW_KEY_START + rows) + tl.load(ROW_LIMITS + rows, mask=ok, other=0)
     row = pid % n_tiles
     bi_row = BI + row * stride_bt + h_kv * stride_bh
     slots = tl.arange(0, BLOCK_S)
-    if BLOCK_H == GROUP_P2:
+    if BLOCK_H == HEAD_SLOTS:
         n_entries = n_sel
         first = tl.load(ROW_KEY_START + row)
         end = first + tl.load(ROW_LIMITS + row)
@@ -100,7 +100,7 @@ def tile_entry(
     j, bi_row, first, end, own, end_key, TILE_KEYS, TILE_ROWS, stride_bs, stride_tk, Tk,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_H: tl.constexpr,
-    GROUP_P2: tl.constexpr,
+    HEAD_SLOTS: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):  # fmt: skip
     """Entry j of the walk: the block's first key, each tile row's end of visible keys in it
@@ -108,7 +108,7 @@ def tile_entry(
     none). One row per tile: the row's index at slot j (skipped: -1, past the row's keys, or
     a repeat of an earlier slot). Several: union entry j and its rows' bits (bit r: the
     tile's row r chose it)."""
-    if BLOCK_H == GROUP_P2:
+    if BLOCK_H == HEAD_SLOTS:
         blk = tl.load(bi_row + j * stride_bs).to(tl.int64)
         key = first + blk * BLOCK_SIZE
         slots = tl.arange(0, BLOCK_S)
@@ -121,7 +121,7 @@ def tile_entry(
         at = tl.program_id(0).to(tl.int64) * stride_tk + j
         key = tl.load(TILE_KEYS + at)
         bits = tl.load(TILE_ROWS + at)
-        chosen = ((bits >> (tl.arange(0, BLOCK_H) // GROUP_P2)) & 1) != 0
+        chosen = ((bits >> (tl.arange(0, BLOCK_H) // HEAD_SLOTS)) & 1) != 0
         kv_end = tl.where(chosen, tl.minimum(end_key, key + BLOCK_SIZE), 0)
         load_end = tl.minimum(key + BLOCK_SIZE, Tk)
     return key, kv_end, load_end
@@ -140,7 +140,7 @@ def selection_fwd_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_H: tl.constexpr,
-    GROUP_P2: tl.constexpr,
+    HEAD_SLOTS: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -149,7 +149,7 @@ def selection_fwd_kernel(
     one-pass online softmax in fp32, out and LSE stored once."""
     h_kv, rows, heads, ok, end_key, n_entries, bi_row, first, end, own = row_tile(
         BI, ROW_KEY_START, ROW_LIMITS, TILE_COUNTS, stride_bt, stride_bh, stride_bs, Tq,
-        n_tiles, GROUP, n_sel, BLOCK_H, GROUP_P2, BLOCK_S,
+        n_tiles, GROUP, n_sel, BLOCK_H, HEAD_SLOTS, BLOCK_S,
     )  # fmt: skip
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -166,7 +166,7 @@ def selection_fwd_kernel(
     for j in range(0, n_entries):
         key, kv_end, load_end = tile_entry(
             j, bi_row, first, end, own, end_key, TILE_KEYS, TILE_ROWS, stride_bs, stride_tk, Tk,
-            BLOCK_SIZE, BLOCK_H, GROUP_P2, BLOCK_S,
+            BLOCK_SIZE, BLOCK_H, HEAD_SLOTS, BLOCK_S,
         )  # fmt: skip
         for sub in tl.static_range(0, BLOCK_SIZE, BLOCK_N):
             cols = key + sub + offs_n
@@ -201,7 +201,7 @@ def selection_bwd_dq_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_H: tl.constexpr,
-    GROUP_P2: tl.constexpr,
+    HEAD_SLOTS: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -210,7 +210,7 @@ def selection_bwd_dq_kernel(
     their blocks; also stores delta = rowsum(O * dO) [H, Tq] for the dK/dV kernel."""
     h_kv, rows, heads, ok, end_key, n_entries, bi_row, first, end, own = row_tile(
         BI, ROW_KEY_START, ROW_LIMITS, TILE_COUNTS, stride_bt, stride_bh, stride_bs, Tq,
-        n_tiles, GROUP, n_sel, BLOCK_H, GROUP_P2, BLOCK_S,
+        n_tiles, GROUP, n_sel, BLOCK_H, HEAD_SLOTS, BLOCK_S,
     )  # fmt: skip
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -239,7 +239,7 @@ def selection_bwd_dq_kernel(
     for j in range(0, n_entries):
         key, kv_end, load_end = tile_entry(
             j, bi_row, first, end, own, end_key, TILE_KEYS, TILE_ROWS, stride_bs, stride_tk, Tk,
-            BLOCK_SIZE, BLOCK_H, GROUP_P2, BLOCK_S,
+            BLOCK_SIZE, BLOCK_H, HEAD_SLOTS, BLOCK_S,
         )  # fmt: skip
         for sub in tl.static_range(0, BLOCK_SIZE, BLOCK_N):
             dq = dq_tile(
