@@ -48,7 +48,7 @@ def gather_floor_kernel(
 ):  # fmt: skip
     """Grid: (H_kv * n_tiles,) as the selection forward. OUT [H_kv * n_tiles, BLOCK_D] fp32:
     the sum of k + v over the keys the tile loads."""
-    h_kv, rows, heads, ok, end_key, n_entries, bi_row, first, end, own = row_tile(
+    h_kv, _rows, _heads, _ok, end_key, n_entries, bi_row, first, end, own = row_tile(
         BI, ROW_KEY_START, ROW_LIMITS, TILE_COUNTS, stride_bt, stride_bh, stride_bs, Tq,
         n_tiles, GROUP, n_sel, BLOCK_H, HEAD_SLOTS, BLOCK_S,
     )  # fmt: skip
@@ -57,7 +57,7 @@ def gather_floor_kernel(
     d_ok = offs_d < D
     acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for j in range(0, n_entries):
-        key, kv_end, load_end = tile_entry(
+        key, _kv_end, load_end = tile_entry(
             j, bi_row, first, end, own, end_key, TILE_KEYS, TILE_ROWS, stride_bs, stride_tk, Tk,
             BLOCK_SIZE, BLOCK_H, HEAD_SLOTS, BLOCK_S,
         )  # fmt: skip
