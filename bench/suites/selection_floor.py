@@ -85,7 +85,7 @@ def gather_floor(k, v, bi, sel, tiles, q, warps: int, stages: int) -> torch.Tens
     tables, stride_tk = _walk_args(bi, sel, tiles)
     gather_floor_kernel[(h_kv * tiles.n_tiles,)](
         k, v, out, bi, *tables, *k.stride(), *v.stride(), *bi.stride(), stride_tk,
-        tq, k.shape[0], tiles.n_tiles, sel.group, n_sel, k.shape[2],
+        tq, sel.num_keys, tiles.n_tiles, sel.group, n_sel, k.shape[2],
         BLOCK_SIZE=sel.block_size, BLOCK_N=flags["BLOCK_N"], BLOCK_H=flags["BLOCK_H"],
         HEAD_SLOTS=flags["BLOCK_H"] // tiles.rows,
         BLOCK_S=triton.next_power_of_2(max(n_sel, 1)), BLOCK_D=head_block(k.shape[2]),

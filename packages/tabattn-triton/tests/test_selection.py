@@ -91,6 +91,19 @@ def test_matches_reference_fp32(case):
     compare(q, k, v, cu_q, cu_k, bi, bs, causal, torch.float32)
 
 
+@pytest.mark.parametrize("union", [True, False], ids=["union", "one-row"])
+def test_rows_per_tile_choice(monkeypatch, union):
+    """Both walks give the reference: the union (the rule's pick when rows share blocks)
+    and one padded row per tile (forced), GQA 2, causal, varlen."""
+    monkeypatch.setattr(selection_interface, "UNION_MAX_DISTINCT", 1.0 if union else 0.0)
+    q, k, v, cu_q, cu_k, bi = make_case([5, 0, 6], [40, 9, 33], 4, 2, 32, 8, 5, torch.float32)
+    sel = selection_interface._selection(
+        tuple(cu_q.tolist()), tuple(cu_k.tolist()), 11, 8, True, 2, q.device
+    )
+    assert selection_interface.row_tiles(bi, sel).rows == (8 if union else 1)
+    compare(q, k, v, cu_q, cu_k, bi, 8, True, torch.float32)
+
+
 def test_fp16_strided_layout_and_scale():
     q, k, v, cu_q, cu_k, bi = make_case(
         [4, 3], [30, 17], 4, 1, 32, 16, 2, torch.float16, layout="strided"

@@ -127,6 +127,62 @@ def tile_entry(
     return key, kv_end, load_end
 
 
+@triton.jit
+def tile_union_kernel(
+    BI, ROW_KEY_START, ROW_LIMITS, KEYS, ROW_BITS, COUNTS, stride_bt, stride_bh, stride_bs,
+    Tq, Tk, n_tiles, n_sel,
+    BLOCK_SIZE: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    """Grid: (H_kv * n_tiles,), kv-head-major. The union walk of one tile of ROWS rows:
+    KEYS [H_kv * n_tiles, ROWS * BLOCK_S] the distinct first keys of the blocks its rows
+    chose, ascending, ROW_BITS (same shape, int32) bit r set where row r chose the block,
+    COUNTS [H_kv * n_tiles] how many (entries past the count are not defined)."""
+    pid = tl.program_id(0).to(tl.int64)
+    h_kv = pid // n_tiles
+    offs = tl.arange(0, ROWS * BLOCK_S)
+    slots = tl.arange(0, BLOCK_S)
+    row = (pid % n_tiles) * ROWS + offs // BLOCK_S
+    ok = (row < Tq) & (offs % BLOCK_S < n_sel)
+    row = tl.where(ok, row, 0)
+    idx = tl.load(
+        BI + row * stride_bt + h_kv * stride_bh + (offs % BLOCK_S) * stride_bs, mask=ok, other=-1
+    ).to(tl.int64)
+    first = tl.load(ROW_KEY_START + row)
+    start = first + idx * BLOCK_SIZE
+    counted = (idx >= 0) & (start < first + tl.load(ROW_LIMITS + row, mask=ok, other=0))
+    keys = tl.sort(tl.where(counted, start, Tk))  # Tk: past every key, sorts last
+    out = KEYS + pid * (ROWS * BLOCK_S)
+    tl.store(out + offs, keys)
+    tl.debug_barrier()
+    previous = tl.load(out + offs - 1, mask=offs > 0, other=-1)
+    tl.debug_barrier()
+    distinct = (keys != previous) & (keys < Tk)
+    count = tl.sum(distinct.to(tl.int32), 0)
+    tl.store(out + tl.cumsum(distinct.to(tl.int32), 0) - 1, keys, mask=distinct)
+    tl.debug_barrier()
+    keys = tl.load(out + offs, mask=offs < count, other=Tk)
+    bits = tl.zeros([ROWS * BLOCK_S], tl.int32)
+    for r in tl.static_range(ROWS):
+        row_r = (pid % n_tiles) * ROWS + r
+        row_ok = row_r < Tq
+        row_r = tl.where(row_ok, row_r, 0)
+        idx_r = tl.load(
+            BI + row_r * stride_bt + h_kv * stride_bh + slots * stride_bs,
+            mask=slots < tl.where(row_ok, n_sel, 0),
+            other=-1,
+        ).to(tl.int64)
+        first_r = tl.load(ROW_KEY_START + row_r)
+        start_r = first_r + idx_r * BLOCK_SIZE
+        end_r = first_r + tl.load(ROW_LIMITS + row_r)
+        start_r = tl.where((idx_r >= 0) & (start_r < end_r), start_r, -1)
+        chose = tl.sum((keys[:, None] == start_r[None, :]).to(tl.int32), 1) > 0
+        bits = bits | (chose.to(tl.int32) << r)
+    tl.store(ROW_BITS + pid * (ROWS * BLOCK_S) + offs, bits, mask=offs < count)
+    tl.store(COUNTS + pid, count)
+
+
 @triton.autotune(configs=pick_configs(FWD_CONFIGS, lambda c: True), key=FWD_AUTOTUNE_KEY)
 @triton.jit
 def selection_fwd_kernel(
