@@ -104,6 +104,29 @@ def test_rows_per_tile_choice(monkeypatch, union):
     compare(q, k, v, cu_q, cu_k, bi, 8, True, torch.float32)
 
 
+def test_row_tiles_union_table():
+    """Each tile's union: its rows' counted blocks (>= 0, starting before the row's causal
+    end) as distinct first keys ascending, a bit per row that chose each, and the count."""
+    q, _, _, cu_q, cu_k, bi = make_case([7, 0, 6], [40, 9, 33], 4, 2, 16, 8, 5, torch.float32)
+    sel = selection_interface._selection(
+        tuple(cu_q.tolist()), tuple(cu_k.tolist()), 13, 8, True, 2, q.device
+    )
+    tiles = selection_interface.row_tiles(bi, sel, 4)
+    assert (tiles.rows, tiles.n_tiles) == (4, 4)
+    for h in range(2):
+        for t in range(4):
+            chosen: dict[int, int] = {}
+            for r, row in enumerate(range(4 * t, min(4 * t + 4, 13))):
+                first, limit = int(sel.row_key_start[row]), int(sel.row_limits[row])
+                for blk in bi[row, h].tolist():
+                    if blk >= 0 and blk * 8 < limit:
+                        chosen[first + blk * 8] = chosen.get(first + blk * 8, 0) | 1 << r
+            n = int(tiles.counts[h * 4 + t])
+            assert n == len(chosen)
+            assert tiles.keys[h * 4 + t, :n].tolist() == sorted(chosen)
+            assert tiles.row_bits[h * 4 + t, :n].tolist() == [chosen[c] for c in sorted(chosen)]
+
+
 def test_fp16_strided_layout_and_scale():
     q, k, v, cu_q, cu_k, bi = make_case(
         [4, 3], [30, 17], 4, 1, 32, 16, 2, torch.float16, layout="strided"

@@ -142,7 +142,6 @@ def tile_union_kernel(
     pid = tl.program_id(0).to(tl.int64)
     h_kv = pid // n_tiles
     offs = tl.arange(0, ROWS * BLOCK_S)
-    slots = tl.arange(0, BLOCK_S)
     row = (pid % n_tiles) * ROWS + offs // BLOCK_S
     ok = (row < Tq) & (offs % BLOCK_S < n_sel)
     row = tl.where(ok, row, 0)
@@ -152,34 +151,30 @@ def tile_union_kernel(
     first = tl.load(ROW_KEY_START + row)
     start = first + idx * BLOCK_SIZE
     counted = (idx >= 0) & (start < first + tl.load(ROW_LIMITS + row, mask=ok, other=0))
-    keys = tl.sort(tl.where(counted, start, Tk))  # Tk: past every key, sorts last
-    out = KEYS + pid * (ROWS * BLOCK_S)
-    tl.store(out + offs, keys)
+    # (first key, tile row) pairs, ascending: a block's choosers are one run of equal keys
+    none = Tk * ROWS  # past every pair, sorts last
+    pairs = tl.sort(tl.where(counted, start * ROWS + offs // BLOCK_S, none))
+    keys_out = KEYS + pid * (ROWS * BLOCK_S)
+    bits_out = ROW_BITS + pid * (ROWS * BLOCK_S)
+    tl.store(keys_out + offs, pairs)
     tl.debug_barrier()
-    previous = tl.load(out + offs - 1, mask=offs > 0, other=-1)
+    before = tl.load(keys_out + offs - 1, mask=offs > 0, other=-ROWS)
+    after = tl.load(keys_out + offs + 1, mask=offs < ROWS * BLOCK_S - 1, other=none)
     tl.debug_barrier()
-    distinct = (keys != previous) & (keys < Tk)
-    count = tl.sum(distinct.to(tl.int32), 0)
-    tl.store(out + tl.cumsum(distinct.to(tl.int32), 0) - 1, keys, mask=distinct)
+    key = pairs // ROWS
+    used = pairs < none
+    bit = tl.where(used & (pairs != before), 1 << (pairs % ROWS).to(tl.int32), 0)
+    run_first = used & (key != before // ROWS)
+    run_last = used & (key != after // ROWS)
+    slot = tl.cumsum(run_first.to(tl.int32), 0) - 1  # the run's entry
+    count = tl.sum(run_first.to(tl.int32), 0)
+    bits_through = tl.cumsum(bit, 0)  # a run's bits: through its last minus before its first
+    tl.store(keys_out + slot, key, mask=run_first)
+    tl.store(bits_out + slot, bits_through - bit, mask=run_first)
     tl.debug_barrier()
-    keys = tl.load(out + offs, mask=offs < count, other=Tk)
-    bits = tl.zeros([ROWS * BLOCK_S], tl.int32)
-    for r in tl.static_range(ROWS):
-        row_r = (pid % n_tiles) * ROWS + r
-        row_ok = row_r < Tq
-        row_r = tl.where(row_ok, row_r, 0)
-        idx_r = tl.load(
-            BI + row_r * stride_bt + h_kv * stride_bh + slots * stride_bs,
-            mask=slots < tl.where(row_ok, n_sel, 0),
-            other=-1,
-        ).to(tl.int64)
-        first_r = tl.load(ROW_KEY_START + row_r)
-        start_r = first_r + idx_r * BLOCK_SIZE
-        end_r = first_r + tl.load(ROW_LIMITS + row_r)
-        start_r = tl.where((idx_r >= 0) & (start_r < end_r), start_r, -1)
-        chose = tl.sum((keys[:, None] == start_r[None, :]).to(tl.int32), 1) > 0
-        bits = bits | (chose.to(tl.int32) << r)
-    tl.store(ROW_BITS + pid * (ROWS * BLOCK_S) + offs, bits, mask=offs < count)
+    bits_before = tl.load(bits_out + slot, mask=run_last, other=0)
+    tl.debug_barrier()
+    tl.store(bits_out + slot, bits_through - bits_before, mask=run_last)
     tl.store(COUNTS + pid, count)
 
 
