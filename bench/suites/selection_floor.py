@@ -5,9 +5,10 @@ blocks `row_tile` and `tile_entry` of `tabattn_triton.ops.selection.kernel`) and
 every K/V tile the forward loads, but only sums them: no dots, no softmax. Its time is what
 gathering the selected K/V alone costs on this GPU, so dense ms / floor ms bounds the
 speedup over dense attention that a selection forward of this design (each tile of rows and
-kv head reads the union of its rows' blocks once) can reach. Timed at the suite's shapes next to the selection forward
-(`selection_attention(path="sparse")`) and our dense kernel; the floor's sums are checked
-against torch first (relative error at most 1e-4, fp32 sums of the same values).
+kv head reads the union of its rows' blocks once) can reach. Timed at the suite's shapes
+next to the selection forward (`selection_attention(path="sparse")`) and our dense kernel;
+the floor's sums are checked against torch first (relative error at most 1e-4, fp32 sums of
+the same values).
 """
 
 from __future__ import annotations
@@ -146,7 +147,8 @@ def _floor_row(case: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
     gathered = loaded_blocks * bs * case["D"] * 2 * 2  # K and V, 2 bytes each
     return {**case, "dense_ms": dense_ms, "selection_ms": selection_ms,
             "floor_ms": floors[best], "floor_config": best, "floor_ms_by_config": floors,
-            "rows_per_tile": tiles.rows, "gathered_bytes": gathered, "floor_tb_per_s": gathered / floors[best] / 1e9,
+            "rows_per_tile": tiles.rows, "gathered_bytes": gathered,
+            "floor_tb_per_s": gathered / floors[best] / 1e9,
             "selection_tb_per_s": gathered / selection_ms / 1e9,
             "dense_over_selection": dense_ms / selection_ms,
             "dense_over_floor": dense_ms / floors[best],

@@ -3,20 +3,22 @@
 Varlen rows packed end to end: q [Tq, H, D], k/v [Tk, H_kv, D], any strides. Group-centric:
 a forward / dQ program takes one kv head and a tile of BLOCK_H (row, query head) pairs, the
 GROUP query heads of ROWS = BLOCK_H // HEAD_SLOTS consecutive rows (BLOCK_H >= 16 for
-tl.dot; HEAD_SLOTS >= GROUP, a power of two; ROWS = 1 when it is BLOCK_H). It walks the union of the blocks its rows selected, each K/V
-block read once for the whole tile, and masks every row to the blocks it chose: where
-selections overlap (short contexts, few heads per group) rows share the reads, and the tile
-rows that one row's group would leave as padding hold other rows instead.
+tl.dot; HEAD_SLOTS >= GROUP, a power of two; ROWS = 1 when it is BLOCK_H). It walks the
+union of the blocks its rows selected, each K/V block read once for the whole tile, and
+masks every row to the blocks it chose: where selections overlap (short contexts, few heads
+per group) rows share the reads, and tile rows that one row's group would leave as padding
+hold other rows instead.
 
 Blocks are named by their first key's packed index. A row's index (sequence relative) counts
 when it is >= 0 and its block holds a key the row sees (`row_limits`: the sequence's keys,
 with causal the row's causal end); a repeated index counts once. One row per tile walks the
 row's own indices (a repeat masked off in place); several walk the union listed by
-`row_tiles` (interface.py: ascending, distinct, a bit per tile row that chose the block, a
-count). Skipped entries are masked, not branched around, so the block loop has no branch and
-the pipeliner prefetches the next block's K/V while this one computes. The backward recomputes P from the saved LSE. dK/dV run
-one program per (kv head, key block, BLOCK_N keys of it) over the rows that selected the
-block, listed by an inverted index (interface.py): deterministic, no atomics.
+`tile_union_kernel` (ascending, distinct, a bit per tile row that chose the block, a
+count). Skipped entries are masked, not branched around, so the block loop has no branch
+and the pipeliner prefetches the next block's K/V while this one computes. The backward
+recomputes P from the saved LSE. dK/dV run one program per (kv head, key block, BLOCK_N keys
+of it) over the rows that selected the block, listed by an inverted index (interface.py):
+deterministic, no atomics.
 """
 
 from __future__ import annotations
