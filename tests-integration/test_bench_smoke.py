@@ -28,16 +28,24 @@ HEADER_FIELDS = (
 )
 
 
-def _run_smoke(suite: str, out: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", suite, "--smoke", "--out", str(out)],
-        cwd=REPO_ROOT,
-        env=dict(os.environ),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def _run(*args: str, interpret: bool = False, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python -m <args>` from the repository root (with TRITON_INTERPRET=1 if asked)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"} if interpret else dict(os.environ)
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def _run_ok(*args: str, interpret: bool = False) -> subprocess.CompletedProcess:
+    """`_run`, which must exit 0 (its output shown otherwise)."""
+    proc = _run(*args, interpret=interpret)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc
+
+
+def _run_smoke(suite: str, out: Path) -> subprocess.CompletedProcess:
+    proc = _run_ok("bench", suite, "--smoke", "--out", str(out))
     assert "| shape | mode | provider |" in proc.stdout
     return proc
 
@@ -144,12 +152,7 @@ def test_bench_smoke_other_suites(suite: str, tmp_path: Path) -> None:
 def test_predictor_top_k_accuracy_smoke(tmp_path: Path) -> None:
     """`python -m bench.suites.selection predictor-accuracy --smoke`: top-k densities differ
     from dense with few blocks and equal them (float64) when k covers the context."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.suites.selection", "predictor-accuracy", "--smoke",
-         "--out", str(tmp_path)],
-        cwd=REPO_ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    _run_ok("bench.suites.selection", "predictor-accuracy", "--smoke", "--out", str(tmp_path))
     rows = json.loads((tmp_path / "selection_predictor_accuracy.json").read_text())["rows"]
     assert {r["task"] for r in rows} == {"golden", "synthetic"}
     for r in rows:
@@ -163,13 +166,8 @@ def test_selection_crossover_smoke(tmp_path: Path) -> None:
     """`python -m bench.suites.selection crossover --smoke` (Triton interpreter on CPU):
     op and predictor cells checked and timed on both paths, per-series crossovers, and both
     rules fitted with the names of the constants they fill."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.suites.selection", "crossover", "--smoke",
-         "--device", "cpu", "--out", str(tmp_path)],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    _run_ok("bench.suites.selection", "crossover", "--smoke", "--device", "cpu",
+            "--out", str(tmp_path), interpret=True)  # fmt: skip
     result = json.loads((tmp_path / "selection_crossover.json").read_text())
     assert result["header"]["suite"] == "selection_crossover"
     for level, sizes in (("op", "dense_scores"), ("predictor", "Nc")):
@@ -187,12 +185,8 @@ def test_training_ddp_scaling_smoke(tmp_path: Path) -> None:
     """`python -m bench.suites.training ddp-scaling --smoke`: torchrun with 1 and 2 ranks
     (gloo on CPU) trains the tiny model; every run logs tokens/s and the 2-rank run has an
     efficiency against the 1-rank one."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.suites.training", "ddp-scaling", "--smoke",
-         "--variants", "sdpa", "--worlds", "1,2", "--steps", "21", "--out", str(tmp_path)],
-        cwd=REPO_ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    _run_ok("bench.suites.training", "ddp-scaling", "--smoke", "--variants", "sdpa",
+            "--worlds", "1,2", "--steps", "21", "--out", str(tmp_path))  # fmt: skip
     result = json.loads((tmp_path / "training_ddp.json").read_text())
     assert result["header"]["worlds"] == [1, 2]
     runs = result["runs"]
@@ -207,11 +201,8 @@ def test_training_ddp_scaling_smoke(tmp_path: Path) -> None:
 
 def test_graph_timing_needs_cuda(tmp_path: Path) -> None:
     """`--graph` (time CUDA-graph replays) is refused on a CPU device, naming the reason."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", "training_kernels", "--smoke", "--device", "cpu",
-         "--graph", "--out", str(tmp_path)],
-        cwd=REPO_ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    proc = _run("bench", "training_kernels", "--smoke", "--device", "cpu", "--graph",
+                "--out", str(tmp_path), timeout=120)  # fmt: skip
     assert proc.returncode == 2 and "--graph needs a CUDA device" in proc.stderr, proc.stderr
 
 
@@ -219,13 +210,8 @@ def test_selection_floor_smoke(tmp_path: Path) -> None:
     """`python -m bench.suites.selection floor --smoke` (Triton interpreter on CPU): the
     gather-floor kernel's sums checked against torch under every config (the command exits
     non-zero otherwise), then dense, selection and floor timed per GQA group."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.suites.selection", "floor", "--smoke",
-         "--device", "cpu", "--out", str(tmp_path)],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    _run_ok("bench.suites.selection", "floor", "--smoke", "--device", "cpu",
+            "--out", str(tmp_path), interpret=True)  # fmt: skip
     result = json.loads((tmp_path / "selection_floor.json").read_text())
     assert result["header"]["suite"] == "selection_floor"
     assert [r["G"] for r in result["rows"]] == [1, 2]
