@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from bench.harness import RunConfig, collect_header
-from tabattn_triton.ops.common import head_block, load_rows
+from tabattn_triton.ops.common import load_rows
 from tabattn_triton.ops.selection.kernel import row_tile, tile_entry
 
 # (num_warps, num_stages) tried for the floor; its time is the fastest of them.
@@ -83,14 +83,12 @@ def gather_floor(k, v, bi, sel, tiles, q, warps: int, stages: int) -> torch.Tens
     out = torch.empty(
         (h_kv * tiles.n_tiles, flags["BLOCK_D"]), device=k.device, dtype=torch.float32
     )
-    tables, stride_tk = _walk_args(bi, sel, tiles)
+    tables, stride_tk, walk = _walk_args(bi, sel, tiles)
     gather_floor_kernel[(h_kv * tiles.n_tiles,)](
         k, v, out, bi, *tables, *k.stride(), *v.stride(), *bi.stride(), stride_tk,
-        tq, sel.num_keys, tiles.n_tiles, sel.group, n_sel, k.shape[2],
+        tq, sel.num_keys, tiles.n_tiles, sel.group, n_sel, k.shape[2], **walk,
         BLOCK_SIZE=sel.block_size, BLOCK_N=flags["BLOCK_N"], BLOCK_H=flags["BLOCK_H"],
-        HEAD_SLOTS=flags["BLOCK_H"] // tiles.rows,
-        BLOCK_S=triton.next_power_of_2(max(n_sel, 1)), BLOCK_D=head_block(k.shape[2]),
-        num_warps=warps, num_stages=stages,
+        BLOCK_D=flags["BLOCK_D"], num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out[:, : k.shape[2]]
 

@@ -149,9 +149,10 @@ def _flags(q: torch.Tensor, sel: Selection, *, dkdv: bool = False) -> dict:
 @dataclass(frozen=True)
 class RowTiles:
     """The forward / dQ walk: rows per tile, tiles, and (several rows per tile) each tile's
-    distinct chosen blocks as first keys, ascending [H_kv * n_tiles, rows * n_sel] int64,
-    which of the tile's rows chose each (bit r: row r; int32, same shape) and their count
-    [H_kv * n_tiles] int32 (None with one row per tile)."""
+    distinct chosen blocks as first keys, ascending [H_kv * n_tiles, rows * BLOCK_S] int64
+    (BLOCK_S: n_sel padded to a power of two), which of the tile's rows chose each (bit r:
+    row r; int32, same shape) and their count [H_kv * n_tiles] int32 (None with one row per
+    tile)."""
 
     rows: int
     n_tiles: int
@@ -203,11 +204,16 @@ def row_tiles(bi: torch.Tensor, sel: Selection, rows: int | None = None) -> RowT
 
 
 def _walk_args(bi: torch.Tensor, sel: Selection, tiles: RowTiles) -> tuple:
-    """Kernel arguments of the walk: its tables, and the key table's row stride."""
+    """Kernel arguments of the walk (`row_tile` / `tile_entry`): its tables, the key table's
+    row stride, and its constexprs HEAD_SLOTS and BLOCK_S."""
+    constexprs = {
+        "HEAD_SLOTS": _block_h(sel.group) // tiles.rows,
+        "BLOCK_S": triton.next_power_of_2(max(bi.shape[2], 1)),
+    }
     if tiles.keys is None:  # one row per tile: the tables are not read
-        return (sel.row_key_start, sel.row_limits, bi, bi, bi), 0
+        return (sel.row_key_start, sel.row_limits, bi, bi, bi), 0, constexprs
     tables = (sel.row_key_start, sel.row_limits, tiles.keys, tiles.row_bits, tiles.counts)
-    return tables, tiles.keys.stride(0)
+    return tables, tiles.keys.stride(0), constexprs
 
 
 def selection_fwd(
@@ -226,13 +232,12 @@ def selection_fwd(
     lse = torch.empty((h, tq), device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
-    tables, stride_tk = _walk_args(bi, sel, tiles)
+    tables, stride_tk, walk = _walk_args(bi, sel, tiles)
     selection_fwd_kernel[(h_kv * tiles.n_tiles,)](
         q, k, v, out, lse, bi, *tables,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bi.stride(), stride_tk,
         tq, sel.num_keys, tiles.n_tiles, sel.group, n_sel, d, scale * LOG2E,
-        HEAD_SLOTS=_block_h(sel.group) // tiles.rows,
-        BLOCK_S=triton.next_power_of_2(max(n_sel, 1)), **_flags(q, sel),
+        **walk, **_flags(q, sel),
     )  # fmt: skip
     return out, lse
 
@@ -282,14 +287,12 @@ def selection_bwd(
     if do.stride(-1) != 1:
         do = do.contiguous()
     delta = torch.empty((h, tq), device=q.device, dtype=torch.float32)
-    tables, stride_tk = _walk_args(bi, sel, tiles)
+    tables, stride_tk, walk = _walk_args(bi, sel, tiles)
     selection_bwd_dq_kernel[(h_kv * tiles.n_tiles,)](
         q, k, v, out, do, dq, lse, delta, bi, *tables,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *do.stride(), *dq.stride(),
         *bi.stride(), stride_tk, tq, sel.num_keys, tiles.n_tiles, sel.group, n_sel, d, scale,
-        scale * LOG2E,
-        HEAD_SLOTS=_block_h(sel.group) // tiles.rows,
-        BLOCK_S=triton.next_power_of_2(max(n_sel, 1)), **_flags(q, sel),
+        scale * LOG2E, **walk, **_flags(q, sel),
     )  # fmt: skip
     offsets, rows = inverted_index(bi, sel)
     flags = _flags(q, sel, dkdv=True)
