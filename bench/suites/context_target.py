@@ -170,17 +170,33 @@ def _as_pair(result: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     return result, None
 
 
-def _make_tabattn(case: dict[str, Any], inputs: Inputs):
-    q, k, v = _qkv(inputs)
-    need_gpu_or_interpreter(q, "tabattn (Triton)")
-    kind, entry = _tabattn_entry(q.device.type)
-    m, scale = case["M"], inputs.extra["scale"]
-    if kind == "flash_attention":
+def _make_tabattn(kernel: str):
+    """tabattn's flash_attention with its forward kernel "auto" (what users get), "sm90"
+    (the Gluon kernel forced) or "portable" (the plain Triton kernel forced)."""
+
+    def make(case: dict[str, Any], inputs: Inputs):
+        q, k, v = _qkv(inputs)
+        need_gpu_or_interpreter(q, "tabattn (Triton)")
+        kind, entry = _tabattn_entry(q.device.type)
+        m, scale = case["M"], inputs.extra["scale"]
+        if kind != "flash_attention":
+            if kernel != "auto":
+                raise Unavailable(f"kernel={kernel!r} needs tabattn_triton's flash_attention")
+            return lambda: _as_pair(entry(q, k, v, context_lens=m, scale=scale))
         from tabattn_core.masks import ContextTargetMask
 
+        if kernel == "sm90":
+            from tabattn_triton.ops.attention.interface import sm90_unsupported
+
+            why = sm90_unsupported(q, k, v)
+            if why is not None:
+                raise Unavailable(f"tabattn-sm90 {why}")
         mask = ContextTargetMask(q.shape[-2], k.shape[-2], m)
-        return lambda: _as_pair(entry(q, k, v, mask=mask, scale=scale, return_lse=True))
-    return lambda: _as_pair(entry(q, k, v, context_lens=m, scale=scale))
+        return lambda: _as_pair(
+            entry(q, k, v, mask=mask, scale=scale, return_lse=True, kernel=kernel)
+        )
+
+    return make
 
 
 def _make_sdpa(backend_name: str):
@@ -267,9 +283,19 @@ SUITE = register_suite(
         providers={
             "tabattn": Provider(
                 "tabattn",
-                _make_tabattn,
-                "tabattn_triton.ops.attention.flash_attention with ContextTargetMask "
-                "(fallback: registry backend 'triton')",
+                _make_tabattn("auto"),
+                "tabattn_triton.ops.attention.flash_attention with ContextTargetMask, "
+                "kernel='auto' (fallback: registry backend 'triton')",
+            ),
+            "tabattn-sm90": Provider(
+                "tabattn-sm90",
+                _make_tabattn("sm90"),
+                "flash_attention, kernel='sm90' (the Gluon forward forced; Hopper only)",
+            ),
+            "tabattn-plain": Provider(
+                "tabattn-plain",
+                _make_tabattn("portable"),
+                "flash_attention, kernel='portable' (the plain Triton kernel forced)",
             ),
             "sdpa-cudnn": Provider(
                 "sdpa-cudnn", _make_sdpa("CUDNN_ATTENTION"), "SDPA, cuDNN backend, no mask"

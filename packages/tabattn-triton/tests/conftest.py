@@ -16,6 +16,11 @@ from tabattn_core.testing import nan_poisoned_empty, skip_gpu_tests_without_cuda
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     skip_gpu_tests_without_cuda(items)
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() != (9, 0):
+        skip = pytest.mark.skip(reason="needs a Hopper (sm90) GPU")
+        for item in items:
+            if "sm90" in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,10 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 import triton
@@ -34,7 +37,9 @@ from tabattn_triton.ops.common import (
     MASK_CAUSAL,
     MASK_CONTEXT,
     MASK_NONE,
+    autotune_enabled,
     bucket,
+    capturing,
     check_device,
     dot_precision,
     head_block,
@@ -43,6 +48,17 @@ from tabattn_triton.ops.common import (
 __all__ = ["PrefixMask", "context_target_attention", "flash_attention", "prefix_mask_of"]
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+log = logging.getLogger("tabattn")
+ENV_KERNEL = "TABATTN_ATTENTION_KERNEL"
+KERNELS = ("auto", "sm90", "portable")
+_said: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        log.warning("tabattn attention: %s", message)
 
 
 @dataclass(frozen=True)
@@ -145,15 +161,20 @@ def attention_fwd(
     scale: float,
     group: int,
     varlen: Varlen | None = None,
+    kernel: str = "portable",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward; returns out [B, H, Lq, D] (q.dtype) and lse [B, H, Lq] fp32
-    (with varlen: q is [1, H, Tq, D] and lse [1, H, Tq])."""
+    """Launch the forward (kernel "sm90" or "portable", see `forward_kernel`); returns out
+    [B, H, Lq, D] (q.dtype) and lse [B, H, Lq] fp32 (with varlen: q is [1, H, Tq, D] and lse
+    [1, H, Tq])."""
     h, d = q.shape[1], q.shape[3]
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
     batch, lq, lk, pointers, runtime, tune, flags = _launch_args(q, k, group, pm, varlen)
+    if kernel == "sm90":
+        _attention_fwd_sm90(q, k, v, out, lse, pm, scale, group, batch, lq, lk, pointers, flags)
+        return out, lse
     grid = lambda meta: (batch * h * triton.cdiv(lq, meta["BLOCK_M"]),)
     attention_fwd_kernel[grid](
         q, k, v, out, lse, *pointers,
@@ -205,12 +226,123 @@ def attention_bwd(
     return dq, dk, dv
 
 
+@cache
+def _sm90_device(index: int) -> bool:
+    """A Hopper GPU and a Triton with Gluon's Hopper API."""
+    if torch.cuda.get_device_capability(index) != (9, 0):
+        return False
+    try:
+        from tabattn_triton.ops.attention import kernel_sm90  # noqa: F401
+    except ImportError as exc:
+        _say_once(f"the sm90 kernel is unavailable ({exc}); the portable kernel runs")
+        return False
+    return True
+
+
+def sm90_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why the sm90 forward cannot run these inputs, or None when it can."""
+    from tabattn_triton.ops.attention.kernel_sm90 import SM90_HEAD_DIMS
+
+    if q.device.type != "cuda" or not _sm90_device(q.device.index or 0):
+        return f"needs a Hopper (sm90) GPU, got {q.device}"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"needs fp16 or bf16, got {q.dtype}"
+    if q.shape[3] not in SM90_HEAD_DIMS:
+        return f"needs head dim in {SM90_HEAD_DIMS}, got {q.shape[3]}"
+    if k.shape[2] == 0:
+        return "needs at least one key"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.data_ptr() % 16 or any(st % 8 for st in t.stride()[:3]):
+            return f"needs 16-byte aligned {name} (base and strides), got strides {t.stride()}"
+    return None
+
+
+def forward_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str | None) -> str:
+    """The forward kernel for a call: `kernel` ("auto", "sm90", "portable"), else the
+    TABATTN_ATTENTION_KERNEL environment variable, else "auto" (sm90 where it can run)."""
+    choice = kernel or os.environ.get(ENV_KERNEL, "auto")
+    if choice not in KERNELS:
+        source = "kernel" if kernel else ENV_KERNEL
+        raise InputError(f"{source}: expected one of {KERNELS}, got {choice!r}")
+    if choice == "portable":
+        return "portable"
+    why = sm90_unsupported(q, k, v)
+    if why is None:
+        return "sm90"
+    if choice == "sm90":
+        raise InputError(f"kernel: 'sm90' {why}")
+    return "portable"
+
+
+@cache
+def _sm90_layout(dtype: torch.dtype, rows: int, head_dim: int):
+    from tabattn_triton.ops.gluon_compat import gl
+
+    gl_dtype = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
+    return gl.NVMMASharedLayout.get_default_for([1, 1, rows, head_dim], gl_dtype)
+
+
+def _sm90_descriptor(t: torch.Tensor, rows: int):
+    from tabattn_triton.ops.gluon_compat import TensorDescriptor
+
+    block = [1, 1, rows, t.shape[3]]
+    layout = _sm90_layout(t.dtype, rows, t.shape[3])
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
+
+
+_sm90_configs: dict[tuple, tuple] = {}
+
+
+def _attention_fwd_sm90(q, k, v, out, lse, pm, scale, group, batch, lq, lk, pointers, flags):
+    """Launch kernel_sm90's forward: the config measured best for this shape bucket (the
+    first config while autotuning is off or a graph is being captured)."""
+    from tabattn_triton.ops.attention.kernel_sm90 import (
+        CONSUMER_REGS,
+        ROWS_PER_CONSUMER,
+        SM90_FWD_CONFIGS,
+        attention_fwd_sm90_kernel,
+    )
+
+    h, d = q.shape[1], q.shape[3]
+    q_desc = _sm90_descriptor(q, ROWS_PER_CONSUMER)
+
+    def launch(config):
+        block_n, stages, consumers, pingpong = config
+        kv_desc = (_sm90_descriptor(k, block_n), _sm90_descriptor(v, block_n))
+        grid = (batch * h * triton.cdiv(lq, consumers * ROWS_PER_CONSUMER),)
+        attention_fwd_sm90_kernel[grid](
+            q_desc, *kv_desc, out, lse, *pointers,
+            out.stride(0), out.stride(1), out.stride(2),
+            h, group, lq, lk, scale * LOG2E,
+            pm.ctx_len, pm.causal_offset, pm.ar_buffer, pm.ar_chunked, q.shape[2],
+            MASK=flags["MASK"], HAS_CTX_LENS=flags["HAS_CTX_LENS"], IS_VARLEN=flags["IS_VARLEN"],
+            BLOCK_N=block_n, STAGES=stages, CONSUMERS=consumers, PINGPONG=pingpong,
+            CONSUMER_REGS=CONSUMER_REGS[consumers], num_warps=4,
+        )  # fmt: skip
+
+    configs = SM90_FWD_CONFIGS[d]
+    key = (d, q.dtype, flags["MASK"], bucket(lq), bucket(lk), bucket(group), bucket(batch * h))
+    config = _sm90_configs.get(key)
+    if config is None:
+        if len(configs) == 1 or not autotune_enabled() or capturing():
+            config = configs[0]
+        else:
+            timings = [
+                triton.testing.do_bench(lambda c=c: launch(c), warmup=5, rep=20) for c in configs
+            ]
+            config = configs[timings.index(min(timings))]
+            _sm90_configs[key] = config
+    launch(config)
+
+
 class FlashAttentionFunction(torch.autograd.Function):
     """Saves q, k, v, out, lse; the LSE output is not differentiable."""
 
     @staticmethod
-    def forward(ctx, q, k, v, pm: PrefixMask, scale: float, group: int, varlen: Varlen | None):
-        out, lse = attention_fwd(q, k, v, pm, scale, group, varlen)
+    def forward(
+        ctx, q, k, v, pm: PrefixMask, scale: float, group: int, varlen: Varlen | None, kernel: str
+    ):
+        out, lse = attention_fwd(q, k, v, pm, scale, group, varlen, kernel)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.pm, ctx.scale, ctx.group, ctx.varlen = pm, scale, group, varlen
         ctx.mark_non_differentiable(lse)
@@ -220,7 +352,7 @@ class FlashAttentionFunction(torch.autograd.Function):
     def backward(ctx, do, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = attention_bwd(do, q, k, v, out, lse, ctx.pm, ctx.scale, ctx.group, ctx.varlen)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 def flash_attention(
@@ -231,6 +363,7 @@ def flash_attention(
     mask: MaskSpec | None = None,
     scale: float | None = None,
     return_lse: bool = False,
+    kernel: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Flash attention forward and backward with a prefix mask.
 
@@ -248,7 +381,9 @@ def flash_attention(
                                                  ■ ■ ■ · ·
     ```
     Returns out [B, H, Lq, D], and with return_lse also lse [B, H, Lq] (fp32, natural log;
-    -inf with out 0 for rows that see no key).
+    -inf with out 0 for rows that see no key). kernel: the forward kernel, "auto" (the
+    Hopper kernel of kernel_sm90.py where it can run, else the portable one), "sm90" or
+    "portable"; None reads TABATTN_ATTENTION_KERNEL (default "auto").
     """
     group = check_attention_inputs(q, k, v)
     pm = prefix_mask_of(mask, q.shape[2], k.shape[2], q.shape[0])
@@ -257,8 +392,9 @@ def flash_attention(
             f"mask: expected None, FullMask, ContextTargetMask, CausalMask or ARTrainingRowMask, "
             f"got {type(mask).__name__} (decode, teacher-forcing and selection masks have their own ops)"
         )
+    scale = check_scale(scale, q.shape[3])
     out, lse = FlashAttentionFunction.apply(
-        q, k, v, pm, check_scale(scale, q.shape[3]), group, None
+        q, k, v, pm, scale, group, None, forward_kernel(q, k, v, kernel)
     )
     return (out, lse) if return_lse else out
 
@@ -286,7 +422,10 @@ def context_target_attention(
         pm = PrefixMask(MASK_CONTEXT, ctx_len=int(context_lens))
     else:
         raise InputError(f"context_lens: expected an int in [0, {lk}], got {context_lens}")
-    return FlashAttentionFunction.apply(q, k, v, pm, check_scale(scale, q.shape[3]), group, None)
+    scale = check_scale(scale, q.shape[3])
+    return FlashAttentionFunction.apply(
+        q, k, v, pm, scale, group, None, forward_kernel(q, k, v, None)
+    )
 
 
 def varlen_attention(
@@ -318,7 +457,8 @@ def varlen_attention(
     longest_q, longest_k = (int(cu.diff().max()) if cu.numel() > 1 else 0 for cu in (cu_q, cu_k))
     varlen = Varlen(cu_q.to(q.device), cu_k.to(q.device), longest_q, longest_k)
     pm = PrefixMask(MASK_CAUSAL) if causal else PrefixMask()
+    scale = check_scale(scale, q.shape[2])
     out, lse = FlashAttentionFunction.apply(
-        q4, k4, v4, pm, check_scale(scale, q.shape[2]), group, varlen
+        q4, k4, v4, pm, scale, group, varlen, forward_kernel(q4, k4, v4, None)
     )
     return out[0].transpose(0, 1), lse[0]

@@ -1,0 +1,93 @@
+# ruff: noqa: B023  (the timed lambdas run inside the iteration that makes them)
+"""Study: every sm90 forward config against SDPA-cuDNN and the portable kernel, forward only.
+
+`python -m bench.studies.sm90_fwd_configs [--out DIR]` on a Hopper GPU: the context-target
+suite's shapes (bf16, H=8), each config checked against the portable kernel (out and LSE)
+before it is timed (do_bench median), TFLOP/s and ratios printed and written as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+import triton
+
+from bench.suites.context_target import HEAD_DIMS, SIZES, H
+
+
+def main() -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    from tabattn_core.masks import ContextTargetMask
+    from tabattn_triton.ops.attention import interface
+    from tabattn_triton.ops.attention.kernel_sm90 import SM90_FWD_CONFIGS
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    rows = []
+    for d in HEAD_DIMS:
+        for b, m, n in SIZES:
+            q = torch.randn(b, H, m + n, d, device="cuda", dtype=torch.bfloat16)
+            k, v = (torch.randn(b, H, m, d, device="cuda", dtype=torch.bfloat16) for _ in "kv")
+            mask = ContextTargetMask(m + n, m, m)
+            flops = 4.0 * b * H * (m + n) * m * d
+
+            def tf(ms: float) -> float:
+                return flops / ms / 1e9
+
+            plain = lambda: interface.flash_attention(
+                q, k, v, mask=mask, return_lse=True, kernel="portable"
+            )
+            ref_out, ref_lse = plain()
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                cudnn_ms = triton.testing.do_bench(lambda: sdpa(q, k, v), return_mode="median")
+            plain_ms = triton.testing.do_bench(plain, return_mode="median")
+            row = {"B": b, "M": m, "N": n, "D": d, "cudnn_tflops": tf(cudnn_ms),
+                   "portable_tflops": tf(plain_ms), "configs": {}}  # fmt: skip
+            for config in SM90_FWD_CONFIGS[d]:
+                interface._sm90_configs.clear()
+                key_configs = {d: [config]}
+                original = dict(SM90_FWD_CONFIGS)
+                SM90_FWD_CONFIGS.update(key_configs)
+                try:
+                    fast = lambda: interface.flash_attention(
+                        q, k, v, mask=mask, return_lse=True, kernel="sm90"
+                    )
+                    out, lse = fast()
+                    err_o = ((out.float() - ref_out.float()).norm() / ref_out.float().norm()).item()
+                    err_l = (lse - ref_lse).abs().max().item()
+                    ok = err_o < 2e-2 and err_l < 1e-2 and bool(torch.isfinite(out).all())
+                    ms = triton.testing.do_bench(fast, return_mode="median") if ok else float("nan")
+                except Exception as exc:  # a config that fails is reported, not fatal
+                    err_o, err_l, ok, ms = repr(exc)[:200], None, False, float("nan")
+                finally:
+                    SM90_FWD_CONFIGS.update(original)
+                row["configs"][str(config)] = {"ok": ok, "err_out": err_o, "err_lse": err_l,
+                                               "tflops": tf(ms), "vs_cudnn": cudnn_ms / ms}  # fmt: skip
+            best = max(row["configs"].values(), key=lambda c: c["tflops"] if c["ok"] else 0)
+            print(
+                f"B{b} M{m} N{n} D{d}: cudnn {row['cudnn_tflops']:.0f} portable "
+                f"{row['portable_tflops']:.0f} | "
+                + " ".join(
+                    f"{c}:{r['tflops']:.0f}{'' if r['ok'] else '(BAD ' + str(r['err_out']) + ')'}"
+                    for c, r in row["configs"].items()
+                )
+                + f" | best vs cudnn {best['vs_cudnn']:.2f}x",
+                flush=True,
+            )
+            rows.append(row)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        header = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                  "triton": triton.__version__}  # fmt: skip
+        with open(os.path.join(args.out, "sm90_fwd_configs.json"), "w") as f:
+            json.dump({"header": header, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
