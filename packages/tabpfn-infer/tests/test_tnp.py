@@ -15,9 +15,9 @@ import torch.multiprocessing as mp
 from tabattn_core.checks import InputError
 from tabattn_core.testing import REL_TOL, assert_rel_close, rel_error
 from tabpfn_infer.cli import main
-from tabpfn_infer.prior import sample_tasks
-from tabpfn_infer.tnp import KERNELS, TNPConfig, TransformerNP
-from tabpfn_infer.train_tnp import (
+from tabpfn_infer.training.prior import sample_tasks
+from tabpfn_infer.training.tnp import KERNELS, TNPConfig, TransformerNP
+from tabpfn_infer.training.train_tnp import (
     TNPTrainConfig,
     TNPTrainer,
     load_tnp_checkpoint,

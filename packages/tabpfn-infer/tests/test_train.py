@@ -7,8 +7,8 @@ import torch
 
 from tabattn_core.checks import InputError
 from tabpfn_infer.predictor import ARTabPFNPredictor
-from tabpfn_infer.prior import sample_tasks
-from tabpfn_infer.train import TrainConfig, config_from_dict, load_checkpoint, train
+from tabpfn_infer.training.prior import sample_tasks
+from tabpfn_infer.training.train import TrainConfig, config_from_dict, load_checkpoint, train
 
 
 def test_prior_shapes_normalisation_and_seed():

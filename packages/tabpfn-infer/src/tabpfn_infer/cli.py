@@ -20,7 +20,7 @@ import torch
 from tabattn_core.checks import InputError
 from tabpfn_infer import __version__
 from tabpfn_infer.estimator import ARTabPFNRegressor
-from tabpfn_infer.train import config_from_dict, load_checkpoint, train
+from tabpfn_infer.training.train import config_from_dict, load_checkpoint, train
 
 #: Distributions of this project whose versions ``--version`` reports when installed.
 TABATTN_DISTRIBUTIONS = ("tabattn-core", "tabattn-triton", "tabattn-fp8", "tabpfn-infer")
@@ -191,7 +191,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _train_tnp(args: argparse.Namespace) -> int:
-    from tabpfn_infer.train_tnp import TNPTrainConfig, train_tnp
+    from tabpfn_infer.training.train_tnp import TNPTrainConfig, train_tnp
 
     values = json.loads(args.config.read_text()) if args.config else {}
     model = dict(values.get("model", {}))

@@ -21,7 +21,7 @@ import torch
 from tabattn_core.checks import InputError
 from tabattn_core.registry import registry
 from tabpfn_infer.estimator import ARTabPFNRegressor, table_tensor
-from tabpfn_infer.train import load_checkpoint
+from tabpfn_infer.training.train import load_checkpoint
 
 __all__ = [
     "CHECKPOINT",

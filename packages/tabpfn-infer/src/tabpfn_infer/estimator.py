@@ -13,7 +13,7 @@ from tabattn_core.checks import InputError
 from tabattn_core.gmm import gmm_mean_var, gmm_quantile
 from tabpfn_infer.model import ARTabPFN
 from tabpfn_infer.predictor import ARTabPFNPredictor, check_finite
-from tabpfn_infer.train import resolve_device
+from tabpfn_infer.training.train import resolve_device
 
 __all__ = ["ARTabPFNRegressor", "table_tensor"]
 
