@@ -169,7 +169,7 @@ def test_refused_graph_capture_runs_eagerly_and_warns_once(monkeypatch):
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(predictor, "_graphs_apply", lambda device: True)
-    monkeypatch.setattr("tabpfn_infer.predictor._Captured", refuse)
+    monkeypatch.setattr("tabpfn_infer.predictor.graphs.Captured", refuse)
     with pytest.warns(RuntimeWarning, match="evaluate_joint_density: CUDA-graph capture failed"):
         got = predictor.evaluate_joint_density(xc, yc, xt, yt)
     torch.testing.assert_close(got, expect, rtol=0, atol=0)
@@ -299,14 +299,14 @@ def test_gpu_chain_rule_and_large_batch():
 
 def test_reference_backend_splits_large_calls(monkeypatch):
     """With a tiny score budget every reference call is split; results do not change."""
-    import tabpfn_infer.predictor as predictor_module
+    from tabpfn_infer.predictor import routing
 
     predictor = ARTabPFNPredictor(small_model(), backend="torch")
     for shared in (True, False):
         xc, yc, xt, yt = task(b=5, shared=shared)
         want = predictor.evaluate_joint_density(xc, yc, xt, yt)
         want_steps = predictor.stepwise_log_density(xc, yc, xt, yt)
-        monkeypatch.setattr(predictor_module, "SCORE_BUDGET", 1)
+        monkeypatch.setattr(routing, "SCORE_BUDGET", 1)
         torch.testing.assert_close(
             predictor.evaluate_joint_density(xc, yc, xt, yt), want, rtol=1e-12, atol=1e-12
         )
@@ -319,19 +319,19 @@ def test_reference_backend_splits_large_calls(monkeypatch):
 def test_fp32_precision_is_checked_and_scopes_every_call(monkeypatch):
     """The predictor's fp32_precision is the scoped dot precision while its methods run (and
     only then); an unknown one is refused naming the argument."""
-    import tabpfn_infer.predictor as predictor_module
     from tabattn_core.precision import scoped_fp32_dot_precision
+    from tabpfn_infer.predictor import passes
 
     with pytest.raises(InputError, match="fp32_precision: expected one of"):
         ARTabPFNPredictor(small_model(), fp32_precision="ieee")
     seen = []
-    through_layers = predictor_module._through_layers
+    through_layers = passes.through_layers
 
     def spy(*args, **kwargs):
         seen.append(scoped_fp32_dot_precision())
         return through_layers(*args, **kwargs)
 
-    monkeypatch.setattr(predictor_module, "_through_layers", spy)
+    monkeypatch.setattr(passes, "through_layers", spy)
     predictor = ARTabPFNPredictor(small_model(), backend="torch", fp32_precision="tf32")
     xc, yc, xt, yt = task(b=3, nc=9, nt=4, shared=True)
     predictor.evaluate_joint_density(xc, yc, xt, yt)
@@ -460,7 +460,7 @@ def test_context_top_k_changes_results_and_keeps_the_chain_rule(shared, monkeypa
     """One block of 8 of 37 context rows: finite results that differ from the dense ones;
     decoding and teacher forcing select the same blocks for a row, so the stepwise densities
     still equal the joint ones; the reference's split calls change nothing."""
-    import tabpfn_infer.predictor as predictor_module
+    from tabpfn_infer.predictor import routing
 
     model = small_model()
     xc, yc, xt, yt = task(nc=37, shared=shared)
@@ -476,7 +476,7 @@ def test_context_top_k_changes_results_and_keeps_the_chain_rule(shared, monkeypa
     assert torch.isfinite(marginals).all()
     samples = top.sample_sequence(xc, yc, xt, generator=torch.Generator().manual_seed(0))
     assert samples.shape == (3, 5) and torch.isfinite(samples).all()
-    monkeypatch.setattr(predictor_module, "SCORE_BUDGET", 1)
+    monkeypatch.setattr(routing, "SCORE_BUDGET", 1)
     torch.testing.assert_close(
         top.evaluate_joint_density(xc, yc, xt, yt), joint, rtol=1e-12, atol=1e-12
     )
