@@ -320,18 +320,18 @@ def test_fp32_precision_is_checked_and_scopes_every_call(monkeypatch):
     """The predictor's fp32_precision is the scoped dot precision while its methods run (and
     only then); an unknown one is refused naming the argument."""
     from tabattn_core.precision import scoped_fp32_dot_precision
-    from tabpfn_infer.predictor import passes
+    from tabpfn_infer.predictor.layers import InferenceBackbone
 
     with pytest.raises(InputError, match="fp32_precision: expected one of"):
         ARTabPFNPredictor(small_model(), fp32_precision="ieee")
     seen = []
-    through_layers = passes.through_layers
+    run_layers = InferenceBackbone.__call__
 
     def spy(*args, **kwargs):
         seen.append(scoped_fp32_dot_precision())
-        return through_layers(*args, **kwargs)
+        return run_layers(*args, **kwargs)
 
-    monkeypatch.setattr(passes, "through_layers", spy)
+    monkeypatch.setattr(InferenceBackbone, "__call__", spy)
     predictor = ARTabPFNPredictor(small_model(), backend="torch", fp32_precision="tf32")
     xc, yc, xt, yt = task(b=3, nc=9, nt=4, shared=True)
     predictor.evaluate_joint_density(xc, yc, xt, yt)
@@ -343,8 +343,8 @@ def test_fp32_precision_is_checked_and_scopes_every_call(monkeypatch):
 
 def test_weight_addresses_follow_every_way_of_replacing_weights():
     """The graphs' staleness key (the parameters' addresses) changes when parameters are
-    assigned, a layer is replaced, or a parameter's data moves, although the parameter list
-    is cached between registrations."""
+    assigned, a layer is replaced, or a parameter's data moves; importing the predictor
+    installs no process-wide module hooks."""
     model = small_model()
     predictor = ARTabPFNPredictor(model)
     seen = [predictor._weight_addresses()]
@@ -358,6 +358,12 @@ def test_weight_addresses_follow_every_way_of_replacing_weights():
     seen.append(predictor._weight_addresses())
     assert len(set(seen)) == len(seen)
     assert seen[-1] == tuple(p.data_ptr() for p in model.parameters())
+    module = torch.nn.modules.module
+    hooks = [
+        *module._global_parameter_registration_hooks.values(),
+        *module._global_module_registration_hooks.values(),
+    ]
+    assert not [h for h in hooks if h.__module__.startswith("tabpfn_infer")]
 
 
 @pytest.mark.gpu

@@ -10,7 +10,6 @@ mask, and a GELU feed-forward block.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -72,37 +71,18 @@ class MultiheadAttention(nn.Module):
         """[..., L, D] -> [..., H, L, Dh] (a strided view)."""
         return t.unflatten(-1, (self.n_heads, -1)).transpose(-2, -3)
 
-    def qkv(
-        self,
-        x: torch.Tensor,
-        stacked_weight: torch.Tensor | None = None,
-        linear: LinearOp | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [..., L, D] -> q, k, v [..., H, L, Dh] (strided views, no copies).
-        stacked_weight: `stacked_qkv_weight()` made beforehand, for one GEMM instead of three;
-        linear: the registry's fused linear op to run that GEMM (inference)."""
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [..., L, D] -> q, k, v [..., H, L, Dh] (strided views, no copies)."""
         split = self.split_heads
-        if stacked_weight is not None:
-            y = (F.linear if linear is None else linear)(x, stacked_weight)
-            return tuple(split(t) for t in y.chunk(3, -1))
         return split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
 
     def stacked_qkv_weight(self) -> torch.Tensor:
-        """The q, k, v projection weights stacked: [3 D, D]."""
+        """The q, k, v projection weights stacked, for one GEMM instead of three: [3 D, D]."""
         return torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
 
     def project_out(self, o: torch.Tensor) -> torch.Tensor:
         """o [..., H, L, Dh] -> [..., L, D]."""
         return self.out_proj(o.transpose(-2, -3).flatten(-2))
-
-
-# The registry's "linear" op: (x, weight, bias=None, *, activation=None, residual=None,
-# norm_weight=None, norm_bias=None, eps=1e-5) -> y = norm(residual + act(x W^T + bias)).
-LinearOp = Callable[..., torch.Tensor]
-
-
-def _norm_args(norm: nn.LayerNorm) -> dict[str, object]:
-    return {"norm_weight": norm.weight, "norm_bias": norm.bias, "eps": norm.eps}
 
 
 class TwoStageTransformerLayer(nn.Module):
@@ -117,46 +97,22 @@ class TwoStageTransformerLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
         self.norm3 = nn.LayerNorm(d_model)
 
-    def features(
-        self,
-        x: torch.Tensor,
-        value_out_weight: torch.Tensor | None = None,
-        linear: LinearOp | None = None,
-    ) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
         """The feature sub-layer over one token per row: softmax over a single key is 1, so
-        attention returns the value: x <- norm1(x + W_o W_v x). value_out_weight:
-        `value_out_weight()` made beforehand, for one GEMM instead of two; linear: the
-        registry's fused linear op, to run GEMM, residual and norm as one (inference)."""
+        attention returns the value: x [..., L, D] <- norm1(x + W_o W_v x)."""
         attn = self.attn_features
-        if value_out_weight is not None and linear is not None:
-            return linear(x, value_out_weight, residual=x, **_norm_args(self.norm1))
-        if value_out_weight is not None:
-            return self.norm1(x + F.linear(x, value_out_weight))
         return self.norm1(x + attn.out_proj(attn.v_proj(x)))
 
     def value_out_weight(self) -> torch.Tensor:
-        """The feature sub-layer's W_o W_v: [D, D]."""
+        """The feature sub-layer's W_o W_v, for one GEMM instead of two: [D, D]."""
         attn = self.attn_features
         return attn.out_proj.weight @ attn.v_proj.weight
 
-    def inference_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(`value_out_weight()`, the row attention's `stacked_qkv_weight()`): made once per
-        inference call, they save three GEMM launches per layer and pass."""
-        return self.value_out_weight(), self.attn_rows.stacked_qkv_weight()
-
-    def finish(
-        self, x1: torch.Tensor, attn_out: torch.Tensor, linear: LinearOp | None = None
-    ) -> torch.Tensor:
-        """Residual of the row attention (attn_out [..., H, L, Dh]) and the feed-forward.
-        linear: the registry's fused linear op (three launches in all; inference)."""
-        if linear is None:
-            x2 = self.norm2(x1 + self.attn_rows.project_out(attn_out))
-            return self.norm3(x2 + self.ff(x2))
-        o = attn_out.transpose(-2, -3).flatten(-2)
-        x2 = linear(o, self.attn_rows.out_proj.weight, residual=x1, **_norm_args(self.norm2))
-        up, _, down = self.ff
-        h = linear(x2, up.weight, up.bias, activation="gelu")
-        return linear(h, down.weight, down.bias, residual=x2, **_norm_args(self.norm3))
+    def finish(self, x1: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """Residual of the row attention (attn_out [..., H, L, Dh]) and the feed-forward:
+        x1 [..., L, D] -> [..., L, D]."""
+        x2 = self.norm2(x1 + self.attn_rows.project_out(attn_out))
+        return self.norm3(x2 + self.ff(x2))
 
 
 class TwoStageTransformer(nn.Module):

@@ -13,10 +13,10 @@ that `select_blocks` picks for each row (selection attention, for contexts of 10
 more); their buffer part stays exact, and the two parts are merged by their LSEs.
 
 Parts, by concern: `inputs` (checking and arranging a call's inputs), `routing` (the
-registry's ops as the predictor calls them), `passes` (prefill, density, decoding,
-marginals), `graphs` (stages run eagerly or from CUDA graphs), `precision` (the scoped
-float32 dot precision). The top-k crossover rule (`DENSE_CONTEXT_BELOW`,
-`DENSE_CONTEXT_FRACTION`) lives here.
+registry's ops as the predictor calls them, and what a backend can do), `layers` (the
+backbone as a call runs it), `passes` (prefill, density, decoding, marginals), `graphs`
+(stages run eagerly or from CUDA graphs), `precision` (the scoped float32 dot precision).
+The top-k crossover rule (`DENSE_CONTEXT_BELOW`, `DENSE_CONTEXT_FRACTION`) lives here.
 """
 
 from __future__ import annotations
@@ -33,9 +33,10 @@ from tabpfn_infer.model import ARTabPFN
 from tabpfn_infer.predictor import passes
 from tabpfn_infer.predictor.graphs import CapturedCalls, StagesOf, run_eagerly
 from tabpfn_infer.predictor.inputs import Batch, arrange, check_finite
+from tabpfn_infer.predictor.layers import InferenceBackbone, LinearOp, modules_linear
 from tabpfn_infer.predictor.precision import in_precision_scope
 from tabpfn_infer.predictor.routing import SCORE_BUDGET as SCORE_BUDGET  # bench/ reads it here
-from tabpfn_infer.predictor.routing import routed_op
+from tabpfn_infer.predictor.routing import capabilities, routed_op
 
 __all__ = ["ARTabPFNPredictor", "check_finite"]
 
@@ -80,20 +81,6 @@ def _dense_context(name: str, nc: int, *, top_k: int, block_size: int) -> bool:
             DENSE_CONTEXT_FRACTION,
         )
     return dense
-
-
-# Counts every registration of a parameter or submodule by any module (assigning a
-# Parameter or a Module attribute, register_parameter, load_state_dict(assign=True), a new
-# layer): the cue for a predictor to list its model's parameters anew.
-_registrations = [0]
-
-
-def _count_registration(*_args) -> None:
-    _registrations[0] += 1
-
-
-torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
-torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
 
 
 class ARTabPFNPredictor:
@@ -153,7 +140,6 @@ class ARTabPFNPredictor:
             check_positive_int("context_top_k", context_top_k)
         self.context_top_k = context_top_k
         self.context_block_size = check_positive_int("context_block_size", context_block_size)
-        self._parameter_list: tuple[int, list[torch.Tensor]] | None = None  # (registrations, list)
         self._graph_devices: dict[torch.device, bool] = {}  # `_graphs_apply` per device
         self._captured = CapturedCalls()
 
@@ -163,21 +149,14 @@ class ARTabPFNPredictor:
 
     # ---- inputs, ops -------------------------------------------------------------------
 
-    def _model_parameters(self) -> list[torch.Tensor]:
-        """The model's parameters, listed anew only after a parameter or module was
-        registered anywhere (`_registrations`); walking the module tree every call costs
-        ~0.15 ms of host time on the GPU machine."""
-        if self._parameter_list is None or self._parameter_list[0] != _registrations[0]:
-            self._parameter_list = (_registrations[0], list(self.model.parameters()))
-        return self._parameter_list[1]
-
     def _weight_addresses(self) -> tuple[int, ...]:
-        """The address of every parameter, read every call: `p.data = ...` and `.to()` move
-        a parameter without registering one."""
-        return tuple(map(torch.Tensor.data_ptr, self._model_parameters()))
+        """The address of every parameter, read from the model at each call (what the
+        graphs read): assigned or replaced parameters and layers, `p.data = ...` and `.to()`
+        all change it."""
+        return tuple(p.data_ptr() for p in self.model.parameters())
 
     def _arrange(self, x_context, y_context, x_target, y_target=None) -> Batch:
-        param = self._model_parameters()[0]
+        param = next(self.model.parameters())
         return arrange(
             x_context, y_context, x_target, y_target, device=param.device, dtype=param.dtype
         )
@@ -197,12 +176,12 @@ class ARTabPFNPredictor:
             dense=dense,
         )
 
-    def _linear(self, device: torch.device):
+    def _linear(self, device: torch.device) -> LinearOp:
         """The fused linear op (GEMM + bias/activation/residual/norm in one launch) of the
-        backend running the decode op, or None (the model's own modules) for the PyTorch
-        backend and for backends without it."""
+        backend running the decode op, or the modules' arithmetic (`modules_linear`) where it
+        has none (`capabilities`)."""
         backend = get_backend(self.backend, device=device, op="shared_context_attention")
-        return None if backend.name == "torch" else backend.ops.get("linear")
+        return backend.ops["linear"] if capabilities(backend).fused_linear else modules_linear
 
     def _ops(self, device: torch.device):
         """(op(name) on `device`, the linear op) for the passes."""
@@ -213,17 +192,15 @@ class ARTabPFNPredictor:
     @torch.no_grad()
     @in_precision_scope
     def prefill_context(
-        self,
-        x_context: torch.Tensor,
-        y_context: torch.Tensor,
-        weights: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        self, x_context: torch.Tensor, y_context: torch.Tensor
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Row-attention K/V of the context rows, per layer: x_context [G, Nc, C], y_context
         [G, Nc] -> [(k, v)] with k, v [G, H, Nc, Dh] (strided views). Context rows attend to
-        each other. weights: the layers' `inference_weights()`, when the caller has them."""
-        weights = passes.inference_weights(self.model) if weights is None else weights
+        each other."""
+        dev = x_context.device
+        backbone = InferenceBackbone(self.model, self._linear(dev))
         return passes.prefill(
-            self.model, *self._ops(x_context.device), x_context, y_context, weights
+            self.model, backbone, self._op("attention", dev), x_context, y_context
         )
 
     @torch.no_grad()
@@ -334,13 +311,14 @@ class ARTabPFNPredictor:
         return result.reshape(data.batch, -1)
 
     def _graphs_apply(self, device: torch.device) -> bool:
-        """CUDA graphs are used with `cuda_graph`, on CUDA, with a kernel backend and without
-        `context_top_k` (its block selection syncs with the host)."""
+        """CUDA graphs are used with `cuda_graph`, on CUDA, with a backend that gains from
+        them (`capabilities`: the kernels) and without `context_top_k` (its block selection
+        syncs with the host)."""
         if not (self.cuda_graph and device.type == "cuda" and self.context_top_k is None):
             return False
         if device not in self._graph_devices:  # the registry's choice, resolved once
             backend = get_backend(self.backend, device=device, op="shared_context_attention")
-            self._graph_devices[device] = backend.name != "torch"
+            self._graph_devices[device] = capabilities(backend).graph_capture
         return self._graph_devices[device]
 
     @property

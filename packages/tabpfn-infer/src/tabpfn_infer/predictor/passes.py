@@ -2,7 +2,7 @@
 teacher forcing, decoding (joint sampling, stepwise density) and the marginals. The density
 and decoding passes are built as stages (`graphs.Stages`) to run eagerly or from CUDA
 graphs. op(name): the routed registry op of that name on the inputs' device; linear: the
-fused linear op, or None for the model's own modules."""
+linear op of the backbone's GEMMs (`layers.InferenceBackbone`)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from tabattn_core.gmm import gmm_sample_from_noise
 from tabattn_core.kv_cache import SharedContextKVCache
 from tabpfn_infer.model import ARTabPFN
 from tabpfn_infer.predictor.graphs import Stages
+from tabpfn_infer.predictor.layers import InferenceBackbone, LinearOp
 
 __all__ = ["decode_stages", "density_stages", "marginal_mixture", "prefill"]
 
@@ -21,62 +22,39 @@ OpOf = Callable[[str], Callable]
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (k, v), each [G, H, Nc, Dh]
 
 
-def through_layers(
-    model: ARTabPFN,
-    x: torch.Tensor,
-    attend,
-    weights: list[tuple[torch.Tensor, torch.Tensor]],
-    linear=None,
-) -> torch.Tensor:
-    """Rows x [..., L, D] through every layer of the backbone; attend(layer_idx, q, k, v)
-    gives the row attention's output [..., H, L, Dh] from that layer's projections.
-    weights: every layer's `inference_weights()`, made once per call; linear: the registry's
-    fused linear op for the projections and feed-forward (None: the model's own modules)."""
-    for layer_idx, (layer, (value_out, qkv)) in enumerate(
-        zip(model.backbone.layers, weights, strict=True)
-    ):
-        x1 = layer.features(x, value_out, linear)
-        x = layer.finish(x1, attend(layer_idx, *layer.attn_rows.qkv(x1, qkv, linear)), linear)
-    return x
-
-
-def inference_weights(model: ARTabPFN) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [layer.inference_weights() for layer in model.backbone.layers]
-
-
 def prefill(
     model: ARTabPFN,
-    op: OpOf,
-    linear,
+    backbone: InferenceBackbone,
+    attention: Callable,
     x_context: torch.Tensor,
     y_context: torch.Tensor,
-    weights: list[tuple[torch.Tensor, torch.Tensor]],
 ) -> KV:
     """Row-attention K/V of the context rows, per layer: x_context [G, Nc, C], y_context
     [G, Nc] -> [(k, v)] with k, v [G, H, Nc, Dh] (strided views). Context rows attend to
-    each other."""
-    attention = op("attention")
+    each other. attention: the routed "attention" op."""
     kv = []
 
     def attend(_, q, k, v):
         kv.append((k, v))
         return attention(q, k, v)[0]
 
-    through_layers(model, model.embedder.context(x_context, y_context), attend, weights, linear)
+    backbone(model.embedder.context(x_context, y_context), attend)
     return kv
 
 
-def density_stages(model: ARTabPFN, op: OpOf, linear, inputs: dict[str, torch.Tensor]) -> Stages:
+def density_stages(
+    model: ARTabPFN, op: OpOf, linear: LinearOp, inputs: dict[str, torch.Tensor]
+) -> Stages:
     """The teacher-forcing pass over `inputs` (see `Batch.inputs`) as one stage: per-target
     log p(y_t | context, y_0..y_{t-1}) [G, S, Nt]."""
     x_target, y_target = inputs["x_target"], inputs["y"]
     nt = x_target.shape[2]
-    teacher_forcing = op("teacher_forcing_attention")
+    attention, teacher_forcing = op("attention"), op("teacher_forcing_attention")
     result = torch.empty(y_target.shape, device=x_target.device, dtype=x_target.dtype)
 
     def density() -> None:
-        weights = inference_weights(model)
-        ctx_kv = prefill(model, op, linear, inputs["x_context"], inputs["y_context"], weights)
+        backbone = InferenceBackbone(model, linear)
+        ctx_kv = prefill(model, backbone, attention, inputs["x_context"], inputs["y_context"])
         ar = model.ar_token(torch.arange(nt, device=x_target.device))
         rows = torch.cat(
             [
@@ -89,7 +67,7 @@ def density_stages(model: ARTabPFN, op: OpOf, linear, inputs: dict[str, torch.Te
         def attend(i, q, k, v):
             return teacher_forcing(q, *ctx_kv[i], k[..., :nt, :], v[..., :nt, :])[0]
 
-        x = through_layers(model, rows, attend, weights, linear)
+        x = backbone(rows, attend)
         z = model.backbone.norm(x[:, :, nt:])
         result.copy_(model.head.log_likelihood(z, y_target))
 
@@ -97,7 +75,7 @@ def density_stages(model: ARTabPFN, op: OpOf, linear, inputs: dict[str, torch.Te
 
 
 def decode_stages(
-    model: ARTabPFN, op: OpOf, linear, inputs: dict[str, torch.Tensor], *, sampling: bool
+    model: ARTabPFN, op: OpOf, linear: LinearOp, inputs: dict[str, torch.Tensor], *, sampling: bool
 ) -> Stages:
     """Decoding the targets of `inputs` in order, as two stages: the context prefill and
     step 0 (the target row alone), then step t >= 1, run Nt - 1 times: [buffer row t-1
@@ -125,7 +103,7 @@ def decode_stages(
         dtype=dtype,
         device=dev,
     )
-    decode = op("shared_context_attention")
+    attention, decode = op("attention"), op("shared_context_attention")
     result = torch.empty((g, s, nt), device=dev, dtype=dtype)
     previous = torch.empty((g, s), device=dev, dtype=dtype)  # y of the last buffer row
     step = torch.zeros((), dtype=torch.long, device=dev)
@@ -143,7 +121,7 @@ def decode_stages(
             k_buf, v_buf = cache.buffer(i, length=length)
             return decode(q, *ctx_kv[i], k_buf, v_buf, buffer_len=buffer_len, row_rule=rule)[0]
 
-        x = through_layers(model, x, attend, state["weights"], linear)
+        x = state["backbone"](x, attend)
         return model.backbone.norm(x[:, :, -1])
 
     def head(z) -> None:
@@ -160,9 +138,9 @@ def decode_stages(
         result.index_copy_(2, at, value[..., None].to(dtype))
 
     def prefill_and_first_step() -> None:
-        state["weights"] = weights = inference_weights(model)
+        state["backbone"] = backbone = InferenceBackbone(model, linear)
         state["ctx_kv"] = prefill(
-            model, op, linear, inputs["x_context"], inputs["y_context"], weights
+            model, backbone, attention, inputs["x_context"], inputs["y_context"]
         )
         state["targets"] = targets = model.embedder.target(x_target)  # [G, S, Nt, D]
         step.zero_()
@@ -184,7 +162,7 @@ def decode_stages(
 def marginal_mixture(
     model: ARTabPFN,
     op: OpOf,
-    linear,
+    linear: LinearOp,
     x_context: torch.Tensor,
     y_context: torch.Tensor,
     x_target: torch.Tensor,
@@ -192,9 +170,9 @@ def marginal_mixture(
     """Each target's mixture given the context alone: x_context [G, Nc, C], y_context
     [G, Nc], x_target [G, S, Nt, C] -> (log weights, means, stds), each [G, S, Nt, K]. The
     targets attend to the context, not to each other (a decode step with no buffer)."""
-    weights = inference_weights(model)
-    ctx_kv = prefill(model, op, linear, x_context, y_context, weights)
+    backbone = InferenceBackbone(model, linear)
+    ctx_kv = prefill(model, backbone, op("attention"), x_context, y_context)
     decode = op("shared_context_attention")
     targets = model.embedder.target(x_target)  # [G, S, Nt, D]
-    x = through_layers(model, targets, lambda i, q, k, v: decode(q, *ctx_kv[i])[0], weights, linear)
+    x = backbone(targets, lambda i, q, k, v: decode(q, *ctx_kv[i])[0])
     return model.head.mixture(model.backbone.norm(x))

@@ -6,19 +6,44 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from tabattn_core.reference import merge_states
-from tabattn_core.registry import get_backend
+from tabattn_core.registry import Backend, get_backend
 from tabattn_core.selection import select_blocks
 
-__all__ = ["CONTEXT_OPS", "SCORE_BUDGET", "routed_op"]
+__all__ = ["CONTEXT_OPS", "SCORE_BUDGET", "Capabilities", "capabilities", "routed_op"]
 
 # The ops whose context part `context_top_k` replaces by selection attention.
 CONTEXT_OPS = ("shared_context_attention", "teacher_forcing_attention")
 
 SCORE_BUDGET = 512 * 2**20  # bytes of fp32 scores per reference attention call
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the predictor needs to know of a backend beyond its ops."""
+
+    materialises_scores: bool  # its attention ops hold the dense [L, N] scores in memory
+    fused_linear: bool  # its "linear" op is one launch, to run in place of the modules
+    graph_capture: bool  # its kernels gain from being replayed from CUDA graphs
+
+
+def capabilities(backend: Backend) -> Capabilities:
+    """The capabilities of `backend`."""
+    # Core's `Backend` has no capability fields yet; until it has, they are derived here,
+    # the predictor's one test of a backend's name: the PyTorch references ("torch")
+    # materialise the scores, and their "linear" is not the modules' arithmetic (it
+    # computes in fp32 for 16-bit inputs) and is no faster; every other backend runs
+    # kernels.
+    references = backend.name == "torch"
+    return Capabilities(
+        materialises_scores=references,
+        fused_linear=not references and "linear" in backend.ops,
+        graph_capture=not references,
+    )
 
 
 def split_call(
@@ -105,14 +130,14 @@ def routed_op(
     block_size: int,
     dense: Callable[[int], bool],
 ) -> Callable:
-    """The registry's implementation of op `name` (of `backend` on `device`); the PyTorch
-    references materialise the scores, so there the call is split along datasets or sample
-    paths to keep them under SCORE_BUDGET bytes (the kernels need no split). With top_k,
+    """The registry's implementation of op `name` (of `backend` on `device`); where it
+    materialises the scores (`capabilities`), the call is split along datasets or sample
+    paths to keep them under SCORE_BUDGET bytes. With top_k,
     the decode and teacher-forcing ops read the context through `top_k_context` (blocks of
     block_size rows), or densely where `dense(Nc)`."""
     chosen = get_backend(backend, device=device, op=name)
     op = chosen.ops[name]
-    if chosen.name == "torch":
+    if capabilities(chosen).materialises_scores:
         op = functools.partial(split_call, op, name)
     if top_k is None or name not in CONTEXT_OPS:
         return op
@@ -120,6 +145,6 @@ def routed_op(
     context = functools.partial(
         top_k_context, selection.ops["selection_attention"], block_size=block_size, top_k=top_k
     )
-    if selection.name == "torch":
+    if capabilities(selection).materialises_scores:
         context = functools.partial(split_call, context, "selection_attention")
     return functools.partial(merge_with_buffer, context, op, dense)
