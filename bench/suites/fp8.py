@@ -310,7 +310,7 @@ SUITE = register_suite(
             ),
             "tabattn": Provider(
                 "tabattn",
-                _with_accuracy("tabattn", _by_case(ct._make_tabattn, sc._make_tabattn)),
+                _with_accuracy("tabattn", _by_case(ct._make_tabattn("auto"), sc._make_tabattn)),
                 "our bf16 kernel: tabattn_triton flash_attention with ContextTargetMask; "
                 "decode / teacher forcing: tabattn_triton.ops.shared_context "
                 "shared_context_attention / teacher_forcing_attention",

@@ -150,3 +150,20 @@ def test_gpu_sm90_varlen(causal, monkeypatch):
     compare_varlen(
         [m + n for m, n in zip(ms, ns, strict=True)], ms, 8, 2, 64, causal, torch.bfloat16
     )
+
+
+def test_auto_takes_sm90_only_for_gpu_verified_masks(monkeypatch):
+    from tabattn_triton.ops.attention import interface
+    from tabattn_triton.ops.common import MASK_CAUSAL, MASK_CONTEXT
+
+    monkeypatch.setattr(interface, "sm90_unsupported", lambda q, k, v: None)
+    q = torch.zeros(2, 1, 4, 64)
+    fixed = interface.PrefixMask(MASK_CONTEXT, ctx_len=3)
+    per_dataset = interface.PrefixMask(MASK_CONTEXT, ctx_lens=torch.tensor([1, 2]))
+    assert forward_kernel(q, q, q, None, fixed) == "sm90"
+    assert forward_kernel(q, q, q, None, fixed, varlen=True) == "portable"
+    assert forward_kernel(q, q, q, None, per_dataset) == "portable"
+    assert forward_kernel(q, q, q, None, interface.PrefixMask(MASK_CAUSAL)) == "portable"
+    assert forward_kernel(q, q, q, "sm90", interface.PrefixMask(MASK_CAUSAL)) == "sm90"
+    monkeypatch.setenv(ENV_KERNEL, "portable")
+    assert forward_kernel(q, q, q, None, fixed) == "portable"

@@ -257,9 +257,22 @@ def sm90_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str |
     return None
 
 
-def forward_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str | None) -> str:
+# The masks whose sm90 forward has passed the GPU tests against the fp64 reference (H200):
+# `auto` takes the sm90 kernel only for these; the others run it when forced.
+SM90_AUTO_MASKS = (MASK_CONTEXT,)
+
+
+def forward_kernel(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kernel: str | None,
+    pm: PrefixMask | None = None,
+    varlen: bool = False,
+) -> str:
     """The forward kernel for a call: `kernel` ("auto", "sm90", "portable"), else the
-    TABATTN_ATTENTION_KERNEL environment variable, else "auto" (sm90 where it can run)."""
+    TABATTN_ATTENTION_KERNEL environment variable, else "auto": sm90 where it can run and
+    the mask is one of SM90_AUTO_MASKS with one context length (not varlen)."""
     choice = kernel or os.environ.get(ENV_KERNEL, "auto")
     if choice not in KERNELS:
         source = "kernel" if kernel else ENV_KERNEL
@@ -267,11 +280,12 @@ def forward_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: st
     if choice == "portable":
         return "portable"
     why = sm90_unsupported(q, k, v)
-    if why is None:
-        return "sm90"
     if choice == "sm90":
-        raise InputError(f"kernel: 'sm90' {why}")
-    return "portable"
+        if why is not None:
+            raise InputError(f"kernel: 'sm90' {why}")
+        return "sm90"
+    verified = pm is not None and pm.kind in SM90_AUTO_MASKS and pm.ctx_lens is None
+    return "sm90" if why is None and verified and not varlen else "portable"
 
 
 @cache
@@ -394,7 +408,7 @@ def flash_attention(
         )
     scale = check_scale(scale, q.shape[3])
     out, lse = FlashAttentionFunction.apply(
-        q, k, v, pm, scale, group, None, forward_kernel(q, k, v, kernel)
+        q, k, v, pm, scale, group, None, forward_kernel(q, k, v, kernel, pm)
     )
     return (out, lse) if return_lse else out
 
@@ -424,7 +438,7 @@ def context_target_attention(
         raise InputError(f"context_lens: expected an int in [0, {lk}], got {context_lens}")
     scale = check_scale(scale, q.shape[3])
     return FlashAttentionFunction.apply(
-        q, k, v, pm, scale, group, None, forward_kernel(q, k, v, None)
+        q, k, v, pm, scale, group, None, forward_kernel(q, k, v, None, pm)
     )
 
 
@@ -459,6 +473,6 @@ def varlen_attention(
     pm = PrefixMask(MASK_CAUSAL) if causal else PrefixMask()
     scale = check_scale(scale, q.shape[2])
     out, lse = FlashAttentionFunction.apply(
-        q4, k4, v4, pm, scale, group, varlen, forward_kernel(q4, k4, v4, None)
+        q4, k4, v4, pm, scale, group, varlen, forward_kernel(q4, k4, v4, None, pm, varlen=True)
     )
     return out[0].transpose(0, 1), lse[0]

@@ -41,7 +41,8 @@ from tabattn_triton.ops.gluon_compat import (
 
 ROWS_PER_CONSUMER = 64
 # Head dims with an sm90 path, and per head dim (BLOCK_N, STAGES, CONSUMERS, PINGPONG), the
-# first the default; the consumer register budget follows from CONSUMERS (FlashAttention-3's
+# first the default (the best at the large context-target shapes of
+# bench/results/sm90_fwd_configs.json, H200); the consumer register budget follows from CONSUMERS (FlashAttention-3's
 # 240 / 160). Only configs that compile without register spills are listed (CI checks it):
 # BLOCK_N = 128 at D = 128 spills ~250 bytes under the 240-register budget.
 SM90_HEAD_DIMS = (64, 128)
