@@ -14,6 +14,7 @@ import torch
 
 from tabattn_core import reference
 from tabattn_core.checks import InputError
+from tabattn_core.logs import LogOnce
 from tabattn_core.selection import select_blocks
 from tabattn_core.testing import REL_TOL, assert_rel_close
 from tabattn_triton.ops.selection import interface as selection_interface
@@ -227,7 +228,7 @@ def test_paths_and_auto_decision_logged(caplog, monkeypatch):
         "selection_attention",
         lambda *a, **kw: ran.append("dense") or original(*a, **kw),
     )
-    monkeypatch.setattr(selection_interface, "_said", set())
+    monkeypatch.setattr(selection_interface, "_said", LogOnce())
     monkeypatch.setattr(selection_interface, "SPARSE_MAX_FRACTION", float("inf"))
     # 4 rows x 40 keys x 2 heads = 320 dense scores; 16 of 40 keys selected
     with caplog.at_level(logging.INFO, logger="tabattn"):
@@ -264,7 +265,7 @@ def test_paths_and_auto_decision_logged(caplog, monkeypatch):
 def test_auto_path_rule(monkeypatch, selected, dense, heads, chosen):
     """path="auto" -> dense below DENSE_MAX_SCORES dense scores or from SPARSE_MAX_FRACTION
     of the dense keys selected, else sparse; an explicit path is kept."""
-    monkeypatch.setattr(selection_interface, "_said", set())
+    monkeypatch.setattr(selection_interface, "_said", LogOnce())
     monkeypatch.setattr(selection_interface, "DENSE_MAX_SCORES", 1000)
     monkeypatch.setattr(selection_interface, "SPARSE_MAX_FRACTION", 0.25)
     choose = selection_interface._choose_path

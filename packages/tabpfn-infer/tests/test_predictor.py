@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tabattn_core.checks import InputError
+from tabattn_core.logs import LogOnce
 from tabpfn_infer.model import ARTabPFN, load_peer_state_dict
 from tabpfn_infer.predictor import ARTabPFNPredictor
 
@@ -542,7 +543,7 @@ def test_context_top_k_decision_logged_once(monkeypatch, caplog):
 
     import tabpfn_infer.predictor as predictor_module
 
-    monkeypatch.setattr(predictor_module, "_said", set())
+    monkeypatch.setattr(predictor_module, "_said", LogOnce())
     monkeypatch.setattr(predictor_module, "DENSE_CONTEXT_BELOW", 38)
     model = small_model()
     xc, yc, xt, yt = task(nc=37, shared=True)

@@ -7,11 +7,11 @@ import logging
 import torch
 
 from tabattn_core import reference
+from tabattn_core.logs import LogOnce
 from tabattn_core.masks import MaskSpec
 from tabattn_core.registry import Backend, Registry
 
-log = logging.getLogger("tabattn")
-_said: set[str] = set()
+_said = LogOnce()
 
 PRIORITY = 10
 
@@ -37,9 +37,8 @@ def attention(q, k, v, *, mask: MaskSpec | torch.Tensor | None = None, scale=Non
         if pm is not None:
             return flash_attention(q, k, v, mask=mask, scale=scale, return_lse=True)
     why = f"mask {type(mask).__name__} is not a prefix mask"
-    if why not in _said:
-        _said.add(why)
-        log.warning("tabattn triton backend: attention runs the PyTorch reference: %s", why)
+    message = "tabattn triton backend: attention runs the PyTorch reference: %s"
+    _said(why, logging.WARNING, message, why)
     return reference.attention(q, k, v, mask=mask, scale=scale)
 
 

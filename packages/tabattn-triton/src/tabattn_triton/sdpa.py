@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from tabattn_core.checks import MAX_HEAD_DIM, MIN_HEAD_DIM
+from tabattn_core.logs import LogOnce
 from tabattn_core.masks import CausalMask
 from tabattn_triton.ops.attention import flash_attention
 from tabattn_triton.ops.attention.interface import KERNEL_DTYPES
@@ -25,8 +26,7 @@ from tabattn_triton.ops.common import interpreting
 
 __all__ = ["scaled_dot_product_attention", "unsupported_reason"]
 
-log = logging.getLogger("tabattn")
-_said: set[str] = set()
+_said = LogOnce()
 
 
 def unsupported_reason(
@@ -76,9 +76,7 @@ def scaled_dot_product_attention(
     """torch's signature and semantics; query [B, H, Lq, D], key/value [B, H_kv, Lk, D]."""
     reason = unsupported_reason(query, key, value, attn_mask, dropout_p, enable_gqa)
     if reason is not None:
-        if reason not in _said:
-            _said.add(reason)
-            log.warning("tabattn sdpa: torch fallback: %s", reason)
+        _said(reason, logging.WARNING, "tabattn sdpa: torch fallback: %s", reason)
         kwargs = {"enable_gqa": enable_gqa} if enable_gqa else {}
         return F.scaled_dot_product_attention(
             query,

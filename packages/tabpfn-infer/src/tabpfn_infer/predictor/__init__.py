@@ -27,6 +27,7 @@ import logging
 import torch
 
 from tabattn_core.checks import check_positive_int
+from tabattn_core.logs import LogOnce
 from tabattn_core.precision import check_fp32_dot_precision
 from tabattn_core.registry import get_backend
 from tabpfn_infer.model import ARTabPFN
@@ -40,8 +41,7 @@ from tabpfn_infer.predictor.routing import capabilities, routed_op
 
 __all__ = ["ARTabPFNPredictor", "check_finite"]
 
-log = logging.getLogger("tabattn")
-_said: set[tuple[str, bool]] = set()
+_said = LogOnce()
 
 # With `context_top_k`, the context is read by exact dense attention (the op the predictor
 # runs without top-k) where that was measured faster than the selection: contexts of fewer
@@ -66,20 +66,20 @@ def _dense_context(name: str, nc: int, *, top_k: int, block_size: int) -> bool:
     """Whether the `context_top_k` call of op `name` over a context of nc rows runs exact
     dense attention (module constants above); logs each op's first decision either way."""
     dense = nc < DENSE_CONTEXT_BELOW or top_k * block_size >= DENSE_CONTEXT_FRACTION * nc
-    if (name, dense) not in _said:
-        _said.add((name, dense))
-        log.info(
-            "tabattn: ARTabPFNPredictor context_top_k=%d (blocks of %d) over %d context rows: "
-            "%s runs %s (dense below DENSE_CONTEXT_BELOW=%d rows or from "
-            "DENSE_CONTEXT_FRACTION=%s of the context)",
-            top_k,
-            block_size,
-            nc,
-            name,
-            "exact dense attention" if dense else "selection attention",
-            DENSE_CONTEXT_BELOW,
-            DENSE_CONTEXT_FRACTION,
-        )
+    _said(
+        (name, dense),
+        logging.INFO,
+        "tabattn: ARTabPFNPredictor context_top_k=%d (blocks of %d) over %d context rows: "
+        "%s runs %s (dense below DENSE_CONTEXT_BELOW=%d rows or from "
+        "DENSE_CONTEXT_FRACTION=%s of the context)",
+        top_k,
+        block_size,
+        nc,
+        name,
+        "exact dense attention" if dense else "selection attention",
+        DENSE_CONTEXT_BELOW,
+        DENSE_CONTEXT_FRACTION,
+    )
     return dense
 
 

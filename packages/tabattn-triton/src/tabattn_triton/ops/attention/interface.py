@@ -24,6 +24,7 @@ from tabattn_core.checks import (
     check_scale,
     check_tensor,
 )
+from tabattn_core.logs import LogOnce
 from tabattn_core.masks import ARTrainingRowMask, CausalMask, ContextTargetMask, FullMask, MaskSpec
 from tabattn_triton.ops.attention.kernel import (
     attention_bwd_dkdv_kernel,
@@ -49,16 +50,9 @@ __all__ = ["PrefixMask", "context_target_attention", "flash_attention", "prefix_
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-log = logging.getLogger("tabattn")
 ENV_KERNEL = "TABATTN_ATTENTION_KERNEL"
 KERNELS = ("auto", "sm90", "portable")
-_said: set[str] = set()
-
-
-def _say_once(message: str) -> None:
-    if message not in _said:
-        _said.add(message)
-        log.warning("tabattn attention: %s", message)
+_said = LogOnce()
 
 
 @dataclass(frozen=True)
@@ -234,7 +228,8 @@ def _sm90_device(index: int) -> bool:
     try:
         from tabattn_triton.ops.attention import kernel_sm90  # noqa: F401
     except ImportError as exc:
-        _say_once(f"the sm90 kernel is unavailable ({exc}); the portable kernel runs")
+        why = f"the sm90 kernel is unavailable ({exc}); the portable kernel runs"
+        _said(why, logging.WARNING, "tabattn attention: %s", why)
         return False
     return True
 

@@ -27,6 +27,7 @@ from tabattn_core.checks import (
     check_scale,
     check_tensor,
 )
+from tabattn_core.logs import LogOnce
 from tabattn_triton.ops.attention.interface import KERNEL_DTYPES
 from tabattn_triton.ops.common import LOG2E, check_device, dot_precision, head_block
 from tabattn_triton.ops.selection.kernel import (
@@ -38,8 +39,7 @@ from tabattn_triton.ops.selection.kernel import (
 
 __all__ = ["DENSE_MAX_SCORES", "SPARSE_MAX_FRACTION", "Selection", "selection_attention"]
 
-log = logging.getLogger("tabattn")
-_said: set[str] = set()
+_said = LogOnce()
 
 # path="auto" runs the dense masked path (the PyTorch reference) instead of the sparse
 # kernels where it was measured faster: when the dense scores, H * (keys dense attention
@@ -384,17 +384,17 @@ def _choose_path(path: str, *, selected: int, dense: int, heads: int) -> str:
     fraction = selected / max(dense, 1)
     small = heads * dense < DENSE_MAX_SCORES
     chosen = "dense" if small or fraction >= SPARSE_MAX_FRACTION else "sparse"
-    if chosen not in _said:
-        _said.add(chosen)
-        log.info(
-            "tabattn: selection_attention path=auto -> %s (%d dense scores, selected %.3g of "
-            "the dense keys; dense below DENSE_MAX_SCORES=%d or from SPARSE_MAX_FRACTION=%s)",
-            chosen,
-            heads * dense,
-            fraction,
-            DENSE_MAX_SCORES,
-            SPARSE_MAX_FRACTION,
-        )
+    _said(
+        chosen,
+        logging.INFO,
+        "tabattn: selection_attention path=auto -> %s (%d dense scores, selected %.3g of "
+        "the dense keys; dense below DENSE_MAX_SCORES=%d or from SPARSE_MAX_FRACTION=%s)",
+        chosen,
+        heads * dense,
+        fraction,
+        DENSE_MAX_SCORES,
+        SPARSE_MAX_FRACTION,
+    )
     return chosen
 
 
