@@ -210,7 +210,7 @@ def _forward_flops(case: dict[str, Any]) -> float:
 
 def _torch_attention_bytes(case: dict[str, Any]) -> int:
     """Working set of the torch backend's largest attention call: for the sample paths of
-    one slice (`tabpfn_infer.predictor._split_call` keeps their scores under SCORE_BUDGET)
+    one slice (`tabpfn_infer.predictor.routing.split_call` keeps their scores under SCORE_BUDGET)
     the fp32 scores, their exponentials and probabilities, and the context K/V that the
     broadcast matmul copies for every path."""
     from tabpfn_infer.predictor import SCORE_BUDGET

@@ -1,7 +1,7 @@
 """FP8 shared-context decode and teacher forcing: checks -> launcher -> public functions.
 
 No kernel of its own. Each op's keys split in two, as the predictor's top-k path splits
-them (`tabpfn_infer.predictor._merge_with_buffer`):
+them (`tabpfn_infer.predictor.routing.merge_with_buffer`):
 
 - context (FP8): every query row of dataset g sees the same keys, its first M_g context
   rows, whatever its row rule. So the S * Lq rows of its S sample paths are one dense
