@@ -135,9 +135,9 @@ def prefix_kv_end(
     [buf_0..buf_{Lk-1}, tgt_0..tgt_{Lk-1}] over the Lk buffer keys): buf_i i + 1, tgt_i i.
     """
     if MASK == 0:
-        end = tl.zeros_like(offs_m) + Lk
+        end = offs_m * 0 + Lk  # (not zeros_like: the sm90 Gluon kernel calls this too)
     elif MASK == 1:
-        end = tl.zeros_like(offs_m) + ctx_len
+        end = offs_m * 0 + ctx_len
     elif MASK == 2:
         end = tl.minimum(tl.maximum(offs_m + 1 + causal_offset, 0), Lk)
     elif MASK == 4:

@@ -20,7 +20,7 @@ One CTA owns CONSUMERS * 64 query rows of one (sequence, head); each consumer wa
 `turn` (PINGPONG) makes the consumers issue their GEMMs in turn, so one warpgroup's
 softmax runs under the other's GEMMs (FlashAttention-3 §3.1); the S_j / P_{j-1} V_{j-1}
 order overlaps a warpgroup's own softmax with its next QK^T (§3.2). Every tile range comes
-from `prefix_kv_end`, the rule of common.py written for Gluon layouts.
+from common.py's `prefix_kv_end`, the rule the portable kernels use.
 
 Loads go through rank-4 TMA descriptors over [B, H, L, D] with any strides (16-byte
 aligned): rows past a tensor's end read as zero and are masked by the key range; with
@@ -30,6 +30,7 @@ The output is stored from registers with a row mask.
 
 from __future__ import annotations
 
+from tabattn_triton.ops.common import prefix_kv_end
 from tabattn_triton.ops.gluon_compat import (
     gl,
     gluon,
@@ -58,28 +59,6 @@ SM90_FWD_CONFIGS = {
     128: [(64, 3, 2, False), (64, 3, 2, True), (64, 2, 2, True)],
 }
 CONSUMER_REGS = {2: 240, 3: 160}
-
-
-@gluon.jit
-def prefix_kv_end(rows, Lq, Lk, ctx_len, causal_offset, ar_buffer, ar_chunked, MASK: gl.constexpr):
-    """Per query row, the end of its visible key prefix (common.prefix_kv_end, in Gluon)."""
-    if MASK == 0:
-        end = gl.zeros_like(rows) + Lk
-    elif MASK == 1:
-        end = gl.zeros_like(rows) + ctx_len
-    elif MASK == 2:
-        end = gl.minimum(gl.maximum(rows + 1 + causal_offset, 0), Lk)
-    elif MASK == 4:
-        end = gl.where(rows < Lk, rows + 1, rows - Lk)
-    else:
-        j = rows - ctx_len - ar_buffer
-        chunk_end = ctx_len + j % gl.maximum(ar_buffer, 1) + 1
-        end = gl.where(
-            rows < ctx_len,
-            ctx_len,
-            gl.where(j < 0, rows + 1, gl.where(j < ar_chunked, chunk_end, ctx_len)),
-        )
-    return end
 
 
 @gluon.jit
