@@ -236,10 +236,10 @@ def _sm90_device(index: int) -> bool:
 
 def sm90_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     """Why the sm90 forward cannot run these inputs, or None when it can."""
-    from tabattn_triton.ops.attention.kernel_sm90 import SM90_HEAD_DIMS
-
     if q.device.type != "cuda" or not _sm90_device(q.device.index or 0):
         return f"needs a Hopper (sm90) GPU, got {q.device}"
+    from tabattn_triton.ops.attention.kernel_sm90 import SM90_HEAD_DIMS
+
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"needs fp16 or bf16, got {q.dtype}"
     if q.shape[3] not in SM90_HEAD_DIMS:
@@ -274,13 +274,13 @@ def forward_kernel(
         raise InputError(f"{source}: expected one of {KERNELS}, got {choice!r}")
     if choice == "portable":
         return "portable"
-    why = sm90_unsupported(q, k, v)
     if choice == "sm90":
+        why = sm90_unsupported(q, k, v)
         if why is not None:
             raise InputError(f"kernel: 'sm90' {why}")
         return "sm90"
     verified = pm is not None and pm.kind in SM90_AUTO_MASKS and pm.ctx_lens is None
-    return "sm90" if why is None and verified and not varlen else "portable"
+    return "sm90" if verified and not varlen and sm90_unsupported(q, k, v) is None else "portable"
 
 
 @cache
