@@ -452,7 +452,7 @@ def _accuracy_models() -> dict[str, Any]:
     contexts), and the shipped demo checkpoint (trained on the synthetic prior)."""
     from tabpfn_infer.demo import CHECKPOINT
     from tabpfn_infer.model import ARTabPFN, load_peer_state_dict
-    from tabpfn_infer.train import load_checkpoint
+    from tabpfn_infer.training.train import load_checkpoint
 
     golden = torch.load(GOLDEN, weights_only=True)
     peer = load_peer_state_dict(ARTabPFN(**golden["config"]), golden["state_dict"]).eval()
@@ -469,7 +469,7 @@ def predictor_accuracy(cfg: RunConfig, *, out: Path) -> dict[str, Any]:
     synthetic prior tasks (Nc = 8192, blocks of 64; smoke: small). Writes
     selection_predictor_accuracy.json under `out`."""
     from tabpfn_infer.predictor import ARTabPFNPredictor
-    from tabpfn_infer.prior import sample_tasks
+    from tabpfn_infer.training.prior import sample_tasks
 
     backend = "torch" if cfg.device.type == "cpu" else "triton"
     dtype = torch.float64 if backend == "torch" else torch.float32

@@ -1,7 +1,7 @@
 """Suite `training`: one full TransformerNP training step (forward, backward, AdamW) per call.
 
 The model is the reference TNP (12 layers, d_model 512, 8 heads of 64, d_ff 1365, K=10
-mixture components; `tabpfn_infer.tnp`), bf16 autocast, trained on prior tasks of B
+mixture components; `tabpfn_infer.training.tnp`), bf16 autocast, trained on prior tasks of B
 datasets with M context and N target rows:
 
     small  B=32  M=64       N=500
@@ -13,7 +13,7 @@ Providers differ only in the backend of each kernel, block checkpointing and CUD
 in the compute dtype for the head and the FFN (cuBLAS), tabattn-core's fp32 loss); `attention-triton`, `head-triton`,
 `mlp-triton` and `loss-triton` switch one kernel to the Triton backend; `all-triton`
 switches all four; `+ckpt` recomputes each block in the backward pass; `+graph` replays the
-whole step as one CUDA graph (`tabpfn_infer.train_tnp.TNPTrainer`).
+whole step as one CUDA graph (`tabpfn_infer.training.train_tnp.TNPTrainer`).
 
 Per call the harness times one step (mode `step`; `do_bench`, synchronised) on one fixed
 batch; the rows add tokens/s = B*(M+N) / step time, the median time of each stage
@@ -75,7 +75,7 @@ STAGES = ("forward", "backward", "optimizer")
 
 def _model_config(tiny: bool):
     """The reference TNP, or (smoke runs) a tiny one."""
-    from tabpfn_infer.tnp import TNPConfig
+    from tabpfn_infer.training.tnp import TNPConfig
 
     if tiny:
         return TNPConfig(dim_x=NUM_FEATURES, d_model=32, n_heads=2, n_layers=2, d_ff=40,
@@ -136,7 +136,7 @@ def _dtype(cfg: RunConfig) -> torch.dtype:
 
 
 def _tasks(case: dict[str, Any], seed: int, device: torch.device):
-    from tabpfn_infer.prior import sample_tasks
+    from tabpfn_infer.training.prior import sample_tasks
 
     gen = torch.Generator().manual_seed(seed)
     return sample_tasks(case["B"], num_context=case["M"], num_buffer=0, num_target=case["N"],
@@ -150,7 +150,7 @@ def _make_inputs(case: dict[str, Any], cfg: RunConfig, seed: int) -> Inputs:
 
 
 def _build(config, seed: int, device: torch.device):
-    from tabpfn_infer.tnp import TransformerNP
+    from tabpfn_infer.training.tnp import TransformerNP
 
     torch.manual_seed(seed)
     return TransformerNP(config).to(device)
@@ -218,7 +218,7 @@ _CLOCKS: dict[tuple[str, str], _Clock] = {}  # kept after the trainer is freed, 
 
 
 def _trainer(case: dict[str, Any], variant: Variant, inputs: Inputs):
-    from tabpfn_infer.train_tnp import TNPTrainer
+    from tabpfn_infer.training.train_tnp import TNPTrainer
 
     key = (case["name"], variant.name)
     if _ACTIVE.get("key") != key:
@@ -361,7 +361,7 @@ def loss_curves(cfg: RunConfig, *, steps: int, out: Path) -> dict[str, Any]:
     """Train `sdpa`, `all-triton` and, on sm90, `fp8-attention+triton` (same seed, same
     tasks) for `steps` steps at the small shape (smoke: the tiny model and shape); write
     JSON and PNG under `out`. The loss differences compare the first two."""
-    from tabpfn_infer.train_tnp import TNPTrainConfig, train_tnp
+    from tabpfn_infer.training.train_tnp import TNPTrainConfig, train_tnp
 
     name, b, m, n = SMOKE_CASES[0] if cfg.smoke else CASES[0]
     case = {"name": name, "B": b, "M": m, "N": n, "tiny": cfg.smoke}
@@ -451,7 +451,7 @@ def ddp_scaling(
     out: Path,
     variants: tuple[str, ...] = tuple(v.name for v in DDP_VARIANTS),
 ) -> dict[str, Any]:
-    """Tokens/s of eager training (`tabpfn_infer.train_tnp`) of `variants` (of `sdpa`, `all-triton`) at
+    """Tokens/s of eager training (`tabpfn_infer.training.train_tnp`) of `variants` (of `sdpa`, `all-triton`) at
     the mid shape (smoke: the tiny model and shape on CPU, gloo) on each number of ranks in
     `worlds`, each a `torchrun --standalone` run (DDP, NCCL on GPUs). Every rank trains B
     tasks per step (weak scaling), so tokens/s = world * B * (M + N) / step time. Per run:
@@ -505,7 +505,7 @@ def ddp_scaling(
 def ddp_worker(variant_name: str, *, steps: int, log: Path, smoke: bool) -> None:
     """One torchrun rank of `ddp_scaling`: train `variant_name` at its case; rank 0 writes
     its log rows to `log`."""
-    from tabpfn_infer.train_tnp import TNPTrainConfig, train_tnp
+    from tabpfn_infer.training.train_tnp import TNPTrainConfig, train_tnp
 
     variant = {v.name: v for v in DDP_VARIANTS}[variant_name]
     _, b, m, n = SMOKE_CASES[0] if smoke else CASES[1]
