@@ -15,6 +15,7 @@ import os
 import torch
 import triton
 
+from bench.harness import _git_commit
 from bench.suites.context_target import HEAD_DIMS, SIZES, H
 
 
@@ -82,7 +83,7 @@ def main() -> None:
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         header = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                  "triton": triton.__version__}  # fmt: skip
+                  "triton": triton.__version__, "commit": _git_commit()}  # fmt: skip
         with open(os.path.join(args.out, "sm90_fwd_configs.json"), "w") as f:
             json.dump({"header": header, "rows": rows}, f, indent=1)
 
