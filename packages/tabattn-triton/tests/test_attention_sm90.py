@@ -75,6 +75,9 @@ SM90_CASES = [
     ("context-d128", AttentionShape(2, 8, 8, 2500, 2000, 128), "context"),
     ("context-odd", AttentionShape(3, 4, 2, 333, 129, 64), "context"),
     ("context-one-key", AttentionShape(2, 2, 1, 70, 1, 128), "context"),
+    # M < Lk, and the last CTA's second consumer holds no row (1200 % 128 = 48): it must
+    # still take the CTA's key tiles, not the Lk // BLOCK_N tiles its missing rows allow.
+    ("context-short-m", AttentionShape(2, 4, 4, 1200, 1000, 64), "context-short-m"),
     ("per-dataset", AttentionShape(3, 8, 8, 1200, 1000, 64), "per-dataset"),
     ("per-dataset-d128", AttentionShape(4, 4, 4, 301, 257, 128), "per-dataset"),
     ("none-gqa4", AttentionShape(2, 8, 2, 777, 1025, 64), "none"),
@@ -93,6 +96,8 @@ def _mask(kind: str, s: AttentionShape):
         return None
     if kind == "context":
         return masks.ContextTargetMask(s.Lq, s.Lk, s.Lk)
+    if kind == "context-short-m":
+        return masks.ContextTargetMask(s.Lq, s.Lk, 300)
     if kind == "per-dataset":  # one dataset with an empty context: its rows see no key
         lens = torch.tensor([s.Lk, 0, 17, s.Lk // 2][: s.B])
         return masks.ContextTargetMask(s.Lq, s.Lk, lens)

@@ -105,15 +105,17 @@ def _key_tiles(
     row0, Lq, Lk, ctx_len, causal_offset, ar_buffer, ar_chunked,
     MASK: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
 ):  # fmt: skip
-    """(tiles every row of [row0, row0 + ROWS) sees whole, tiles any row sees, at least 1).
-    Rows past Lq count as seeing everything for the first and nothing for the second."""
+    """(tiles every row of [row0, row0 + ROWS) sees whole, tiles any row sees, at least 1),
+    the first never above the second. Rows past Lq count as seeing everything for the first
+    and nothing for the second, so a block with no row inside Lq has (1, 1)."""
     layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
     rows = row0 + gl.arange(0, ROWS, layout=layout)
     kv_end = prefix_kv_end(rows, Lq, Lk, ctx_len, causal_offset, ar_buffer, ar_chunked, MASK)
     row_ok = rows < Lq
     full_end = gl.min(gl.where(row_ok, kv_end, Lk), axis=0)
     any_end = gl.max(gl.where(row_ok, kv_end, 0), axis=0)
-    return full_end // BLOCK_N, gl.maximum(gl.cdiv(any_end, BLOCK_N), 1)
+    n_any = gl.maximum(gl.cdiv(any_end, BLOCK_N), 1)
+    return gl.minimum(full_end // BLOCK_N, n_any), n_any
 
 
 @gluon.jit
