@@ -171,8 +171,9 @@ def _as_pair(result: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def _make_tabattn(kernel: str):
-    """tabattn's flash_attention with its forward kernel "auto" (what users get), "sm90"
-    (the Gluon kernel forced) or "portable" (the plain Triton kernel forced)."""
+    """tabattn's flash_attention with its kernel "auto" (what users get: our kernels or
+    cuDNN by dispatch.py's measured rules), "sm90" (the Gluon forward forced) or "portable"
+    (the plain Triton kernels forced)."""
 
     def make(case: dict[str, Any], inputs: Inputs):
         q, k, v = _qkv(inputs)
@@ -186,14 +187,17 @@ def _make_tabattn(kernel: str):
         from tabattn_core.masks import ContextTargetMask
 
         if kernel == "sm90":
-            from tabattn_triton.ops.attention.interface import sm90_unsupported
+            from tabattn_triton.ops.attention.dispatch import sm90_unsupported
 
             why = sm90_unsupported(q, k, v)
             if why is not None:
                 raise Unavailable(f"tabattn-sm90 {why}")
         mask = ContextTargetMask(q.shape[-2], k.shape[-2], m)
+        # "auto" is called as a training step calls it, without the LSE, so that it may
+        # route to cuDNN; the forced kernels also return the LSE to be checked.
+        lse = kernel != "auto"
         return lambda: _as_pair(
-            entry(q, k, v, mask=mask, scale=scale, return_lse=True, kernel=kernel)
+            entry(q, k, v, mask=mask, scale=scale, return_lse=lse, kernel=kernel)
         )
 
     return make

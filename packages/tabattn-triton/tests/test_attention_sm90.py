@@ -19,10 +19,10 @@ import torch
 from test_attention import compare, compare_varlen, make_inputs
 
 from tabattn_core import masks
-from tabattn_core.checks import InputError
 from tabattn_core.testing import AttentionShape
 from tabattn_triton.ops.attention import flash_attention
-from tabattn_triton.ops.attention.interface import ENV_KERNEL, forward_kernel
+from tabattn_triton.ops.attention.dispatch import ENV_KERNEL, choose_kernel
+from tabattn_triton.ops.attention.interface import PrefixMask
 
 HOPPER_SMEM_BYTES = 227 * 1024
 
@@ -54,18 +54,6 @@ def test_every_config_compiles_for_sm90_without_spills(compile_report):
         assert row["shared"] <= HOPPER_SMEM_BYTES, row
         consumers = row["case"][2][2]
         assert CONSUMER_REGS[consumers] in row["setmaxnreg_inc"], row
-
-
-def test_kernel_choice_is_validated(monkeypatch):
-    q = torch.zeros(1, 1, 4, 64)
-    with pytest.raises(InputError, match="kernel: expected one of"):
-        forward_kernel(q, q, q, "gluon")
-    monkeypatch.setenv(ENV_KERNEL, "fast")
-    with pytest.raises(InputError, match=ENV_KERNEL):
-        forward_kernel(q, q, q, None)
-    assert forward_kernel(q, q, q, "portable") == "portable"
-    with pytest.raises(InputError, match="kernel: 'sm90' needs a Hopper"):
-        forward_kernel(q, q, q, "sm90")
 
 
 # ---- GPU (Hopper): the sm90 forward forced -------------------------------------------
@@ -117,7 +105,7 @@ def _mask(kind: str, s: AttentionShape):
 def test_gpu_sm90_against_reference(name, shape, kind, dtype, monkeypatch):
     monkeypatch.setenv(ENV_KERNEL, "sm90")
     q, k, v = make_inputs(shape, dtype)
-    assert forward_kernel(q, k, v, None) == "sm90"
+    assert choose_kernel(q, k, v, None, PrefixMask(), lse=True) == "sm90"
     compare(q, k, v, _mask(kind, shape), dtype)
 
 
@@ -155,20 +143,3 @@ def test_gpu_sm90_varlen(causal, monkeypatch):
     compare_varlen(
         [m + n for m, n in zip(ms, ns, strict=True)], ms, 8, 2, 64, causal, torch.bfloat16
     )
-
-
-def test_auto_takes_sm90_only_for_gpu_verified_masks(monkeypatch):
-    from tabattn_triton.ops.attention import interface
-    from tabattn_triton.ops.common import MASK_CAUSAL, MASK_CONTEXT
-
-    monkeypatch.setattr(interface, "sm90_unsupported", lambda q, k, v: None)
-    q = torch.zeros(2, 1, 4, 64)
-    fixed = interface.PrefixMask(MASK_CONTEXT, ctx_len=3)
-    per_dataset = interface.PrefixMask(MASK_CONTEXT, ctx_lens=torch.tensor([1, 2]))
-    assert forward_kernel(q, q, q, None, fixed) == "sm90"
-    assert forward_kernel(q, q, q, None, fixed, varlen=True) == "portable"
-    assert forward_kernel(q, q, q, None, per_dataset) == "portable"
-    assert forward_kernel(q, q, q, None, interface.PrefixMask(MASK_CAUSAL)) == "portable"
-    assert forward_kernel(q, q, q, "sm90", interface.PrefixMask(MASK_CAUSAL)) == "sm90"
-    monkeypatch.setenv(ENV_KERNEL, "portable")
-    assert forward_kernel(q, q, q, None, fixed) == "portable"

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from functools import cache
 
@@ -26,6 +25,11 @@ from tabattn_core.checks import (
 )
 from tabattn_core.logs import LogOnce
 from tabattn_core.masks import ARTrainingRowMask, CausalMask, ContextTargetMask, FullMask, MaskSpec
+from tabattn_triton.ops.attention.dispatch import (
+    choose_kernel,
+    cudnn_attention,
+    requested_kernel,
+)
 from tabattn_triton.ops.attention.kernel import (
     attention_bwd_dkdv_kernel,
     attention_bwd_dq_kernel,
@@ -50,9 +54,8 @@ __all__ = ["PrefixMask", "context_target_attention", "flash_attention", "prefix_
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-ENV_KERNEL = "TABATTN_ATTENTION_KERNEL"
-KERNELS = ("auto", "sm90", "portable")
 _said = LogOnce()
+_sm90_failed: set[tuple] = set()  # (dtype, head dim, constexpr flags) whose build failed
 
 
 @dataclass(frozen=True)
@@ -156,19 +159,30 @@ def attention_fwd(
     group: int,
     varlen: Varlen | None = None,
     kernel: str = "portable",
+    fallback: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward (kernel "sm90" or "portable", see `forward_kernel`); returns out
+    """Launch the forward (kernel "sm90" or "portable", see dispatch.py); returns out
     [B, H, Lq, D] (q.dtype) and lse [B, H, Lq] fp32 (with varlen: q is [1, H, Tq, D] and lse
-    [1, H, Tq])."""
+    [1, H, Tq]). fallback: an sm90 kernel that fails to build runs the portable one instead
+    (logged once; kernels that failed are not built again)."""
     h, d = q.shape[1], q.shape[3]
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
     batch, lq, lk, pointers, runtime, tune, flags = _launch_args(q, k, group, pm, varlen)
-    if kernel == "sm90":
-        _attention_fwd_sm90(q, k, v, out, lse, pm, scale, group, batch, lq, lk, pointers, flags)
-        return out, lse
+    failed_key = (q.dtype, q.shape[3], *flags.values())
+    if kernel == "sm90" and not (fallback and failed_key in _sm90_failed):
+        try:
+            _attention_fwd_sm90(q, k, v, out, lse, pm, scale, group, batch, lq, lk, pointers, flags)
+            return out, lse
+        except Exception as exc:
+            if not fallback or isinstance(exc, InputError):
+                raise
+            _sm90_failed.add(failed_key)
+            why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            _said(failed_key, logging.WARNING, "tabattn attention: sm90 failed (%s); "
+                  "the portable kernel runs", why)  # fmt: skip
     grid = lambda meta: (batch * h * triton.cdiv(lq, meta["BLOCK_M"]),)
     attention_fwd_kernel[grid](
         q, k, v, out, lse, *pointers,
@@ -218,69 +232,6 @@ def attention_bwd(
         *dims, *runtime, *tune, **flags,
     )  # fmt: skip
     return dq, dk, dv
-
-
-@cache
-def _sm90_device(index: int) -> bool:
-    """A Hopper GPU and a Triton with Gluon's Hopper API."""
-    if torch.cuda.get_device_capability(index) != (9, 0):
-        return False
-    try:
-        from tabattn_triton.ops.attention import kernel_sm90  # noqa: F401
-    except ImportError as exc:
-        why = f"the sm90 kernel is unavailable ({exc}); the portable kernel runs"
-        _said(why, logging.WARNING, "tabattn attention: %s", why)
-        return False
-    return True
-
-
-def sm90_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
-    """Why the sm90 forward cannot run these inputs, or None when it can."""
-    if q.device.type != "cuda" or not _sm90_device(q.device.index or 0):
-        return f"needs a Hopper (sm90) GPU, got {q.device}"
-    from tabattn_triton.ops.attention.kernel_sm90 import SM90_HEAD_DIMS
-
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return f"needs fp16 or bf16, got {q.dtype}"
-    if q.shape[3] not in SM90_HEAD_DIMS:
-        return f"needs head dim in {SM90_HEAD_DIMS}, got {q.shape[3]}"
-    if k.shape[2] == 0:
-        return "needs at least one key"
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.data_ptr() % 16 or any(st % 8 for st in t.stride()[:3]):
-            return f"needs 16-byte aligned {name} (base and strides), got strides {t.stride()}"
-    return None
-
-
-# The masks whose sm90 forward has passed the GPU tests against the fp64 reference (H200):
-# `auto` takes the sm90 kernel only for these; the others run it when forced.
-SM90_AUTO_MASKS = (MASK_CONTEXT,)
-
-
-def forward_kernel(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kernel: str | None,
-    pm: PrefixMask | None = None,
-    varlen: bool = False,
-) -> str:
-    """The forward kernel for a call: `kernel` ("auto", "sm90", "portable"), else the
-    TABATTN_ATTENTION_KERNEL environment variable, else "auto": sm90 where it can run and
-    the mask is one of SM90_AUTO_MASKS with one context length (not varlen)."""
-    choice = kernel or os.environ.get(ENV_KERNEL, "auto")
-    if choice not in KERNELS:
-        source = "kernel" if kernel else ENV_KERNEL
-        raise InputError(f"{source}: expected one of {KERNELS}, got {choice!r}")
-    if choice == "portable":
-        return "portable"
-    if choice == "sm90":
-        why = sm90_unsupported(q, k, v)
-        if why is not None:
-            raise InputError(f"kernel: 'sm90' {why}")
-        return "sm90"
-    verified = pm is not None and pm.kind in SM90_AUTO_MASKS and pm.ctx_lens is None
-    return "sm90" if verified and not varlen and sm90_unsupported(q, k, v) is None else "portable"
 
 
 @cache
@@ -349,9 +300,10 @@ class FlashAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, q, k, v, pm: PrefixMask, scale: float, group: int, varlen: Varlen | None, kernel: str
-    ):
-        out, lse = attention_fwd(q, k, v, pm, scale, group, varlen, kernel)
+        ctx, q, k, v, pm: PrefixMask, scale: float, group: int, varlen: Varlen | None,
+        kernel: str, fallback: bool,
+    ):  # fmt: skip
+        out, lse = attention_fwd(q, k, v, pm, scale, group, varlen, kernel, fallback)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.pm, ctx.scale, ctx.group, ctx.varlen = pm, scale, group, varlen
         ctx.mark_non_differentiable(lse)
@@ -361,7 +313,7 @@ class FlashAttentionFunction(torch.autograd.Function):
     def backward(ctx, do, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = attention_bwd(do, q, k, v, out, lse, ctx.pm, ctx.scale, ctx.group, ctx.varlen)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def flash_attention(
@@ -390,9 +342,10 @@ def flash_attention(
                                                  ■ ■ ■ · ·
     ```
     Returns out [B, H, Lq, D], and with return_lse also lse [B, H, Lq] (fp32, natural log;
-    -inf with out 0 for rows that see no key). kernel: the forward kernel, "auto" (the
-    Hopper kernel of kernel_sm90.py where it can run, else the portable one), "sm90" or
-    "portable"; None reads TABATTN_ATTENTION_KERNEL (default "auto").
+    -inf with out 0 for rows that see no key). kernel: "auto" (the fastest by measured
+    rules: the Hopper forward of kernel_sm90.py, the portable kernels, or SDPA on cuDNN
+    for calls it can express without LSE), or forced "sm90", "portable" or "cudnn"; None
+    reads TABATTN_ATTENTION_KERNEL (default "auto"). See dispatch.py.
     """
     group = check_attention_inputs(q, k, v)
     pm = prefix_mask_of(mask, q.shape[2], k.shape[2], q.shape[0])
@@ -402,9 +355,11 @@ def flash_attention(
             f"got {type(mask).__name__} (decode, teacher-forcing and selection masks have their own ops)"
         )
     scale = check_scale(scale, q.shape[3])
-    out, lse = FlashAttentionFunction.apply(
-        q, k, v, pm, scale, group, None, forward_kernel(q, k, v, kernel, pm)
-    )
+    choice = choose_kernel(q, k, v, kernel, pm, lse=return_lse)
+    if choice == "cudnn":
+        return cudnn_attention(q, k, v, pm, scale)
+    auto = requested_kernel(kernel) == "auto"
+    out, lse = FlashAttentionFunction.apply(q, k, v, pm, scale, group, None, choice, auto)
     return (out, lse) if return_lse else out
 
 
@@ -432,9 +387,8 @@ def context_target_attention(
     else:
         raise InputError(f"context_lens: expected an int in [0, {lk}], got {context_lens}")
     scale = check_scale(scale, q.shape[3])
-    return FlashAttentionFunction.apply(
-        q, k, v, pm, scale, group, None, forward_kernel(q, k, v, None, pm)
-    )
+    choice = choose_kernel(q, k, v, None, pm, lse=True)
+    return FlashAttentionFunction.apply(q, k, v, pm, scale, group, None, choice, True)
 
 
 def varlen_attention(
@@ -467,7 +421,6 @@ def varlen_attention(
     varlen = Varlen(cu_q.to(q.device), cu_k.to(q.device), longest_q, longest_k)
     pm = PrefixMask(MASK_CAUSAL) if causal else PrefixMask()
     scale = check_scale(scale, q.shape[2])
-    out, lse = FlashAttentionFunction.apply(
-        q4, k4, v4, pm, scale, group, varlen, forward_kernel(q4, k4, v4, None, pm, varlen=True)
-    )
+    choice = choose_kernel(q4, k4, v4, None, pm, lse=True, varlen=True)
+    out, lse = FlashAttentionFunction.apply(q4, k4, v4, pm, scale, group, varlen, choice, True)
     return out[0].transpose(0, 1), lse[0]
