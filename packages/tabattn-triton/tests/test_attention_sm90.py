@@ -1,7 +1,8 @@
 """The Hopper (Gluon) forward of flash attention.
 
-CPU (CI): every shipped config compiles for sm90 under the installed Triton, without
-register spills, within shared memory, with the warp-group register budgets it asks for.
+CPU (CI): every shipped forward config and the backward compile for sm90 under the
+installed Triton, without register spills (one exception, named in the test), within shared
+memory, with the warp-group register budgets they ask for.
 GPU (`-m gpu`, Hopper only): forward, LSE and gradients against the fp64 reference over the
 portable kernel's mask matrix, with the sm90 forward forced (the backward is the portable
 kernel's, reading the sm90 forward's LSE); NaN-poisoned outputs (conftest).
@@ -44,16 +45,22 @@ def compile_report() -> list[dict]:
 
 
 def test_every_config_compiles_for_sm90_without_spills(compile_report):
+    from tabattn_triton.ops.attention import kernel_sm90_bwd
     from tabattn_triton.ops.attention.kernel_sm90 import CONSUMER_REGS, compile_cases
 
-    reported = [(dtype, d, tuple(config), mask) for dtype, d, config, mask in
+    reported = [(kernel, dtype, d, tuple(config), mask) for kernel, dtype, d, config, mask in
                 (r["case"] for r in compile_report)]  # fmt: skip
     assert reported == compile_cases()
     for row in compile_report:
-        assert row["spill_stores"] == row["spill_loads"] == 0, row
+        kernel, _, d, config, mask = row["case"]
+        spills = row["spill_stores"] + row["spill_loads"]
+        # The one known exception: the backward at D=128 (dK, dV [64, 128] fp32 per thread
+        # group) spills a few bytes: <= 12 under Triton 3.6, 40-64 under 3.9.
+        allowed = 64 if (kernel, d) == ("bwd", 128) else 0
+        assert spills <= allowed, row
         assert row["shared"] <= HOPPER_SMEM_BYTES, row
-        consumers = row["case"][2][2]
-        assert CONSUMER_REGS[consumers] in row["setmaxnreg_inc"], row
+        regs = CONSUMER_REGS[config[2]] if kernel == "fwd" else kernel_sm90_bwd.CONSUMER_REGS
+        assert regs in row["setmaxnreg_inc"], row
 
 
 # ---- GPU (Hopper): the sm90 forward forced -------------------------------------------

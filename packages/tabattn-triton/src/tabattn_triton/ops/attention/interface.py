@@ -150,6 +150,25 @@ def _launch_args(
     return batch, lq, lk, pointers, runtime, tune, flags
 
 
+def _run_sm90(launch, key: tuple, fallback: bool) -> bool:
+    """Run an sm90 launch and return True. With `fallback` (kernel "auto"), a launch that
+    fails to build is logged once and remembered by `key`, and False asks for the portable
+    kernel instead; forced, the error is raised."""
+    if fallback and key in _sm90_failed:
+        return False
+    try:
+        launch()
+        return True
+    except Exception as exc:
+        if not fallback or isinstance(exc, InputError):
+            raise
+        _sm90_failed.add(key)
+        why = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+        _said(key, logging.WARNING, "tabattn attention: sm90 %s failed (%s); the portable "
+              "kernel runs", key[0], why)  # fmt: skip
+        return False
+
+
 def attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -171,18 +190,12 @@ def attention_fwd(
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
     batch, lq, lk, pointers, runtime, tune, flags = _launch_args(q, k, group, pm, varlen)
-    failed_key = (q.dtype, q.shape[3], *flags.values())
-    if kernel == "sm90" and not (fallback and failed_key in _sm90_failed):
-        try:
-            _attention_fwd_sm90(q, k, v, out, lse, pm, scale, group, batch, lq, lk, pointers, flags)
-            return out, lse
-        except Exception as exc:
-            if not fallback or isinstance(exc, InputError):
-                raise
-            _sm90_failed.add(failed_key)
-            why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            _said(failed_key, logging.WARNING, "tabattn attention: sm90 failed (%s); "
-                  "the portable kernel runs", why)  # fmt: skip
+    if kernel == "sm90" and _run_sm90(
+        lambda: _attention_fwd_sm90(q, k, v, out, lse, pm, scale, group, batch, lq, lk, pointers, flags),
+        ("forward", q.dtype, d, *flags.values()),
+        fallback,
+    ):  # fmt: skip
+        return out, lse
     grid = lambda meta: (batch * h * triton.cdiv(lq, meta["BLOCK_M"]),)
     attention_fwd_kernel[grid](
         q, k, v, out, lse, *pointers,
@@ -204,8 +217,11 @@ def attention_bwd(
     scale: float,
     group: int,
     varlen: Varlen | None = None,
+    kernel: str = "portable",
+    fallback: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the backward; returns dq, dk, dv in the layouts of q, k, v."""
+    """Launch the backward (kernel "sm90": kernel_sm90_bwd.py's, else the portable one;
+    fallback as in `attention_fwd`); returns dq, dk, dv in the layouts of q, k, v."""
     b, h, rows, d = q.shape
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if rows == 0 or k.shape[2] == 0 or b * h == 0:
@@ -219,6 +235,12 @@ def attention_bwd(
         out, do, delta, *out.stride(), *do.stride(), h, rows, d,
         BLOCK_M=pre_block, BLOCK_D=flags["BLOCK_D"],
     )  # fmt: skip
+    if kernel == "sm90" and _run_sm90(
+        lambda: _attention_bwd_sm90(do, q, k, v, dq, dk, dv, lse, delta, pm, scale, group, varlen),
+        ("backward", q.dtype, d, *flags.values()),
+        fallback,
+    ):  # fmt: skip
+        return dq, dk, dv
     dims = (h, group, lq, lk, d, scale, scale * LOG2E)
     h_kv = k.shape[1]
     attention_bwd_dkdv_kernel[lambda meta: (batch * h_kv * triton.cdiv(lk, meta["BLOCK_N"]),)](
@@ -295,6 +317,38 @@ def _attention_fwd_sm90(q, k, v, out, lse, pm, scale, group, batch, lq, lk, poin
     launch(config)
 
 
+def _attention_bwd_sm90(do, q, k, v, dq, dk, dv, lse, delta, pm, scale, group, varlen):
+    """Launch kernel_sm90_bwd's backward into dq, dk, dv (dq through an fp32 buffer)."""
+    from tabattn_triton.ops.attention.kernel_sm90_bwd import (
+        CONSUMER_REGS,
+        CONSUMERS,
+        KEYS_PER_CONSUMER,
+        SM90_BWD_BLOCK_M,
+        attention_bwd_sm90_kernel,
+    )
+
+    batch, lq, lk, pointers, _, _, flags = _launch_args(q, k, group, pm, varlen)
+    block_m = SM90_BWD_BLOCK_M[q.shape[3]]
+    if do.data_ptr() % 16 or any(st % 8 for st in do.stride()[:3]):
+        do = do.contiguous()
+    dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+    dv_out = dv if dv.stride() == dk.stride() else torch.empty_like(dk)  # one stride set
+    h_kv = k.shape[1]
+    grid = (batch * h_kv * triton.cdiv(lk, CONSUMERS * KEYS_PER_CONSUMER),)
+    attention_bwd_sm90_kernel[grid](
+        _sm90_descriptor(q, block_m), _sm90_descriptor(k, KEYS_PER_CONSUMER),
+        _sm90_descriptor(v, KEYS_PER_CONSUMER), _sm90_descriptor(do, block_m),
+        dk, dv_out, dq_acc, lse, delta, *pointers, dk.stride(0), dk.stride(1), dk.stride(2),
+        h_kv, group, lq, lk, scale * LOG2E, scale,
+        pm.ctx_len, pm.causal_offset, pm.ar_buffer, pm.ar_chunked, q.shape[2],
+        MASK=flags["MASK"], HAS_CTX_LENS=flags["HAS_CTX_LENS"], IS_VARLEN=flags["IS_VARLEN"],
+        CONSUMER_REGS=CONSUMER_REGS, num_warps=4,
+    )  # fmt: skip
+    dq.copy_(dq_acc.mul_(scale))
+    if dv_out is not dv:
+        dv.copy_(dv_out)
+
+
 class FlashAttentionFunction(torch.autograd.Function):
     """Saves q, k, v, out, lse; the LSE output is not differentiable."""
 
@@ -306,13 +360,15 @@ class FlashAttentionFunction(torch.autograd.Function):
         out, lse = attention_fwd(q, k, v, pm, scale, group, varlen, kernel, fallback)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.pm, ctx.scale, ctx.group, ctx.varlen = pm, scale, group, varlen
+        ctx.kernel, ctx.fallback = kernel, fallback
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, do, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = attention_bwd(do, q, k, v, out, lse, ctx.pm, ctx.scale, ctx.group, ctx.varlen)
+        args = (ctx.pm, ctx.scale, ctx.group, ctx.varlen, ctx.kernel, ctx.fallback)
+        dq, dk, dv = attention_bwd(do, q, k, v, out, lse, *args)
         return dq, dk, dv, None, None, None, None, None, None
 
 

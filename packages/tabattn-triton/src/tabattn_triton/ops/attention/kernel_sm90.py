@@ -377,25 +377,34 @@ def attention_fwd_sm90_kernel(
         )  # fmt: skip
 
 
-def compile_fwd_sm90(dtype: str, head_dim: int, config: tuple, mask: int = 0, **flags):
-    """Compile the forward for sm90 without a GPU (CI's check): dtype "bf16" or "fp16",
-    config one of SM90_FWD_CONFIGS[head_dim]. Returns Triton's compiled kernel."""
+def desc_type(dtype: str, rows: int, head_dim: int) -> str:
+    """The signature type of a rank-4 TMA descriptor with blocks [1, 1, rows, head_dim]."""
+    gl_dtype = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
+    shape = [1, 1, rows, head_dim]
+    layout = gl.NVMMASharedLayout.get_default_for(shape, gl_dtype)
+    return f"tensordesc<{dtype}[{','.join(map(str, shape))}],{layout!r}>"
+
+
+def compile_for_sm90(kernel, signature: dict[str, str], constexprs: dict):
+    """Compile a Gluon kernel for sm90 without a GPU (CI's check); the constexprs are added
+    to the signature. Returns Triton's compiled kernel."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
+    signature = signature | {n: "constexpr" for n in constexprs}
+    source = GluonASTSource(kernel, signature, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+
+def compile_fwd_sm90(dtype: str, head_dim: int, config: tuple, mask: int = 0, **flags):
+    """The forward compiled for sm90: dtype "bf16" or "fp16", config one of
+    SM90_FWD_CONFIGS[head_dim]."""
     block_n, stages, consumers, pingpong = config
-    gl_dtype = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
-
-    def desc(rows):
-        shape = [1, 1, rows, head_dim]
-        layout = gl.NVMMASharedLayout.get_default_for(shape, gl_dtype)
-        return f"tensordesc<{dtype}[{','.join(map(str, shape))}],{layout!r}>"
-
     signature = {
-        "q_desc": desc(ROWS_PER_CONSUMER),
-        "k_desc": desc(block_n),
-        "v_desc": desc(block_n),
+        "q_desc": desc_type(dtype, ROWS_PER_CONSUMER, head_dim),
+        "k_desc": desc_type(dtype, block_n, head_dim),
+        "v_desc": desc_type(dtype, block_n, head_dim),
     }
     signature |= {
         "O": f"*{dtype}",
@@ -417,9 +426,7 @@ def compile_fwd_sm90(dtype: str, head_dim: int, config: tuple, mask: int = 0, **
         "PINGPONG": pingpong,
         "CONSUMER_REGS": CONSUMER_REGS[consumers],
     }
-    signature |= {n: "constexpr" for n in constexprs}
-    source = GluonASTSource(attention_fwd_sm90_kernel, signature, constexprs=constexprs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    return compile_for_sm90(attention_fwd_sm90_kernel, signature, constexprs)
 
 
 def ptxas_usage(compiled) -> dict[str, int]:
@@ -455,22 +462,37 @@ def ptxas_usage(compiled) -> dict[str, int]:
     }
 
 
-def compile_cases() -> list[tuple[str, int, tuple, int]]:
-    """(dtype, head dim, config, mask) that CI compiles: every config with the context mask,
-    the default config of each head dim with every mask, and fp16 once."""
-    cases = [("fp16", 64, SM90_FWD_CONFIGS[64][0], 2)]
+def compile_cases() -> list[tuple[str, str, int, tuple, int]]:
+    """(kernel, dtype, head dim, config, mask) that CI compiles: every forward config with
+    the context mask, the default forward config of each head dim with every mask, fp16
+    once, and the backward (config: its BLOCK_M) of each head dim with every mask."""
+    from tabattn_triton.ops.attention.kernel_sm90_bwd import SM90_BWD_BLOCK_M
+
+    cases = [("fwd", "fp16", 64, SM90_FWD_CONFIGS[64][0], 2)]
     for d, configs in SM90_FWD_CONFIGS.items():
-        cases += [("bf16", d, configs[0], mask) for mask in (0, 2, 3)]
-        cases += [("bf16", d, config, 1) for config in configs]
+        cases += [("fwd", "bf16", d, configs[0], mask) for mask in (0, 2, 3)]
+        cases += [("fwd", "bf16", d, config, 1) for config in configs]
+    for d, block_m in SM90_BWD_BLOCK_M.items():
+        cases += [("bwd", "bf16", d, (block_m,), mask) for mask in (0, 1, 2, 3)]
     return cases
 
 
-if __name__ == "__main__":  # python -m ...kernel_sm90: the compile report of CI, as JSON
-    import json
+def compile_report() -> list[dict]:
+    """ptxas's usage of every compile case (CI's check, `python -m ...kernel_sm90`)."""
+    from tabattn_triton.ops.attention.kernel_sm90_bwd import compile_bwd_sm90
 
     report = []
-    for dtype, d, config, mask in compile_cases():
+    for kernel, dtype, d, config, mask in compile_cases():
         flags = {"HAS_CTX_LENS": mask == 1, "IS_VARLEN": mask == 2}
-        usage = ptxas_usage(compile_fwd_sm90(dtype, d, config, mask=mask, **flags))
-        report.append({"case": [dtype, d, list(config), mask], **usage})
-    print(json.dumps(report))
+        if kernel == "fwd":
+            compiled = compile_fwd_sm90(dtype, d, config, mask=mask, **flags)
+        else:
+            compiled = compile_bwd_sm90(dtype, d, mask=mask, **flags)
+        report.append({"case": [kernel, dtype, d, list(config), mask], **ptxas_usage(compiled)})
+    return report
+
+
+if __name__ == "__main__":  # the compile report of CI, as JSON
+    import json
+
+    print(json.dumps(compile_report()))
