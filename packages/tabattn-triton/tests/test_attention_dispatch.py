@@ -100,6 +100,14 @@ def test_auto_off_hopper_keeps_our_kernels(hopper, monkeypatch):
     assert dispatch.choose_kernel(q, k, v, None, PrefixMask(), lse=False) == "portable"
 
 
+def test_the_sm90_backward_runs_only_when_sm90_is_forced(monkeypatch):
+    assert dispatch.backward_kernel("sm90", "sm90") == "sm90"
+    assert dispatch.backward_kernel("sm90", None) == "portable"  # auto: measured slower
+    assert dispatch.backward_kernel("portable", None) == "portable"
+    monkeypatch.setenv(ENV, "sm90")
+    assert dispatch.backward_kernel("sm90", None) == "sm90"
+
+
 # ---- GPU (Hopper): calls routed to cuDNN -------------------------------------------------
 
 

@@ -4,8 +4,8 @@ CPU (CI): every shipped forward config and the backward compile for sm90 under t
 installed Triton, without register spills (one exception, named in the test), within shared
 memory, with the warp-group register budgets they ask for.
 GPU (`-m gpu`, Hopper only): forward, LSE and gradients against the fp64 reference over the
-portable kernel's mask matrix, with the sm90 forward forced (the backward is the portable
-kernel's, reading the sm90 forward's LSE); NaN-poisoned outputs (conftest).
+portable kernel's mask matrix, with the sm90 kernels forced (the Gluon forward and
+backward); NaN-poisoned outputs (conftest).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def test_every_config_compiles_for_sm90_without_spills(compile_report):
                 (r["case"] for r in compile_report)]  # fmt: skip
     assert reported == compile_cases()
     for row in compile_report:
-        kernel, _, d, config, mask = row["case"]
+        kernel, _, d, config, _ = row["case"]
         spills = row["spill_stores"] + row["spill_loads"]
         # The one known exception: the backward at D=128 (dK, dV [64, 128] fp32 per thread
         # group) spills a few bytes: <= 12 under Triton 3.6, 40-64 under 3.9.

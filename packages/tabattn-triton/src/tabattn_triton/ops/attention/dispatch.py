@@ -21,6 +21,7 @@ from tabattn_triton.ops.common import MASK_CAUSAL, MASK_CONTEXT, MASK_NONE
 
 __all__ = [
     "ENV_KERNEL",
+    "backward_kernel",
     "KERNELS",
     "choose_kernel",
     "cudnn_attention",
@@ -39,6 +40,10 @@ KERNELS = ("auto", "sm90", "portable", "cudnn")
 # 1024 keys). cuDNN beats both except in the forward at D=64 from OURS_OVER_CUDNN_KEYS keys
 # on (1.07-1.09x at 10k-50k keys); with a backward to run (ours is the portable one) it
 # wins at every measured shape. Head dims that were not measured keep our kernels.
+# The sm90 backward (kernel_sm90_bwd.py) runs only when "sm90" is forced: it is slower
+# than the portable backward (fwd+bwd 21.7 vs 18.4 ms at D=64, 20k keys; 39.6 vs 30.2 ms
+# at D=128; bench/results/context_target_sm90_bwd.json), so "auto" pairs the sm90 forward
+# with the portable backward.
 SM90_MIN_KEYS = 4096
 CUDNN_HEAD_DIMS = (64, 128)
 OURS_OVER_CUDNN_KEYS = {(64, False): 8192}  # (head dim, backward follows) -> keys
@@ -161,3 +166,9 @@ def choose_kernel(q, k, v, kernel: str | None, pm, *, lse: bool, varlen: bool = 
     key = (name, q.shape[3], q.dtype, pm.kind, backward)
     _said(key, logging.INFO, "tabattn attention: auto takes %s (%s)", name, why)
     return name
+
+
+def backward_kernel(forward: str, kernel: str | None) -> str:
+    """The backward after forward kernel `forward`: the sm90 one only when "sm90" is
+    forced (see above), else the portable one."""
+    return "sm90" if forward == "sm90" and requested_kernel(kernel) == "sm90" else "portable"

@@ -26,6 +26,7 @@ from tabattn_core.checks import (
 from tabattn_core.logs import LogOnce
 from tabattn_core.masks import ARTrainingRowMask, CausalMask, ContextTargetMask, FullMask, MaskSpec
 from tabattn_triton.ops.attention.dispatch import (
+    backward_kernel,
     choose_kernel,
     cudnn_attention,
     requested_kernel,
@@ -350,17 +351,18 @@ def _attention_bwd_sm90(do, q, k, v, dq, dk, dv, lse, delta, pm, scale, group, v
 
 
 class FlashAttentionFunction(torch.autograd.Function):
-    """Saves q, k, v, out, lse; the LSE output is not differentiable."""
+    """kernels: (forward, backward) kernel names (dispatch.py). Saves q, k, v, out, lse;
+    the LSE output is not differentiable."""
 
     @staticmethod
     def forward(
         ctx, q, k, v, pm: PrefixMask, scale: float, group: int, varlen: Varlen | None,
-        kernel: str, fallback: bool,
+        kernels: tuple[str, str], fallback: bool,
     ):  # fmt: skip
-        out, lse = attention_fwd(q, k, v, pm, scale, group, varlen, kernel, fallback)
+        out, lse = attention_fwd(q, k, v, pm, scale, group, varlen, kernels[0], fallback)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.pm, ctx.scale, ctx.group, ctx.varlen = pm, scale, group, varlen
-        ctx.kernel, ctx.fallback = kernel, fallback
+        ctx.kernel, ctx.fallback = kernels[1], fallback
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -400,8 +402,9 @@ def flash_attention(
     Returns out [B, H, Lq, D], and with return_lse also lse [B, H, Lq] (fp32, natural log;
     -inf with out 0 for rows that see no key). kernel: "auto" (the fastest by measured
     rules: the Hopper forward of kernel_sm90.py, the portable kernels, or SDPA on cuDNN
-    for calls it can express without LSE), or forced "sm90", "portable" or "cudnn"; None
-    reads TABATTN_ATTENTION_KERNEL (default "auto"). See dispatch.py.
+    for calls it can express without LSE), or forced "sm90" (the Gluon forward and
+    backward), "portable" or "cudnn"; None reads TABATTN_ATTENTION_KERNEL (default "auto").
+    See dispatch.py.
     """
     group = check_attention_inputs(q, k, v)
     pm = prefix_mask_of(mask, q.shape[2], k.shape[2], q.shape[0])
@@ -414,9 +417,16 @@ def flash_attention(
     choice = choose_kernel(q, k, v, kernel, pm, lse=return_lse)
     if choice == "cudnn":
         return cudnn_attention(q, k, v, pm, scale)
-    auto = requested_kernel(kernel) == "auto"
-    out, lse = FlashAttentionFunction.apply(q, k, v, pm, scale, group, None, choice, auto)
+    kernels, auto = (choice, backward_kernel(choice, kernel)), requested_kernel(kernel) == "auto"
+    out, lse = FlashAttentionFunction.apply(q, k, v, pm, scale, group, None, kernels, auto)
     return (out, lse) if return_lse else out
+
+
+def _kernels(q, k, v, pm: PrefixMask, varlen: bool) -> tuple[tuple[str, str], bool]:
+    """(forward, backward) kernels and the fallback flag of a registry op (which returns the
+    LSE, so never cuDNN): TABATTN_ATTENTION_KERNEL, else auto."""
+    forward = choose_kernel(q, k, v, None, pm, lse=True, varlen=varlen)
+    return (forward, backward_kernel(forward, None)), requested_kernel(None) == "auto"
 
 
 def context_target_attention(
@@ -443,8 +453,8 @@ def context_target_attention(
     else:
         raise InputError(f"context_lens: expected an int in [0, {lk}], got {context_lens}")
     scale = check_scale(scale, q.shape[3])
-    choice = choose_kernel(q, k, v, None, pm, lse=True)
-    return FlashAttentionFunction.apply(q, k, v, pm, scale, group, None, choice, True)
+    kernels = _kernels(q, k, v, pm, varlen=False)
+    return FlashAttentionFunction.apply(q, k, v, pm, scale, group, None, *kernels)
 
 
 def varlen_attention(
@@ -477,6 +487,6 @@ def varlen_attention(
     varlen = Varlen(cu_q.to(q.device), cu_k.to(q.device), longest_q, longest_k)
     pm = PrefixMask(MASK_CAUSAL) if causal else PrefixMask()
     scale = check_scale(scale, q.shape[2])
-    choice = choose_kernel(q4, k4, v4, None, pm, lse=True, varlen=True)
-    out, lse = FlashAttentionFunction.apply(q4, k4, v4, pm, scale, group, varlen, choice, True)
+    kernels = _kernels(q4, k4, v4, pm, varlen=True)
+    out, lse = FlashAttentionFunction.apply(q4, k4, v4, pm, scale, group, varlen, *kernels)
     return out[0].transpose(0, 1), lse[0]
