@@ -154,6 +154,38 @@ def prefix_kv_end(
 
 
 @triton.jit
+def prefix_query_blocks(
+    k0, k1, Lq, ctx_len, causal_offset, ar_buffer, MASK: tl.constexpr, BLOCK_M: tl.constexpr
+):
+    """The query blocks of BLOCK_M rows that see keys [k0, k1) under `prefix_kv_end`'s rule:
+    blocks [lo, mid) see them in part (run masked), [mid, hi) whole. CONTEXT: every block
+    sees context keys (padding keys: none). AR_ROWS: context keys as CONTEXT, buffer keys
+    some rows of every block (masked), target keys none. TEACHER_BUFFER: every block, masked.
+    CAUSAL: from the first row that sees k0, whole from the first that sees k1 - 1."""
+    num_m_blocks = tl.cdiv(Lq, BLOCK_M)
+    m_lo = num_m_blocks * 0
+    m_mid = num_m_blocks * 0
+    m_hi = num_m_blocks
+    if MASK == 1 or MASK == 3:
+        reach = ctx_len
+        if MASK == 3:
+            reach = ctx_len + ar_buffer
+        if k1 > ctx_len:
+            m_mid = num_m_blocks
+        if k0 >= reach:
+            m_mid = num_m_blocks * 0
+            m_hi = num_m_blocks * 0
+    elif MASK == 4:
+        m_mid = num_m_blocks
+    elif MASK == 2:
+        first_row = tl.maximum(k0 - causal_offset, 0)  # first row that sees key k0
+        full_row = tl.minimum(tl.maximum(k1 - 1 - causal_offset, 0), Lq)  # sees all of them
+        m_lo = tl.minimum(first_row // BLOCK_M, num_m_blocks)
+        m_mid = tl.maximum(tl.cdiv(full_row, BLOCK_M), m_lo)
+    return m_lo, m_mid, m_hi
+
+
+@triton.jit
 def online_softmax_tile(
     acc,
     m_i,

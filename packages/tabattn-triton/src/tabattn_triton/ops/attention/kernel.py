@@ -18,6 +18,7 @@ from tabattn_triton.ops.common import (
     online_softmax_tile,
     pick_configs,
     prefix_kv_end,
+    prefix_query_blocks,
 )
 
 
@@ -431,27 +432,9 @@ def attention_bwd_dkdv_kernel(
     v = load_rows(v_base, cols, stride_vn, stride_vd, offs_d, col_ok, d_ok)
 
     # Query blocks that see this key block: [m_lo, m_mid) partly (masked), [m_mid, m_hi) fully.
-    num_m_blocks = tl.cdiv(Lq, BLOCK_M)
-    k1 = tl.minimum(k0 + BLOCK_N, Lk)
-    m_lo = num_m_blocks * 0
-    m_mid = num_m_blocks * 0
-    m_hi = num_m_blocks
-    if MASK == 1 or MASK == 3:  # context keys: seen by all rows; AR buffer keys: by some
-        reach = ctx_len
-        if MASK == 3:
-            reach = ctx_len + ar_buffer
-        if k1 > ctx_len:
-            m_mid = num_m_blocks
-        if k0 >= reach:
-            m_mid = num_m_blocks * 0
-            m_hi = num_m_blocks * 0
-    elif MASK == 4:  # teacher-forcing buffer keys: a few rows of every block, all masked
-        m_mid = num_m_blocks
-    elif MASK == 2:
-        first_row = tl.maximum(k0 - causal_offset, 0)  # first row that sees key k0
-        full_row = tl.minimum(tl.maximum(k1 - 1 - causal_offset, 0), Lq)  # sees the whole block
-        m_lo = tl.minimum(first_row // BLOCK_M, num_m_blocks)
-        m_mid = tl.maximum(tl.cdiv(full_row, BLOCK_M), m_lo)
+    m_lo, m_mid, m_hi = prefix_query_blocks(
+        k0, tl.minimum(k0 + BLOCK_N, Lk), Lq, ctx_len, causal_offset, ar_buffer, MASK, BLOCK_M
+    )
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)

@@ -17,13 +17,13 @@ Per query block i of every head of the kv head's group (2-slot ring, slot s = i 
 
 dQ is accumulated in fp32 (`DQ_ACC`, zeroed by the launcher) with relaxed atomics and
 scaled and cast by the launcher; Delta = rowsum(dO * O) comes from the portable
-preprocess kernel. Key and query ranges come from common.py's `prefix_kv_end`, the rule of
-every kernel here: a key block visits the query blocks from the first that can see it.
+preprocess kernel. Key ends and query-block ranges come from common.py's `prefix_kv_end` and
+`prefix_query_blocks`, the rule every kernel here reads.
 """
 
 from __future__ import annotations
 
-from tabattn_triton.ops.common import prefix_kv_end
+from tabattn_triton.ops.common import prefix_kv_end, prefix_query_blocks
 from tabattn_triton.ops.gluon_compat import (
     barrier,
     fence_async_shared,
@@ -72,20 +72,16 @@ def _cta_work(
 
 
 @gluon.jit
-def _query_blocks(key0, Lq, Lk, ctx_len, causal_offset, MASK: gl.constexpr, BM: gl.constexpr):
-    """(first query block, number of query blocks) that rows of the sequence visit for the
-    keys [key0, key0 + 128): none past the sequence's keys or a context; for causal masks
-    from the first row that sees key0; else every block (the rest is masked per element)."""
-    n_blocks = gl.cdiv(Lq, BM)
-    first = 0
-    if MASK == 1:
-        n_blocks = gl.where(key0 < ctx_len, n_blocks, 0)
-    if MASK == 2:
-        first = gl.minimum(gl.maximum(key0 - causal_offset, 0) // BM, n_blocks)
-    if MASK == 3:
-        first = gl.where(key0 < ctx_len, 0, gl.minimum(ctx_len // BM, n_blocks))
-    n_blocks = gl.where(key0 < Lk, n_blocks - first, 0)
-    return first, n_blocks
+def _query_blocks(
+    key0, Lq, Lk, ctx_len, causal_offset, ar_buffer,
+    MASK: gl.constexpr, BM: gl.constexpr, BLOCK_KEYS: gl.constexpr,
+):  # fmt: skip
+    """(first query block, number of query blocks) that see keys [key0, key0 + BLOCK_KEYS):
+    common.py's `prefix_query_blocks` (all masked per element here), none past Lk."""
+    lo, _, hi = prefix_query_blocks(
+        key0, gl.minimum(key0 + BLOCK_KEYS, Lk), Lq, ctx_len, causal_offset, ar_buffer, MASK, BM
+    )
+    return lo, gl.where(key0 < Lk, hi - lo, 0)
 
 
 @gluon.jit
@@ -97,13 +93,15 @@ def _producer(
     q_desc, k_desc, v_desc, do_desc = descs
     q_smem, k_smem, v_smem, do_smem, _ = smem
     kv_ready, ready, empty = bars
-    CTX_LENS, CU_Q, CU_K, H_KV, GROUP, Lq, Lk, ctx_len, causal_offset, _, _ = work
+    CTX_LENS, CU_Q, CU_K, H_KV, GROUP, Lq, Lk, ctx_len, causal_offset, ar_buffer, _ = work
     KC: gl.constexpr = k_desc.block_type.shape[2]
     tb, h_kv, q_start, k_start, Lq, Lk, ctx_len, causal_offset, key0 = _cta_work(
         CTX_LENS, CU_Q, CU_K, H_KV, Lq, Lk, ctx_len, causal_offset,
         HAS_CTX_LENS, IS_VARLEN, 2 * KC,
     )  # fmt: skip
-    first, n_blocks = _query_blocks(key0, Lq, Lk, ctx_len, causal_offset, MASK, BM)
+    first, n_blocks = _query_blocks(
+        key0, Lq, Lk, ctx_len, causal_offset, ar_buffer, MASK, BM, 2 * KC
+    )
     mbarrier.expect(kv_ready, 2 * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
     for c in gl.static_range(2):
         tma_load(k_desc, [tb, h_kv, k_start + key0 + c * KC, 0], kv_ready, k_smem.index(c))
@@ -143,7 +141,9 @@ def _consumer(
         CTX_LENS, CU_Q, CU_K, H_KV, Lq, Lk, ctx_len, causal_offset,
         HAS_CTX_LENS, IS_VARLEN, 2 * KC,
     )  # fmt: skip
-    first, n_blocks = _query_blocks(key0, Lq, Lk, ctx_len, causal_offset, MASK, BM)
+    first, n_blocks = _query_blocks(
+        key0, Lq, Lk, ctx_len, causal_offset, ar_buffer, MASK, BM, 2 * KC
+    )
     my_key0 = key0 + CID * KC
     keys = my_key0 + gl.arange(0, KC, layout=gl.SliceLayout(1, st_layout))
     k_c = k_smem.index(CID).reshape([KC, D])
