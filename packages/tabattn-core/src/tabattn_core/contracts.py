@@ -37,6 +37,7 @@ __all__ = [
     "VarlenArgs",
     "attention_args",
     "check_buffer_capacity",
+    "check_context_buffer",
     "context_target_args",
     "selection_args",
     "shared_context_args",
@@ -251,8 +252,10 @@ def _signature(t: object) -> tuple | None:
     return (t.shape, t.dtype, t.device) if isinstance(t, torch.Tensor) else (type(t),)
 
 
-def _context_buffer(q, k_ctx, v_ctx, k_buf, v_buf, context_lens, *, need, name, q_dims):
-    """`_check_context_buffer` and the context lengths; returns (group, ctx_len, ctx_lens).
+def check_context_buffer(q, k_ctx, v_ctx, k_buf, v_buf, context_lens, *, need, name, q_dims):
+    """The checks shared by the decode and teacher-forcing contracts: shapes, dtypes,
+    devices, head dim and GQA of the tensors, buffers of at least `need` rows (asked for by
+    argument `name`) and the context lengths; returns (group, ctx_len, ctx_lens).
 
     The tensor checks depend only on shapes, dtypes, devices and the integer arguments, so
     a signature seen before skips them (a decode loop calls this every layer and step);
@@ -307,7 +310,7 @@ def shared_context_args(
         buffer_len = k_buf.shape[3] if has_buffer else 0
     elif int(buffer_len) != buffer_len or buffer_len < 0:
         raise InputError(f"buffer_len: expected a non-negative int, got {buffer_len!r}")
-    group, ctx_len, ctx_lens = _context_buffer(
+    group, ctx_len, ctx_lens = check_context_buffer(
         q, k_ctx, v_ctx, k_buf, v_buf, context_lens,
         need=int(buffer_len), name="buffer_len", q_dims="[G, S, H, Lq, D]",
     )  # fmt: skip
@@ -328,7 +331,7 @@ def teacher_forcing_args(
     nt = q.shape[3] // 2
     if k_buf is None or v_buf is None:
         raise InputError("k_buf, v_buf: expected tensors [G, S, H_kv, Nt, D], got None")
-    group, ctx_len, ctx_lens = _context_buffer(
+    group, ctx_len, ctx_lens = check_context_buffer(
         q, k_ctx, v_ctx, k_buf, v_buf, context_lens,
         need=nt, name="Nt", q_dims="[G, S, H, 2*Nt, D]",
     )  # fmt: skip

@@ -243,15 +243,7 @@ def teacher_forcing_attention(
 
     q: [G, S, H, 2*Nt, D]; k_ctx, v_ctx: [G, H_kv, Nc, D] shared by the S paths; k_buf,
     v_buf: [G, S, H_kv, Nt, D] (the buffer rows' keys/values); context_lens: an int or an
-    int tensor [G] on q's device (default Nc).
-
-    ```
-    Nt=2:          ctx   b0 b1
-          buf_0    ■ ■   ■  ·
-          buf_1    ■ ■   ■  ■
-          tgt_0    ■ ■   ·  ·
-          tgt_1    ■ ■   ■  ·
-    ```
+    int tensor [G] on q's device (default Nc). The mask is drawn on `TeacherForcingMask`.
     Returns out [G, S, H, 2*Nt, D], lse [G, S, H, 2*Nt].
     """
     args = teacher_forcing_args(
