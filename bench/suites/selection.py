@@ -30,8 +30,8 @@ Where dense attention is faster than the selection (the path rules):
 `python -m bench.suites.selection crossover [--out DIR] [--part op|predictor] [--smoke]`
 (`crossover` below) writes selection_crossover.json: per cell both paths checked against
 each other first, then timed (do_bench medians); per series the crossover; and the fitted
-rules whose values are the constants of `tabattn_triton.ops.selection.interface`
-(DENSE_MAX_SCORES, SPARSE_MAX_FRACTION: "rules" -> "op") and `tabpfn_infer.predictor`
+rules: at the op (DENSE_MAX_SCORES, SPARSE_MAX_FRACTION: "rules" -> "op"; a measurement
+only, the op always runs the kernels) and the constants of `tabpfn_infer.predictor`
 (DENSE_CONTEXT_BELOW, DENSE_CONTEXT_FRACTION: "rules" -> "predictor").
 
 What gathering the selected K/V alone costs (the bound on the forward's speedup over dense):
@@ -250,7 +250,6 @@ def _make_sparse(case: dict[str, Any], inputs: Inputs):
         "block_indices": inputs.extra["block_indices"],
         "block_size": case["bs"],
         "scale": inputs.extra["scale"],
-        "path": "sparse",
     }
     return lambda: selection_attention(q, k, v, **kw)
 
@@ -378,7 +377,7 @@ SUITE = register_suite(
             "tabattn-sparse": Provider(
                 "tabattn-sparse",
                 _make_sparse,
-                "tabattn_triton.ops.selection.selection_attention(path='sparse')",
+                "tabattn_triton.ops.selection.selection_attention",
             ),
             "flex": Provider(
                 "flex",
@@ -519,7 +518,7 @@ def predictor_accuracy(cfg: RunConfig, *, out: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------
 # path decisions: where dense attention is faster than the selection (issue 8)
 
-# op level: selection_attention(path="sparse") vs path="dense" (the dense masked reference).
+# op level: selection_attention (the sparse kernels) vs the dense masked reference.
 # One sequence of Lq rows over Lk keys; each row and kv head selects top_k blocks of bs keys
 # (select_blocks); cells with top_k > blocks are left out. Along Lk a series stops once the
 # dense path is NOT_COMPETITIVE times slower than the sparse one (fwd+bwd), or past
@@ -716,10 +715,12 @@ def _op_cell(cell: dict[str, Any], cfg: RunConfig) -> list[dict[str, Any]]:
     """One op cell, fwd and fwd+bwd: sparse vs dense path checked against each other (the
     dense path is the reference; bound REL_TOL of the dtype, tf32's for fp32 on CUDA, 2x for
     the gradients), then each timed."""
+    from tabattn_core import reference
     from tabattn_core.selection import select_blocks
     from tabattn_core.testing import REL_TOL, rel_error
     from tabattn_triton.ops.selection import selection_attention
 
+    paths = {"sparse": selection_attention, "dense": reference.selection_attention}
     dtype = getattr(torch, cell["dtype"])
     tol = REL_TOL[dtype if dtype != torch.float32 or cfg.device.type == "cpu" else "tf32"]
     h, g, d, lq, lk, bs = (cell[n] for n in ("H", "G", "D", "Lq", "Lk", "bs"))
@@ -735,8 +736,8 @@ def _op_cell(cell: dict[str, Any], cfg: RunConfig) -> list[dict[str, Any]]:
 
     def call(path: str, mode: str):
         if mode == "fwd":
-            return lambda: selection_attention(*leaves, path=path, **kw)
-        return lambda: selection_attention(*leaves, path=path, **kw)[0].backward(do)
+            return lambda: paths[path](*leaves, **kw)
+        return lambda: paths[path](*leaves, **kw)[0].backward(do)
 
     rows = []
     for mode in OP_MODES:
@@ -930,13 +931,11 @@ def _predictor_rule(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def crossover(
     cfg: RunConfig, *, out: Path, parts: tuple[str, ...] = ("op", "predictor")
 ) -> dict[str, Any]:
-    """Measure where dense attention beats the selection, at the op (selection_attention's
-    path="auto") and in the predictor (`context_top_k`'s dense fallback); fit the two rules
-    (`fit_rule`); write selection_crossover.json under `out` (after each part). The
-    predictor part runs its selection op under the op rule measured first (under the
-    module's constants when the op part is not run)."""
-    import tabattn_triton.ops.selection.interface as op_module
-
+    """Measure where dense attention beats the selection, at the op (the sparse kernels vs
+    the dense masked reference) and in the predictor (`context_top_k`'s dense fallback); fit
+    the two rules (`fit_rule`); write selection_crossover.json under `out` (after each
+    part). The op has no dense path of its own (the fitted op rule is a measurement only),
+    so the predictor's selection op runs the kernels."""
     if cfg.device.type != "cuda" and not cfg.interpret:
         raise SystemExit("crossover: needs a CUDA device, or TRITON_INTERPRET=1 on CPU")
     header = collect_header(SUITE, cfg)
@@ -963,25 +962,18 @@ def crossover(
     def write() -> None:
         path.write_text(json.dumps(result, indent=1, default=str) + "\n")
 
-    rule = {"DENSE_MAX_SCORES": op_module.DENSE_MAX_SCORES,
-            "SPARSE_MAX_FRACTION": op_module.SPARSE_MAX_FRACTION}  # fmt: skip
     if "op" in parts:
         start = time.perf_counter()
         op_rows = _op_rows(cfg)
-        result["rules"]["op"] = rule = _op_rule(op_rows)
+        result["rules"]["op"] = _op_rule(op_rows)
         result["op"] = {"rows": op_rows, "crossovers": _crossovers(
             op_rows, ("dtype", "G", "Lq", "top_k", "mode"), "Lk")}  # fmt: skip
         result["seconds"]["op"] = time.perf_counter() - start
         write()
     if "predictor" in parts:
-        fraction = rule["SPARSE_MAX_FRACTION"]
-        in_force = {"DENSE_MAX_SCORES": rule["DENSE_MAX_SCORES"],
-                    "SPARSE_MAX_FRACTION": math.inf if fraction == "inf" else fraction}  # fmt: skip
         start = time.perf_counter()
-        with _patched(op_module, **in_force):
-            pred_rows = _predictor_rows(cfg)
-        in_force = {k: "inf" if v == math.inf else v for k, v in in_force.items()}
-        result["predictor"] = {"op_rule_in_force": in_force, "rows": pred_rows,
+        pred_rows = _predictor_rows(cfg)
+        result["predictor"] = {"rows": pred_rows,
                                "crossovers": _crossovers(
                                    pred_rows, ("method", "B", "Nt", "top_k"), "Nc")}  # fmt: skip
         result["rules"]["predictor"] = _predictor_rule(pred_rows)

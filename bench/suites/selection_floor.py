@@ -6,7 +6,7 @@ every K/V tile the forward loads, but only sums them: no dots, no softmax. Its t
 gathering the selected K/V alone costs on this GPU, so dense ms / floor ms bounds the
 speedup over dense attention that a selection forward of this design (each tile of rows and
 kv head reads the union of its rows' blocks once) can reach. Timed at the suite's shapes
-next to the selection forward (`selection_attention(path="sparse")`) and our dense kernel;
+next to the selection forward (`selection_attention`) and our dense kernel;
 the floor's sums are checked against torch first (relative error at most 1e-4, fp32 sums of
 the same values).
 """
@@ -136,7 +136,7 @@ def _floor_row(case: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
             lambda w=warps, s=stages: gather_floor(k, v, bi, sel, tiles, q, w, s), cfg
         )["ms"]
     kw = {"cu_seqlens_q": inputs.extra["cu_q"], "cu_seqlens_k": inputs.extra["cu_k"],
-          "block_indices": bi, "block_size": bs, "scale": scale, "path": "sparse"}  # fmt: skip
+          "block_indices": bi, "block_size": bs, "scale": scale}  # fmt: skip
     qh, kh, vh = (suite._heads_first(t) for t in (q, k, v))
     with torch.no_grad():
         selection_ms = suite._median_ms(lambda: selection_attention(q, k, v, **kw), cfg)["ms"]

@@ -7,18 +7,15 @@ real sizes, GQA 1/4/16, block sizes 32/64/128, D 48..256. Outputs are NaN-poison
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 
 from tabattn_core import reference
 from tabattn_core.checks import InputError
-from tabattn_core.logs import LogOnce
 from tabattn_core.selection import select_blocks
 from tabattn_core.testing import REL_TOL, assert_rel_close
 from tabattn_triton.ops.selection import interface as selection_interface
-from tabattn_triton.ops.selection import selection_attention
+from tabattn_triton.ops.selection import selection_attention, validate_block_indices
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -49,9 +46,8 @@ def compare(q, k, v, cu_q, cu_k, bi, bs, causal, dtype, *, scale=None, dense_ref
     """Kernel vs fp64 reference (selection, or with dense_ref the varlen dense attention):
     out, lse, dq, dk, dv."""
     kw = {"cu_seqlens_q": cu_q, "cu_seqlens_k": cu_k, "causal": causal, "scale": scale}
-    out, lse = selection_attention(
-        q, k, v, block_indices=bi, block_size=bs, path="sparse", validate_indices=True, **kw
-    )
+    validate_block_indices(q, k, v, block_indices=bi, block_size=bs, **kw)
+    out, lse = selection_attention(q, k, v, block_indices=bi, block_size=bs, **kw)
     do = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), do)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
@@ -163,14 +159,14 @@ def test_empty_selection_gives_zero_minus_inf_and_zero_grads():
 
 def test_out_of_range_indices_skipped_or_rejected():
     """Without validation the kernels skip indices past the sequence's blocks (and < -1);
-    with validate_indices=True they raise InputError naming block_indices."""
+    validate_block_indices raises InputError naming block_indices."""
     q, k, v, cu_q, cu_k, bi = make_case([3, 2], [20, 40], 2, 1, 16, 16, 2, torch.float32)
     bad = bi.clone()
     bad[0, 0, 0], bad[4, 0, 1] = 2, -5  # sequence 0 has blocks 0..1
     kw = {"cu_seqlens_q": cu_q, "cu_seqlens_k": cu_k, "block_size": 16}
     with pytest.raises(InputError, match="block_indices: expected values in"):
-        selection_attention(q, k, v, block_indices=bad, validate_indices=True, **kw)
-    out, lse = selection_attention(q, k, v, block_indices=bad, path="sparse", **kw)
+        validate_block_indices(q, k, v, block_indices=bad, **kw)
+    out, lse = selection_attention(q, k, v, block_indices=bad, **kw)
     cleaned = bad.clone()
     cleaned[0, 0, 0], cleaned[4, 0, 1] = -1, -1
     ref_out, ref_lse = reference.selection_attention(
@@ -185,8 +181,7 @@ def test_backward_is_deterministic():
     kw = {"cu_seqlens_q": cu_q, "cu_seqlens_k": cu_k, "block_indices": bi, "block_size": 16}
     do = torch.randn(4, 2, 16, device=DEVICE)
     runs = [
-        torch.autograd.grad(selection_attention(q, k, v, path="sparse", **kw)[0], (q, k, v), do)
-        for _ in range(2)
+        torch.autograd.grad(selection_attention(q, k, v, **kw)[0], (q, k, v), do) for _ in range(2)
     ]
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
@@ -197,7 +192,7 @@ def test_row_and_block_tables_are_cached_per_offsets():
     results equal an uncached run's."""
     selection_interface._selection.cache_clear()
     q, k, v, cu_q, cu_k, bi = make_case([5, 3], [37, 20], 2, 1, 16, 8, 3, torch.float32)
-    kw = {"block_indices": bi, "block_size": 8, "path": "sparse"}
+    kw = {"block_indices": bi, "block_size": 8}
     first = selection_attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, **kw)
     again = selection_attention(q, k, v, cu_seqlens_q=cu_q.clone(), cu_seqlens_k=cu_k.long(), **kw)
     info = selection_interface._selection.cache_info()
@@ -212,66 +207,14 @@ def test_row_and_block_tables_are_cached_per_offsets():
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
 
 
-def test_paths_and_auto_decision_logged(caplog, monkeypatch):
-    """Both paths agree; "auto" runs the path the rule picks (the dense one through the
-    reference), and logs each path's first choice once."""
+def test_kernels_agree_with_the_dense_path():
+    """The sparse kernels and the dense masked path (the reference) agree."""
     q, k, v, cu_q, cu_k, bi = make_case([4], [40], 2, 1, 16, 16, 1, torch.float32)
     kw = {"cu_seqlens_q": cu_q, "cu_seqlens_k": cu_k, "block_indices": bi, "block_size": 16}
-    sparse = selection_attention(q, k, v, path="sparse", **kw)
-    dense = selection_attention(q, k, v, path="dense", **kw)
+    sparse = selection_attention(q, k, v, **kw)
+    dense = reference.selection_attention(q, k, v, **kw)
     for a, b in zip(sparse, dense, strict=True):
         assert_rel_close(a, b, tol=1e-5)
-    ran = []
-    original = selection_interface.reference.selection_attention
-    monkeypatch.setattr(
-        selection_interface.reference,
-        "selection_attention",
-        lambda *a, **kw: ran.append("dense") or original(*a, **kw),
-    )
-    monkeypatch.setattr(selection_interface, "_said", LogOnce())
-    monkeypatch.setattr(selection_interface, "SPARSE_MAX_FRACTION", float("inf"))
-    # 4 rows x 40 keys x 2 heads = 320 dense scores; 16 of 40 keys selected
-    with caplog.at_level(logging.INFO, logger="tabattn"):
-        monkeypatch.setattr(selection_interface, "DENSE_MAX_SCORES", 321)
-        for _ in range(2):
-            out, lse = selection_attention(q, k, v, **kw)
-        assert ran == ["dense", "dense"]
-        assert_rel_close(out, dense[0], tol=1e-12)
-        assert_rel_close(lse, dense[1], tol=1e-12)
-        monkeypatch.setattr(selection_interface, "DENSE_MAX_SCORES", 320)
-        for _ in range(2):
-            out, lse = selection_attention(q, k, v, **kw)
-        assert ran == ["dense", "dense"]  # the kernels ran
-        assert_rel_close(out, sparse[0], tol=1e-12)
-        assert_rel_close(lse, sparse[1], tol=1e-12)
-    said = [r.getMessage() for r in caplog.records if "path=auto" in r.getMessage()]
-    assert len(said) == 2, said
-    assert "-> dense" in said[0] and "320 dense scores" in said[0] and "-> sparse" in said[1]
-    with pytest.raises(InputError, match="path"):
-        selection_attention(q, k, v, path="fast", **kw)
-
-
-@pytest.mark.parametrize(
-    "selected, dense, heads, chosen",
-    [
-        (10, 499, 2, "dense"),  # 998 dense scores < DENSE_MAX_SCORES = 1000
-        (10, 500, 2, "sparse"),  # 1000 scores, 2% of the keys selected
-        (124, 500, 2, "sparse"),  # 24.8% < SPARSE_MAX_FRACTION = 0.25
-        (125, 500, 2, "dense"),  # 25%
-        (800, 500, 2, "dense"),  # more slots than keys
-        (0, 0, 2, "dense"),  # nothing to attend: below the size rule
-    ],
-)
-def test_auto_path_rule(monkeypatch, selected, dense, heads, chosen):
-    """path="auto" -> dense below DENSE_MAX_SCORES dense scores or from SPARSE_MAX_FRACTION
-    of the dense keys selected, else sparse; an explicit path is kept."""
-    monkeypatch.setattr(selection_interface, "_said", LogOnce())
-    monkeypatch.setattr(selection_interface, "DENSE_MAX_SCORES", 1000)
-    monkeypatch.setattr(selection_interface, "SPARSE_MAX_FRACTION", 0.25)
-    choose = selection_interface._choose_path
-    assert choose("auto", selected=selected, dense=dense, heads=heads) == chosen
-    for path in ("sparse", "dense"):
-        assert choose(path, selected=selected, dense=dense, heads=heads) == path
 
 
 def test_select_blocks_feeds_the_kernel():

@@ -12,6 +12,7 @@ from tabattn_core.checks import InputError
 from tabattn_core.testing import REL_TOL, assert_rel_close
 from tabattn_triton.ops.shared_context import (
     choose_num_splits,
+    decode_with_splits,
     shared_context_attention,
     teacher_forcing_attention,
 )
@@ -57,7 +58,7 @@ def test_decode_matches_reference(case):
     g, s, h, h_kv, lq, nc, t, t_cap, d, rule, lens, splits = case
     args = inputs(g, s, h, h_kv, lq, nc, t_cap, d)
     lens = None if lens is None else torch.tensor(lens, device=DEVICE)
-    out, lse = shared_context_attention(
+    out, lse = decode_with_splits(
         *args, buffer_len=t, context_lens=lens, row_rule=rule, num_splits=splits
     )
     ref_out, ref_lse = reference.shared_context_attention(
@@ -116,9 +117,9 @@ def test_device_length_tuned_at_mean_length(monkeypatch):
 
 def test_decode_splits_agree():
     args = inputs(1, 3, 2, 1, 1, 300, 2, 32)
-    one, lse1 = shared_context_attention(*args, buffer_len=2, num_splits=1)
+    one, lse1 = decode_with_splits(*args, buffer_len=2, num_splits=1)
     for splits in (2, 5):
-        many, lse = shared_context_attention(*args, buffer_len=2, num_splits=splits)
+        many, lse = decode_with_splits(*args, buffer_len=2, num_splits=splits)
         assert_rel_close(many, one, tol=1e-5)
         assert_rel_close(lse, lse1, tol=1e-5)
 
@@ -178,7 +179,7 @@ def test_bad_input_named():
             ),
             "context_lens",
         ),
-        (lambda: shared_context_attention(q, kc, vc, num_splits=0), "num_splits"),
+        (lambda: decode_with_splits(q, kc, vc, num_splits=0), "num_splits"),
         (lambda: shared_context_attention(q.double(), kc.double(), vc.double()), "q"),
         (lambda: shared_context_attention(q.requires_grad_(), kc, vc), "forward-only"),
         (lambda: teacher_forcing_attention(q, kc, vc, kb, vb), "q"),
@@ -257,7 +258,7 @@ def test_gpu_no_recompilation_when_lengths_change():
 
     def step(s, nc, t):
         args = inputs(1, s, 4, 4, 1, nc, t + 2, 64, dtype=torch.bfloat16)
-        shared_context_attention(*args, buffer_len=t, num_splits=1)
+        decode_with_splits(*args, buffer_len=t, num_splits=1)
 
     step(8, 1000, 5)
     before = compiled()

@@ -13,17 +13,15 @@ from collections.abc import Sequence
 
 import torch
 
-from tabattn_core.checks import (
-    FLOAT_DTYPES,
-    InputError,
-    check_block_indices,
-    check_cu_seqlens_pair,
-    check_gqa,
-    check_head_dim,
-    check_lengths,
-    check_same_device,
-    check_scale,
-    check_tensor,
+from tabattn_core.checks import FLOAT_DTYPES, check_same_device, check_tensor
+from tabattn_core.contracts import (
+    attention_args,
+    check_buffer_capacity,
+    context_target_args,
+    selection_args,
+    shared_context_args,
+    teacher_forcing_args,
+    varlen_args,
 )
 from tabattn_core.masks import (
     BufferDecodeMask,
@@ -79,42 +77,15 @@ def softmax_with_lse(
     return e / safe_total, lse.squeeze(-1)
 
 
-def _check_qkv(q, k, v, *, q_dims: str, kv_dims: str) -> int:
-    """Common checks for q [..., H, Lq, D], k/v [..., H_kv, Lk, D]; returns the GQA group."""
-    check_tensor("q", q, dtypes=FLOAT_DTYPES, dims=q_dims)
-    check_tensor("k", k, ndim=q.dim(), dtypes=(q.dtype,), device=q.device, dims=kv_dims)
-    check_tensor("v", v, shape=k.shape, dtypes=(q.dtype,), device=q.device, dims=kv_dims)
-    check_head_dim("q", q.shape[-1])
-    if k.shape[-1] != q.shape[-1]:
-        raise InputError(f"k: expected head dim {q.shape[-1]} (as q), got {k.shape[-1]}")
-    if k.shape[:-3] != q.shape[:-3]:
-        raise InputError(
-            f"k: expected leading dims {list(q.shape[:-3])} (as q {q_dims}), got {list(k.shape[:-3])}"
-        )
-    return check_gqa(q.shape[-3], k.shape[-3])
-
-
 def _expand_heads(t: torch.Tensor, group: int) -> torch.Tensor:
     return t if group == 1 else t.repeat_interleave(group, dim=-3)
 
 
-def _visible_from_spec(mask: MaskSpec, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Dense [nb, H or 1, Lq, Lk] visibility of a spec, checked against q/k."""
-    if (mask.q_len, mask.kv_len) != (q.shape[-2], k.shape[-2]):
-        raise InputError(
-            f"mask: expected a spec for Lq={q.shape[-2]}, Lk={k.shape[-2]}, "
-            f"got Lq={mask.q_len}, Lk={mask.kv_len}"
-        )
-    if mask.num_batches not in (1, q.shape[0]):
-        raise InputError(f"mask: expected 1 or {q.shape[0]} batches, got {mask.num_batches}")
+def _visible_from_spec(mask: MaskSpec, q: torch.Tensor) -> torch.Tensor:
+    """Dense [nb, H or 1, Lq, Lk] visibility of a spec (checked by `attention_args`)."""
     dense = mask.dense(q.device)
     if mask.num_groups > 1:
-        per_group = q.shape[1] // mask.num_groups
-        if per_group * mask.num_groups != q.shape[1]:
-            raise InputError(
-                f"mask: expected head groups dividing H={q.shape[1]}, got {mask.num_groups}"
-            )
-        dense = dense.repeat_interleave(per_group, dim=1)
+        dense = dense.repeat_interleave(q.shape[1] // mask.num_groups, dim=1)
     return dense
 
 
@@ -132,26 +103,11 @@ def attention(
     (Lq, Lk), or a bool tensor broadcastable to [B, H, Lq, Lk] (True = visible), or None.
     Returns out [B, H, Lq, D] (q.dtype), lse [B, H, Lq].
     """
-    check_tensor("q", q, ndim=4, dims="[B, H, Lq, D]")
-    group = _check_qkv(q, k, v, q_dims="[B, H, Lq, D]", kv_dims="[B, H_kv, Lk, D]")
-    scale = check_scale(scale, q.shape[-1])
-    if isinstance(mask, MaskSpec):
-        visible = _visible_from_spec(mask, q, k)
-    elif mask is not None:
-        check_tensor("mask", mask, dtypes=(torch.bool,), device=q.device)
-        try:
-            torch.broadcast_shapes(mask.shape, (*q.shape[:-1], k.shape[-2]))
-        except RuntimeError:
-            raise InputError(
-                f"mask: expected a shape broadcastable to {[*q.shape[:-1], k.shape[-2]]}, "
-                f"got {list(mask.shape)}"
-            ) from None
-        visible = mask
-    else:
-        visible = None
+    args = attention_args(q, k, v, mask=mask, scale=scale)
+    visible = _visible_from_spec(mask, q) if isinstance(mask, MaskSpec) else mask
     dt = _compute_dtype(q)
-    kf, vf = _expand_heads(k, group).to(dt), _expand_heads(v, group).to(dt)
-    scores = (q.to(dt) @ kf.transpose(-1, -2)) * scale
+    kf, vf = _expand_heads(k, args.group).to(dt), _expand_heads(v, args.group).to(dt)
+    scores = (q.to(dt) @ kf.transpose(-1, -2)) * args.scale
     p, lse = softmax_with_lse(scores, visible)
     return (p @ vf).to(q.dtype), lse
 
@@ -168,20 +124,19 @@ def context_target_attention(
     context keys only.
 
     q: [B, H, M+N, D]; k, v: [B, H_kv, Lk, D] holding the context rows first; context_lens:
-    M as an int or an int tensor [B] (per dataset), default Lk (keys past M_b are ignored).
+    M as an int or an int tensor [B] on q's device (per dataset), default Lk (keys past
+    M_b are ignored).
+
+    ```
+    M=3, Lk=5:  ctx  ■ ■ ■ · ·
+                tgt  ■ ■ ■ · ·
+    ```
     Returns out [B, H, M+N, D], lse [B, H, M+N].
     """
-    check_tensor("k", k, ndim=4, dims="[B, H_kv, Lk, D]")
-    lk = k.shape[-2]
-    if context_lens is None:
-        context_lens = lk
-    elif isinstance(context_lens, torch.Tensor):
-        check_lengths("context_lens", context_lens, count=k.shape[0], max_len=lk)
-    elif not 0 <= int(context_lens) <= lk:
-        raise InputError(f"context_lens: expected an int in [0, {lk}], got {context_lens}")
-    if isinstance(context_lens, torch.Tensor):
-        context_lens = context_lens.cpu()
-    return attention(q, k, v, mask=ContextTargetMask(q.shape[-2], lk, context_lens), scale=scale)
+    args = context_target_args(q, k, v, context_lens=context_lens, scale=scale)
+    lens = args.ctx_len if args.ctx_lens is None else args.ctx_lens.cpu()
+    mask = ContextTargetMask(q.shape[-2], k.shape[-2], lens)
+    return attention(q, k, v, mask=mask, scale=args.scale)
 
 
 def _context_buffer_attention(
@@ -220,56 +175,8 @@ def _context_buffer_attention(
     return out.to(q.dtype), lse
 
 
-def _check_context_buffer(
-    q, k_ctx, v_ctx, k_buf, v_buf, context_lens, *, buf_len_name: str, min_buffer: int
-) -> int | torch.Tensor:
-    """Checks shared by the decode and teacher-forcing ops; returns the context lengths."""
-    check_tensor("q", q, ndim=5, dtypes=FLOAT_DTYPES, dims="[G, S, H, Lq, D]")
-    g, s, h, _, d = q.shape
-    check_head_dim("q", d)
-    check_tensor(
-        "k_ctx", k_ctx, ndim=4, dtypes=(q.dtype,), device=q.device, dims="[G, H_kv, Nc, D]"
-    )
-    check_tensor(
-        "v_ctx",
-        v_ctx,
-        shape=k_ctx.shape,
-        dtypes=(q.dtype,),
-        device=q.device,
-        dims="[G, H_kv, Nc, D]",
-    )
-    if k_ctx.shape[0] != g or k_ctx.shape[-1] != d:
-        raise InputError(f"k_ctx: expected shape [{g}, H_kv, Nc, {d}], got {list(k_ctx.shape)}")
-    check_gqa(h, k_ctx.shape[1], kv_name="k_ctx")
-    if k_buf is None or v_buf is None:
-        if min_buffer:
-            raise InputError(
-                f"k_buf, v_buf: expected tensors holding at least {min_buffer} rows, got None"
-            )
-    else:
-        dims = "[G, S, H_kv, T_cap, D]"
-        check_tensor("k_buf", k_buf, ndim=5, dtypes=(q.dtype,), device=q.device, dims=dims)
-        check_tensor(
-            "v_buf", v_buf, shape=k_buf.shape, dtypes=(q.dtype,), device=q.device, dims=dims
-        )
-        want = [g, s, k_ctx.shape[1], None, d]
-        if any(w is not None and w != a for w, a in zip(want, k_buf.shape, strict=True)):
-            raise InputError(
-                f"k_buf: expected shape [{g}, {s}, {k_ctx.shape[1]}, T_cap, {d}], got {list(k_buf.shape)}"
-            )
-        if k_buf.shape[3] < min_buffer:
-            raise InputError(
-                f"k_buf: expected capacity T_cap >= {buf_len_name}={min_buffer}, got {k_buf.shape[3]}"
-            )
-    nc = k_ctx.shape[2]
-    if context_lens is None:
-        return nc
-    if isinstance(context_lens, torch.Tensor):
-        check_lengths("context_lens", context_lens, count=g, max_len=nc)
-        return context_lens.cpu()
-    if not 0 <= int(context_lens) <= nc:
-        raise InputError(f"context_lens: expected an int in [0, {nc}], got {context_lens}")
-    return int(context_lens)
+def _mask_lens(ctx_len: int, ctx_lens: torch.Tensor | None) -> int | torch.Tensor:
+    return ctx_len if ctx_lens is None else ctx_lens.cpu()
 
 
 def shared_context_attention(
@@ -287,35 +194,37 @@ def shared_context_attention(
     """One decode step of joint sampling over a context shared by S sample paths.
 
     q: [G, S, H, Lq, D] (G datasets, S paths each, Lq new rows per path);
-    k_ctx, v_ctx: [G, H_kv, Nc, D], read by all S paths (never copied);
+    k_ctx, v_ctx: [G, H_kv, Nc, D], read by all S paths (never copied; H % H_kv == 0);
     k_buf, v_buf: [G, S, H_kv, T_cap, D], the first `buffer_len` (T) slots valid, the Lq new
-    rows in the last Lq of them (an int, or a 0-dim int tensor, which kernels read on the
-    device); context_lens: int or int tensor [G] (default Nc);
-    row_rule: "causal" (row sees its own slot) / "strict" (not), one or one per row; see
-    `BufferDecodeMask`. Nc = 0 and T = 0 are legal.
-    Returns out [G, S, H, Lq, D], lse [G, S, H, Lq].
+    rows in the last Lq of them;
+    buffer_len: an int, or a 0-dim int tensor on q's device, which kernels read on the
+    device (no host sync, so a decode step can be captured in a CUDA graph; kernels clamp
+    values beyond T_cap to it, this reference reads the value and raises for them);
+    context_lens: an int or an int tensor [G] on q's device (default Nc);
+    row_rule: "causal" (a row sees its own slot) or "strict" (it does not), one rule for
+    all rows or one per row; see `BufferDecodeMask`.
+
+    ```
+    T=3, Lq=2, ("causal","strict"):   ctx   buf0 buf1 tgt
+                          buf1 (q=0)  ■ ■   ■    ■    ·
+                          tgt  (q=1)  ■ ■   ■    ■    ·
+    ```
+    Nc = 0 and T = 0 are legal. Returns out [G, S, H, Lq, D], lse [G, S, H, Lq].
     """
-    if isinstance(buffer_len, torch.Tensor):
-        check_tensor("buffer_len", buffer_len, shape=(), dtypes=(torch.int32, torch.int64))
-        buffer_len = int(buffer_len)
-    if int(buffer_len) != buffer_len or buffer_len < 0:
-        raise InputError(f"buffer_len: expected a non-negative int, got {buffer_len!r}")
-    lens = _check_context_buffer(
-        q,
-        k_ctx,
-        v_ctx,
-        k_buf,
-        v_buf,
-        context_lens,
-        buf_len_name="buffer_len",
-        min_buffer=buffer_len,
-    )
+    args = shared_context_args(
+        q, k_ctx, v_ctx, k_buf, v_buf,
+        buffer_len=buffer_len, context_lens=context_lens, row_rule=row_rule, scale=scale,
+    )  # fmt: skip
+    t = args.buffer_len
+    if args.buffer_len_tensor is not None:
+        t = int(args.buffer_len_tensor)  # the reference reads the length (one host sync)
+        if t:
+            check_buffer_capacity(k_buf, v_buf, t)
     mask = BufferDecodeMask(
-        q.shape[3], buffer_len, lens, context_capacity=k_ctx.shape[2], row_rule=row_rule
-    )
-    return _context_buffer_attention(
-        q, k_ctx, v_ctx, k_buf, v_buf, mask, check_scale(scale, q.shape[-1])
-    )
+        q.shape[3], t, _mask_lens(args.ctx_len, args.ctx_lens),
+        context_capacity=k_ctx.shape[2], row_rule=args.row_rule,
+    )  # fmt: skip
+    return _context_buffer_attention(q, k_ctx, v_ctx, k_buf, v_buf, mask, args.scale)
 
 
 def teacher_forcing_attention(
@@ -328,43 +237,22 @@ def teacher_forcing_attention(
     context_lens: int | torch.Tensor | None = None,
     scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Joint density in one pass (see `TeacherForcingMask`).
+    """Joint density in one pass (see `TeacherForcingMask`): rows [buf_0..buf_{Nt-1},
+    tgt_0..tgt_{Nt-1}] per sample path over keys [context | buf]; buf_i sees the context and
+    buf_0..buf_i, tgt_i the context and buf_0..buf_{i-1} (tgt_0 the context alone).
 
-    q: [G, S, H, 2*Nt, D] = rows [buf_0..buf_{Nt-1}, tgt_0..tgt_{Nt-1}] per sample path;
-    k_ctx, v_ctx: [G, H_kv, Nc, D] shared by the S paths; k_buf, v_buf: [G, S, H_kv, Nt, D]
-    (the buffer rows' keys/values); context_lens: int or int tensor [G] (default Nc).
+    q: [G, S, H, 2*Nt, D]; k_ctx, v_ctx: [G, H_kv, Nc, D] shared by the S paths; k_buf,
+    v_buf: [G, S, H_kv, Nt, D] (the buffer rows' keys/values); context_lens: an int or an
+    int tensor [G] on q's device (default Nc). The mask is drawn on `TeacherForcingMask`.
     Returns out [G, S, H, 2*Nt, D], lse [G, S, H, 2*Nt].
     """
-    check_tensor("q", q, ndim=5, dims="[G, S, H, 2*Nt, D]")
-    if q.shape[3] % 2:
-        raise InputError(f"q: expected an even row count 2*Nt on dim 3, got {q.shape[3]}")
-    nt = q.shape[3] // 2
-    lens = _check_context_buffer(
-        q, k_ctx, v_ctx, k_buf, v_buf, context_lens, buf_len_name="Nt", min_buffer=nt
+    args = teacher_forcing_args(
+        q, k_ctx, v_ctx, k_buf, v_buf, context_lens=context_lens, scale=scale
     )
-    if k_buf.shape[3] != nt:
-        raise InputError(
-            f"k_buf: expected Nt={nt} rows on dim 3 (q has 2*Nt rows), got {k_buf.shape[3]}"
-        )
-    mask = TeacherForcingMask(nt, lens, context_capacity=k_ctx.shape[2])
-    return _context_buffer_attention(
-        q, k_ctx, v_ctx, k_buf, v_buf, mask, check_scale(scale, q.shape[-1])
+    mask = TeacherForcingMask(
+        args.buffer_rows, _mask_lens(args.ctx_len, args.ctx_lens), context_capacity=k_ctx.shape[2]
     )
-
-
-def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, q_dims: str, kv_dims: str):
-    """Checks for packed varlen q [Tq, H, D], k/v [Tk, H_kv, D]; returns (group, cq, ck)."""
-    check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES, dims=q_dims)
-    check_tensor("k", k, ndim=3, dtypes=(q.dtype,), device=q.device, dims=kv_dims)
-    check_tensor("v", v, shape=k.shape, dtypes=(q.dtype,), device=q.device, dims=kv_dims)
-    check_head_dim("q", q.shape[-1])
-    if k.shape[-1] != q.shape[-1]:
-        raise InputError(f"k: expected head dim {q.shape[-1]} (as q), got {k.shape[-1]}")
-    group = check_gqa(q.shape[1], k.shape[1])
-    cq, ck = check_cu_seqlens_pair(
-        cu_seqlens_q, cu_seqlens_k, total_q=q.shape[0], total_k=k.shape[0], device=q.device
-    )
-    return group, cq, ck
+    return _context_buffer_attention(q, k_ctx, v_ctx, k_buf, v_buf, mask, args.scale)
 
 
 def varlen_attention(
@@ -380,12 +268,15 @@ def varlen_attention(
     """Attention over varlen sequences packed end to end (no padding), e.g. datasets of
     different sizes in one context-target batch: sequence b's queries attend to its keys only.
 
-    q: [Tq, H, D]; k, v: [Tk, H_kv, D]; cu_seqlens_q / cu_seqlens_k: int [B+1] offsets;
-    causal: bottom-right aligned within each sequence. Returns out [Tq, H, D], lse [H, Tq].
+    q: [Tq, H, D]; k, v: [Tk, H_kv, D]; cu_seqlens_q / cu_seqlens_k: int32/int64 [B+1]
+    offsets on q's device (validated on the host: one small device-to-host copy the first
+    time a device tensor is seen); causal: bottom-right aligned within each sequence.
+    Returns out [Tq, H, D], lse [H, Tq].
     """
-    _, cq, ck = _check_varlen(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, q_dims="[Tq, H, D]", kv_dims="[Tk, H_kv, D]"
+    args = varlen_args(
+        q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, causal=causal, scale=scale
     )
+    cq, ck = args.cu_seqlens_q, args.cu_seqlens_k
     out = torch.zeros_like(q)
     lse = q.new_full((q.shape[1], q.shape[0]), float("-inf"), dtype=_compute_dtype(q))
     for b in range(cq.numel() - 1):
@@ -393,8 +284,8 @@ def varlen_attention(
         if q1 == q0:
             continue
         qs, ks, vs = (t.transpose(0, 1).unsqueeze(0) for t in (q[q0:q1], k[k0:k1], v[k0:k1]))
-        mask = CausalMask(q1 - q0, k1 - k0) if causal else None
-        o, l_ = attention(qs, ks, vs, mask=mask, scale=scale)
+        mask = CausalMask(q1 - q0, k1 - k0) if args.causal else None
+        o, l_ = attention(qs, ks, vs, mask=mask, scale=args.scale)
         out[q0:q1] = o[0].transpose(0, 1)
         lse[:, q0:q1] = l_[0]
     return out, lse
@@ -412,18 +303,30 @@ def selection_attention(
     causal: bool = False,
     scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Selection (block-sparse, NSA-style) attention over varlen rows packed end to end.
+    """Selection (block-sparse, NSA-style) attention over varlen rows packed end to end:
+    each query row (all H // H_kv query heads of a kv-head group together) attends to the
+    key blocks it selected.
 
-    q: [Tq, H, D]; k, v: [Tk, H_kv, D]; cu_seqlens_q / cu_seqlens_k: int [B+1] offsets of
-    each sequence; block_indices: int [Tq, H_kv, n_sel] key blocks (relative to the
-    sequence's first key; -1 = unused) that each query row selects, shared by the H // H_kv
-    query heads of a group; causal clamps row i of an Lq x Lk sequence to keys
-    `<= Lk - Lq + i`. Returns out [Tq, H, D], lse [H, Tq] (the varlen LSE layout).
+    q: [Tq, H, D]; k, v: [Tk, H_kv, D] (H % H_kv == 0); cu_seqlens_q / cu_seqlens_k:
+    int32/int64 [B+1] offsets on q's device (validated on the host); block_indices:
+    int32/int64 [Tq, H_kv, n_sel], blocks of `block_size` keys counted from the sequence's
+    first key, -1 = unused slot, a repeated index counts once, any order, shared by the
+    H // H_kv query heads of a group; causal: row i of an Lq x Lk sequence also sees only
+    keys `<= Lk - Lq + i`. Index values outside [-1, blocks of the sequence - 1] raise here;
+    kernels skip such entries (tabattn-triton checks them on request).
+
+    ```
+    block_size=2, row 0 -> {0, 2}, row 1 -> {1, -1}:   ■ ■ · · ■ ■
+                                                        · · ■ ■ · ·
+    ```
+    Returns out [Tq, H, D], lse [H, Tq] (the varlen LSE layout; a row that selected no
+    visible key gets out 0 and lse -inf).
     """
-    group, cq, ck = _check_varlen(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, q_dims="[Tq, H, D]", kv_dims="[Tk, H_kv, D]"
-    )
-    check_block_indices(block_indices, rows=q.shape[0], kv_heads=k.shape[1], device=q.device)
+    args = selection_args(
+        q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        block_indices=block_indices, block_size=block_size, causal=causal, scale=scale,
+    )  # fmt: skip
+    cq, ck = args.cu_seqlens_q, args.cu_seqlens_k
     out = torch.zeros_like(q)
     lse = q.new_full((q.shape[1], q.shape[0]), float("-inf"), dtype=_compute_dtype(q))
     for b in range(cq.numel() - 1):
@@ -432,13 +335,13 @@ def selection_attention(
             continue
         mask = SelectionMask(
             block_indices[q0:q1].permute(1, 0, 2).unsqueeze(0).cpu(),
-            block_size=block_size,
+            block_size=args.block_size,
             kv_len=k1 - k0,
-            causal=causal,
-            heads_per_group=group,
+            causal=args.causal,
+            heads_per_group=args.group,
         )
         qs, ks, vs = (t.transpose(0, 1).unsqueeze(0) for t in (q[q0:q1], k[k0:k1], v[k0:k1]))
-        o, l_ = attention(qs, ks, vs, mask=mask, scale=scale)
+        o, l_ = attention(qs, ks, vs, mask=mask, scale=args.scale)
         out[q0:q1] = o[0].transpose(0, 1)
         lse[:, q0:q1] = l_[0]
     return out, lse

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from tabattn_core.contracts import attention_args
 from tabattn_core.masks import MaskSpec
 from tabattn_core.registry import Backend, Registry
 
@@ -31,11 +32,9 @@ def attention(q, k, v, *, mask: MaskSpec | torch.Tensor | None = None, scale=Non
     from tabattn_triton import backend as triton_backend
     from tabattn_triton.ops.attention import prefix_mask_of
 
-    if (
-        not isinstance(mask, torch.Tensor)
-        and q.dim() == 4
-        and prefix_mask_of(mask, q.shape[-2], k.shape[-2], q.shape[0]) is not None
-    ):
+    attention_args(q, k, v, mask=mask, scale=scale)  # the contract first, as every backend
+    prefix = not isinstance(mask, torch.Tensor)
+    if prefix and prefix_mask_of(mask, q.shape[2], k.shape[2], q.shape[0]) is not None:
         return fp8_attention(q, k, v, mask=mask, scale=scale, return_lse=True)
     return triton_backend.attention(q, k, v, mask=mask, scale=scale)
 

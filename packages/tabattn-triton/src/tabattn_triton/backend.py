@@ -7,6 +7,7 @@ import logging
 import torch
 
 from tabattn_core import reference
+from tabattn_core.contracts import attention_args
 from tabattn_core.logs import LogOnce
 from tabattn_core.masks import MaskSpec
 from tabattn_core.registry import Backend, Registry
@@ -29,13 +30,14 @@ def available(device: torch.device) -> tuple[bool, str]:
 
 def attention(q, k, v, *, mask: MaskSpec | torch.Tensor | None = None, scale=None):
     """Registry op "attention": the kernel for prefix masks, the reference for the rest
-    (saying once why)."""
+    (saying once why). The contract is checked first, so that bad input raises the same error
+    whichever path runs."""
     from tabattn_triton.ops.attention import flash_attention, prefix_mask_of
 
-    if not isinstance(mask, torch.Tensor):
-        pm = prefix_mask_of(mask, q.shape[-2], k.shape[-2], q.shape[0]) if q.dim() == 4 else None
-        if pm is not None:
-            return flash_attention(q, k, v, mask=mask, scale=scale, return_lse=True)
+    attention_args(q, k, v, mask=mask, scale=scale)
+    prefix = not isinstance(mask, torch.Tensor)
+    if prefix and prefix_mask_of(mask, q.shape[2], k.shape[2], q.shape[0]) is not None:
+        return flash_attention(q, k, v, mask=mask, scale=scale, return_lse=True)
     why = f"mask {type(mask).__name__} is not a prefix mask"
     message = "tabattn triton backend: attention runs the PyTorch reference: %s"
     _said(why, logging.WARNING, message, why)

@@ -21,8 +21,8 @@ from tabattn_core.checks import MAX_HEAD_DIM, MIN_HEAD_DIM
 from tabattn_core.logs import LogOnce
 from tabattn_core.masks import CausalMask
 from tabattn_triton.ops.attention import flash_attention
-from tabattn_triton.ops.attention.interface import KERNEL_DTYPES
 from tabattn_triton.ops.common import interpreting
+from tabattn_triton.ops.kernel_checks import KERNEL_DTYPES
 
 __all__ = ["scaled_dot_product_attention", "unsupported_reason"]
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass, replace
 import torch
 import triton
 
-from tabattn_core.checks import InputError, check_scale
+from tabattn_core.checks import InputError
+from tabattn_core.contracts import context_target_args
 from tabattn_core.masks import ContextTargetMask, MaskSpec
 from tabattn_fp8.attention.kernel import K_BLOCK, fp8_attention_fwd_kernel
 from tabattn_fp8.quantize.interface import Fp8Tensor, quantize_fp8_launch
@@ -35,6 +36,7 @@ from tabattn_triton.ops.common import (
     head_block,
     interpreting,
 )
+from tabattn_triton.ops.kernel_checks import check_kernel_tensors
 
 __all__ = ["FP8AttentionFunction", "fp8_attention", "fp8_context_target_attention"]
 
@@ -221,7 +223,7 @@ def fp8_attention(
     in q, k, v (tabattn-triton's backward with this forward's out and LSE). Runs on sm90
     only (CPU under TRITON_INTERPRET=1 for tests); elsewhere raises `require_sm90`'s error.
     """
-    group = check_attention_inputs(q, k, v)
+    args = check_attention_inputs(q, k, v, mask=mask, scale=scale)
     check_fp8_device(q.device)
     pm = prefix_mask_of(mask, q.shape[2], k.shape[2], q.shape[0])
     if pm is None:
@@ -230,7 +232,7 @@ def fp8_attention(
             f"got {type(mask).__name__}"
         )
     out, lse = FP8AttentionFunction.apply(
-        q, k, v, pm, check_scale(scale, q.shape[3]), group, smooth_k, p_fp8, rotate
+        q, k, v, pm, args.scale, args.group, smooth_k, p_fp8, rotate
     )
     return (out, lse) if return_lse else out
 
@@ -243,12 +245,10 @@ def fp8_context_target_attention(
     context_lens: int | torch.Tensor | None = None,
     scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Registry op `context_target_attention` in FP8 (smooth_k, rotate; P·V in bf16): all M+N queries
-    over the first M keys (M an int or int tensor [B]; None: all Lk keys).
-
-    q: [B, H, M+N, D]; k, v: [B, H_kv, Lk, D]. Returns out [B, H, M+N, D], lse [B, H, M+N].
-    """
-    check_attention_inputs(q, k, v)
-    lens = k.shape[2] if context_lens is None else context_lens
+    """FP8 kernel for `tabattn_core.reference.context_target_attention` (its contract and
+    docstring): `fp8_attention` with smooth_k and rotate, P·V in bf16."""
+    args = context_target_args(q, k, v, context_lens=context_lens, scale=scale)
+    check_kernel_tensors(q=q, k=k, v=v)
+    lens = args.ctx_len if args.ctx_lens is None else args.ctx_lens
     mask = ContextTargetMask(q.shape[2], k.shape[2], lens)
     return fp8_attention(q, k, v, mask=mask, scale=scale, return_lse=True)

@@ -25,10 +25,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from tabattn_core.checks import (
-    InputError,
-    check_scale,
-)
+from tabattn_core.checks import InputError
 from tabattn_core.memo import TensorMemo
 from tabattn_core.reference import merge_states
 from tabattn_fp8.attention.interface import (
@@ -215,43 +212,29 @@ def fp8_shared_context_attention(
     row_rule: str | Sequence[str] = "causal",
     scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decode step of joint sampling over a context shared by S sample paths. The
-    context part runs in FP8 and the buffer part in the input precision (forward only).
-
-    q: [G, S, H, Lq, D] (bf16 or fp16; fp32 only for the interpreter's tests).
-    k_ctx, v_ctx: [G, H_kv, Nc, D], shared by the S paths; H % H_kv == 0.
-    k_buf, v_buf: [G, S, H_kv, T_cap, D]. The first `buffer_len` (T) slots are valid, and
-    the Lq new rows sit in the last Lq of them.
-    buffer_len: an int, or a 0-dim int tensor on q's device, which tabattn-triton's buffer
-    kernel reads without a host sync.
-    context_lens: an int or an int tensor [G] (default Nc).
-    row_rule: "causal" (a row sees its own slot) or "strict" (it does not), one rule for
-    all rows or one per row.
-
-    ```
-    T=3, Lq=2, ("causal","strict"):   ctx   buf0 buf1 tgt
-                          buf1 (q=0)  ■ ■   ■    ■    ·      <- ctx: FP8, all S*Lq rows
-                          tgt  (q=1)  ■ ■   ■    ■    ·      <- buf: exact, per path
-    ```
-    Nc = 0 and T = 0 are legal. Accuracy: see `fp8_attention` (about 5% relative error on
-    the context part's Gaussian inputs). Returns out [G, S, H, Lq, D] (q.dtype, possibly
-    strided) and lse [G, S, H, Lq] (fp32). Runs on sm90 only, or on CPU under
-    TRITON_INTERPRET=1; elsewhere it raises `require_sm90`'s error.
-    """
-    group, ctx_len, ctx_lens, blen, blen_ptr, _ = check_decode_inputs(
+    """FP8 kernel for `tabattn_core.reference.shared_context_attention` (its contract and
+    docstring), forward only: the context part in FP8 (all S*Lq rows of a dataset at once),
+    the buffer part exact (tabattn-triton's decode kernel, per path), merged by LSE. q in
+    bf16 or fp16 (fp32 only for the interpreter's tests). Accuracy: see `fp8_attention`
+    (about 5% relative error on the context part's Gaussian inputs). Returns out (q.dtype,
+    possibly strided) and lse (fp32). Runs on sm90 only, or on CPU under TRITON_INTERPRET=1;
+    elsewhere it raises `require_sm90`'s error."""
+    args = check_decode_inputs(
         q, k_ctx, v_ctx, k_buf, v_buf,
-        buffer_len=buffer_len, context_lens=context_lens, row_rule=row_rule,
+        buffer_len=buffer_len, context_lens=context_lens, row_rule=row_rule, scale=scale,
     )  # fmt: skip
     check_fp8_forward(q, k_ctx, v_ctx, k_buf, v_buf)
-    has_buffer = k_buf is not None and (blen_ptr is not None or blen > 0)
-    scale = check_scale(scale, q.shape[4])
+    has_buffer = k_buf is not None and (args.buffer_len_tensor is not None or args.buffer_len > 0)
+    scale = args.scale
     buffer_part = None
     if has_buffer:
         buffer_part = functools.partial(
             _buffer_part, triton_decode, k_buf, v_buf,
             buffer_len=buffer_len, row_rule=row_rule, scale=scale,
         )  # fmt: skip
-    return fp8_context_buffer_fwd(q, k_ctx, v_ctx, ctx_len, ctx_lens, group, scale, buffer_part)
+    return fp8_context_buffer_fwd(
+        q, k_ctx, v_ctx, args.ctx_len, args.ctx_lens, args.group, scale, buffer_part
+    )
 
 
 def fp8_teacher_forcing_attention(
@@ -264,32 +247,19 @@ def fp8_teacher_forcing_attention(
     context_lens: int | torch.Tensor | None = None,
     scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The joint density in one pass. The context part runs in FP8 and the buffer part in
-    the input precision (forward only). The rows [buf_0..buf_{Nt-1}, tgt_0..tgt_{Nt-1}]
-    of each sample path attend to the keys [context | buf]. buf_i sees the context and
-    buf_0..buf_i. tgt_i sees the context and buf_0..buf_{i-1}.
-
-    q: [G, S, H, 2*Nt, D] (bf16 or fp16; fp32 only for the interpreter's tests).
-    k_ctx, v_ctx: [G, H_kv, Nc, D], shared by the S paths. k_buf, v_buf: [G, S, H_kv, Nt, D].
-    context_lens: an int or an int tensor [G] (default Nc).
-
-    ```
-    Nt=2:          ctx   b0 b1
-          buf_0    ■ ■   ■  ·
-          buf_1    ■ ■   ■  ■      ctx: FP8, all S*2*Nt rows of a dataset at once
-          tgt_0    ■ ■   ·  ·      buf: exact (tabattn-triton), merged by LSE
-          tgt_1    ■ ■   ■  ·
-    ```
-    Returns out [G, S, H, 2*Nt, D] (q.dtype, possibly strided) and lse [G, S, H, 2*Nt]
-    (fp32). Runs on sm90 only, or on CPU under TRITON_INTERPRET=1.
-    """
-    group, ctx_len, ctx_lens = check_teacher_forcing_inputs(
-        q, k_ctx, v_ctx, k_buf, v_buf, context_lens=context_lens
+    """FP8 kernel for `tabattn_core.reference.teacher_forcing_attention` (its contract and
+    docstring), forward only: the context part in FP8 (all S*2*Nt rows of a dataset at
+    once), the buffer part exact (tabattn-triton), merged by LSE. q in bf16 or fp16 (fp32
+    only for the interpreter's tests). Returns out (q.dtype, possibly strided) and lse
+    (fp32). Runs on sm90 only, or on CPU under TRITON_INTERPRET=1."""
+    args = check_teacher_forcing_inputs(
+        q, k_ctx, v_ctx, k_buf, v_buf, context_lens=context_lens, scale=scale
     )
     check_fp8_forward(q, k_ctx, v_ctx, k_buf, v_buf)
-    scale = check_scale(scale, q.shape[4])
-    buffer_part = functools.partial(_buffer_part, triton_tf, k_buf, v_buf, scale=scale)
-    return fp8_context_buffer_fwd(q, k_ctx, v_ctx, ctx_len, ctx_lens, group, scale, buffer_part)
+    buffer_part = functools.partial(_buffer_part, triton_tf, k_buf, v_buf, scale=args.scale)
+    return fp8_context_buffer_fwd(
+        q, k_ctx, v_ctx, args.ctx_len, args.ctx_lens, args.group, args.scale, buffer_part
+    )
 
 
 def _buffer_part(op, k_buf, v_buf, q, k_empty, v_empty, **kwargs):

@@ -1,5 +1,5 @@
 """Building blocks shared by the attention kernels: the prefix-mask rule, the online-softmax
-tile step, autotune helpers and launch checks.
+tile step and autotune helpers (the kernels' input checks: `kernel_checks`).
 
 Every mask these kernels run is a *prefix* mask: query row q sees keys `[0, kv_end(q))`.
 That covers no mask, context-target (per-dataset M), causal with any alignment, the
@@ -17,7 +17,6 @@ import triton
 import triton.language as tl
 import triton.testing
 
-from tabattn_core.checks import InputError
 from tabattn_core.precision import scoped_fp32_dot_precision
 
 # Mask kinds (constexpr MASK of the kernels).
@@ -80,15 +79,6 @@ def bucket(n: int) -> int:
 def head_block(head_dim: int) -> int:
     """Head dims are padded (masked loads) to the next power of two, at least 16."""
     return max(16, triton.next_power_of_2(head_dim))
-
-
-def check_device(name: str, t: torch.Tensor) -> None:
-    """Kernels need CUDA tensors, or CPU tensors under the interpreter."""
-    if t.device.type == "cuda" or (interpreting() and t.device.type == "cpu"):
-        return
-    raise InputError(
-        f"{name}: expected a CUDA tensor (or CPU with TRITON_INTERPRET=1), got device {t.device}"
-    )
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -14,14 +14,12 @@ from functools import cache
 import torch
 import triton
 
-from tabattn_core.checks import (
-    InputError,
-    check_cu_seqlens_pair,
-    check_gqa,
-    check_head_dim,
-    check_lengths,
-    check_scale,
-    check_tensor,
+from tabattn_core.checks import InputError
+from tabattn_core.contracts import (
+    AttentionArgs,
+    attention_args,
+    context_target_args,
+    varlen_args,
 )
 from tabattn_core.logs import LogOnce
 from tabattn_core.masks import ARTrainingRowMask, CausalMask, ContextTargetMask, FullMask, MaskSpec
@@ -46,14 +44,12 @@ from tabattn_triton.ops.common import (
     autotune_enabled,
     bucket,
     capturing,
-    check_device,
     dot_precision,
     head_block,
 )
+from tabattn_triton.ops.kernel_checks import check_kernel_tensors
 
 __all__ = ["PrefixMask", "context_target_attention", "flash_attention", "prefix_mask_of"]
-
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _said = LogOnce()
 _sm90_failed: set[tuple] = set()  # (dtype, head dim, constexpr flags) whose build failed
@@ -100,22 +96,12 @@ def prefix_mask_of(mask: MaskSpec | None, q_len: int, kv_len: int, batch: int) -
     return None
 
 
-def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
-    """Shapes, dtypes, devices, strides and head dim; returns the GQA group size."""
-    check_tensor("q", q, ndim=4, dtypes=KERNEL_DTYPES, unit_last_stride=True, dims="[B, H, Lq, D]")
-    check_device("q", q)
-    b, h, _, d = q.shape
-    dims = "[B, H_kv, Lk, D]"
-    check_tensor(
-        "k", k, ndim=4, dtypes=(q.dtype,), device=q.device, unit_last_stride=True, dims=dims
-    )
-    check_tensor(
-        "v", v, shape=k.shape, dtypes=(q.dtype,), device=q.device, unit_last_stride=True, dims=dims
-    )
-    if k.shape[0] != b or k.shape[3] != d:
-        raise InputError(f"k: expected shape [{b}, H_kv, Lk, {d}], got {list(k.shape)}")
-    check_head_dim("q", d)
-    return check_gqa(h, k.shape[1])
+def check_attention_inputs(q, k, v, *, mask=None, scale=None) -> AttentionArgs:
+    """The contract of `attention` (`tabattn_core.contracts.attention_args`), then the
+    kernels' checks (dtypes, device, unit stride on D)."""
+    args = attention_args(q, k, v, mask=mask, scale=scale)
+    check_kernel_tensors(q=q, k=k, v=v)
+    return args
 
 
 @dataclass(frozen=True)
@@ -406,19 +392,20 @@ def flash_attention(
     backward), "portable" or "cudnn"; None reads TABATTN_ATTENTION_KERNEL (default "auto").
     See dispatch.py.
     """
-    group = check_attention_inputs(q, k, v)
+    args = check_attention_inputs(q, k, v, mask=mask, scale=scale)
     pm = prefix_mask_of(mask, q.shape[2], k.shape[2], q.shape[0])
     if pm is None:
         raise InputError(
             f"mask: expected None, FullMask, ContextTargetMask, CausalMask or ARTrainingRowMask, "
             f"got {type(mask).__name__} (decode, teacher-forcing and selection masks have their own ops)"
         )
-    scale = check_scale(scale, q.shape[3])
     choice = choose_kernel(q, k, v, kernel, pm, lse=return_lse)
     if choice == "cudnn":
-        return cudnn_attention(q, k, v, pm, scale)
+        return cudnn_attention(q, k, v, pm, args.scale)
     kernels, auto = (choice, backward_kernel(choice, kernel)), requested_kernel(kernel) == "auto"
-    out, lse = FlashAttentionFunction.apply(q, k, v, pm, scale, group, None, kernels, auto)
+    out, lse = FlashAttentionFunction.apply(
+        q, k, v, pm, args.scale, args.group, None, kernels, auto
+    )
     return (out, lse) if return_lse else out
 
 
@@ -437,24 +424,14 @@ def context_target_attention(
     context_lens: int | torch.Tensor | None = None,
     scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Registry op: all M+N queries over the first M keys (M an int or int tensor [B]).
-
-    q: [B, H, M+N, D]; k, v: [B, H_kv, Lk, D]. Returns out [B, H, M+N, D], lse [B, H, M+N].
-    """
-    group = check_attention_inputs(q, k, v)
-    lk = k.shape[2]
-    if context_lens is None:
-        pm = PrefixMask(MASK_CONTEXT, ctx_len=lk)
-    elif isinstance(context_lens, torch.Tensor):
-        check_lengths("context_lens", context_lens, count=k.shape[0], max_len=lk, device=q.device)
-        pm = PrefixMask(MASK_CONTEXT, ctx_lens=context_lens)
-    elif 0 <= int(context_lens) <= lk:
-        pm = PrefixMask(MASK_CONTEXT, ctx_len=int(context_lens))
-    else:
-        raise InputError(f"context_lens: expected an int in [0, {lk}], got {context_lens}")
-    scale = check_scale(scale, q.shape[3])
+    """Kernel for `tabattn_core.reference.context_target_attention` (its contract and
+    docstring), forward and backward: any strides with a unit stride on D; fp16, bf16 or
+    fp32 on CUDA (CPU under TRITON_INTERPRET=1)."""
+    args = context_target_args(q, k, v, context_lens=context_lens, scale=scale)
+    check_kernel_tensors(q=q, k=k, v=v)
+    pm = PrefixMask(MASK_CONTEXT, ctx_len=args.ctx_len, ctx_lens=args.ctx_lens)
     kernels = _kernels(q, k, v, pm, varlen=False)
-    return FlashAttentionFunction.apply(q, k, v, pm, scale, group, None, *kernels)
+    return FlashAttentionFunction.apply(q, k, v, pm, args.scale, args.group, None, *kernels)
 
 
 def varlen_attention(
@@ -467,26 +444,20 @@ def varlen_attention(
     causal: bool = False,
     scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Registry op: attention over sequences packed end to end (e.g. datasets with different
-    context sizes, each sequence's targets over its own context rows), forward and backward.
-
-    q: [Tq, H, D]; k, v: [Tk, H_kv, D] (any strides, unit stride on D); cu_seqlens_q /
-    cu_seqlens_k: int32/int64 [B+1] offsets on q's device; causal: bottom-right aligned per
-    sequence. The offsets are validated on the host (one small device-to-host copy).
-    Returns out [Tq, H, D], lse [H, Tq] (fp32, natural log).
-    """
-    check_tensor("q", q, ndim=3, dims="[Tq, H, D]")
-    check_tensor("k", k, ndim=3, dims="[Tk, H_kv, D]")
-    check_tensor("v", v, ndim=3, dims="[Tk, H_kv, D]")
-    q4, k4, v4 = (t.permute(1, 0, 2).unsqueeze(0) for t in (q, k, v))
-    group = check_attention_inputs(q4, k4, v4)
-    cu_q, cu_k = check_cu_seqlens_pair(
-        cu_seqlens_q, cu_seqlens_k, total_q=q.shape[0], total_k=k.shape[0], device=q.device
+    """Kernel for `tabattn_core.reference.varlen_attention` (its contract and docstring),
+    forward and backward: any strides with a unit stride on D; fp16, bf16 or fp32 on CUDA
+    (CPU under TRITON_INTERPRET=1). Returns out [Tq, H, D], lse [H, Tq] (fp32)."""
+    args = varlen_args(
+        q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, causal=causal, scale=scale
     )
+    check_kernel_tensors(q=q, k=k, v=v)
+    cu_q, cu_k = args.cu_seqlens_q, args.cu_seqlens_k
     longest_q, longest_k = (int(cu.diff().max()) if cu.numel() > 1 else 0 for cu in (cu_q, cu_k))
     varlen = Varlen(cu_q.to(q.device), cu_k.to(q.device), longest_q, longest_k)
-    pm = PrefixMask(MASK_CAUSAL) if causal else PrefixMask()
-    scale = check_scale(scale, q.shape[2])
+    pm = PrefixMask(MASK_CAUSAL) if args.causal else PrefixMask()
+    q4, k4, v4 = (t.permute(1, 0, 2).unsqueeze(0) for t in (q, k, v))
     kernels = _kernels(q4, k4, v4, pm, varlen=True)
-    out, lse = FlashAttentionFunction.apply(q4, k4, v4, pm, scale, group, varlen, *kernels)
+    out, lse = FlashAttentionFunction.apply(
+        q4, k4, v4, pm, args.scale, args.group, varlen, *kernels
+    )
     return out[0].transpose(0, 1), lse[0]

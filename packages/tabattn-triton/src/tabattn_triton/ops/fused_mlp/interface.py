@@ -14,12 +14,9 @@ import torch
 
 from tabattn_core.checks import InputError
 from tabattn_core.mlp import activation_fn, check_mlp
-from tabattn_triton.ops.common import check_device, needs_grad
-from tabattn_triton.ops.grouped_mlp.interface import (
-    ACTIVATION_IDS,
-    KERNEL_DTYPES,
-    GroupedMLPFunction,
-)
+from tabattn_triton.ops.common import needs_grad
+from tabattn_triton.ops.grouped_mlp.interface import ACTIVATION_IDS, GroupedMLPFunction
+from tabattn_triton.ops.kernel_checks import KERNEL_DTYPES, check_device
 
 __all__ = ["DEFAULT_IMPL", "IMPLS", "mlp"]
 

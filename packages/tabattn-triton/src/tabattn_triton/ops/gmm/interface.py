@@ -8,16 +8,15 @@ import triton
 
 from tabattn_core.checks import InputError, check_tensor
 from tabattn_core.gmm import check_mixture
-from tabattn_triton.ops.common import check_device
 from tabattn_triton.ops.gmm.kernel import (
     gmm_nll_bwd_kernel,
     gmm_nll_finish_kernel,
     gmm_nll_fwd_kernel,
 )
+from tabattn_triton.ops.kernel_checks import KERNEL_DTYPES, check_device
 
 __all__ = ["gmm_nll", "row_block"]
 
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TILE_ELEMENTS = 2048  # components per program: BLOCK_R * BLOCK_K
 MAX_ROW_BLOCK = 1024
 FINISH_BLOCK = 1024

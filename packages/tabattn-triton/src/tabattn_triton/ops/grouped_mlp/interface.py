@@ -14,7 +14,7 @@ import triton
 
 from tabattn_core.checks import InputError
 from tabattn_core.mlp import activation_fn, check_mlp
-from tabattn_triton.ops.common import bucket, check_device, dot_precision, needs_grad
+from tabattn_triton.ops.common import bucket, dot_precision, needs_grad
 from tabattn_triton.ops.grouped_mlp.kernel import (
     ACT_GELU,
     ACT_RELU,
@@ -26,10 +26,10 @@ from tabattn_triton.ops.grouped_mlp.kernel import (
     full_row_matmul_kernel,
     grouped_matmul_kernel,
 )
+from tabattn_triton.ops.kernel_checks import KERNEL_DTYPES, check_device
 
 __all__ = ["GroupedMLPFunction", "grouped_matmul", "grouped_mlp"]
 
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ACTIVATION_IDS = {"gelu": ACT_GELU, "relu": ACT_RELU, "silu": ACT_SILU}
 
 

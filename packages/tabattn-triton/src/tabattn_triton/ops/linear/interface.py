@@ -15,13 +15,10 @@ import torch.nn.functional as F
 
 from tabattn_core.checks import InputError
 from tabattn_core.mlp import check_linear
-from tabattn_triton.ops.common import check_device, needs_grad
-from tabattn_triton.ops.grouped_mlp.interface import (
-    ACTIVATION_IDS,
-    KERNEL_DTYPES,
-    grouped_matmul,
-)
+from tabattn_triton.ops.common import needs_grad
+from tabattn_triton.ops.grouped_mlp.interface import ACTIVATION_IDS, grouped_matmul
 from tabattn_triton.ops.grouped_mlp.kernel import EPI_ACTIVATE, EPI_NONE, MAX_FULL_ROW
+from tabattn_triton.ops.kernel_checks import KERNEL_DTYPES, check_device
 
 __all__ = ["linear"]
 

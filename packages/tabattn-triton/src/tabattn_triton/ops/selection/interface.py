@@ -1,35 +1,23 @@
 """Selection (block-sparse, NSA-style) attention: launchers -> autograd Function -> public
 function.
 
-`selection_attention` is the registry op of the same name (signature and semantics of
-`tabattn_core.reference.selection_attention`), with keyword-only extras: `path` (the sparse
-kernels, or the dense masked reference when the selection covers most keys) and
-`validate_indices`.
+`selection_attention` is the registry op of the same name: the kernels for
+`tabattn_core.reference.selection_attention`, whose contract and docstring it shares.
+`validate_block_indices` checks the index values, which the kernels skip when out of range.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 from dataclasses import dataclass
 
 import torch
 import triton
 
-from tabattn_core import reference
-from tabattn_core.checks import (
-    InputError,
-    check_block_indices,
-    check_cu_seqlens_pair,
-    check_gqa,
-    check_head_dim,
-    check_positive_int,
-    check_scale,
-    check_tensor,
-)
-from tabattn_core.logs import LogOnce
-from tabattn_triton.ops.attention.interface import KERNEL_DTYPES
-from tabattn_triton.ops.common import LOG2E, check_device, dot_precision, head_block
+from tabattn_core.checks import InputError
+from tabattn_core.contracts import SelectionArgs, selection_args
+from tabattn_triton.ops.common import LOG2E, dot_precision, head_block
+from tabattn_triton.ops.kernel_checks import check_kernel_tensors
 from tabattn_triton.ops.selection.kernel import (
     selection_bwd_dkdv_kernel,
     selection_bwd_dq_kernel,
@@ -37,24 +25,7 @@ from tabattn_triton.ops.selection.kernel import (
     tile_union_kernel,
 )
 
-__all__ = ["DENSE_MAX_SCORES", "SPARSE_MAX_FRACTION", "Selection", "selection_attention"]
-
-_said = LogOnce()
-
-# path="auto" runs the dense masked path (the PyTorch reference) instead of the sparse
-# kernels where it was measured faster: when the dense scores, H * (keys dense attention
-# visits over all rows), are fewer than DENSE_MAX_SCORES, or when the selected keys (n_sel *
-# block_size per row) are at least SPARSE_MAX_FRACTION of the keys dense attention visits.
-# Measured by `python -m bench.suites.selection crossover` (fwd and fwd+bwd, bf16 and fp32,
-# GQA 1 and 16, D 64; the rule of least summed relative time lost over its grid):
-# bench/results/selection_crossover.json, "rules" -> "op". On an H200 (commit f1e78e4) the
-# dense path was faster in 7 of 120 cells (float32 only: GQA 1 with 16-64 blocks of 64 over
-# 1-4k keys, two GQA-16 fwd+bwd cells), and no size or fraction threshold lost less time
-# than running the kernels everywhere (summed relative time lost 5.46, always dense 262):
-# auto always takes the sparse kernels.
-DENSE_MAX_SCORES = 0
-SPARSE_MAX_FRACTION = float("inf")
-PATHS = ("auto", "sparse", "dense")
+__all__ = ["Selection", "selection_attention", "validate_block_indices"]
 
 
 @dataclass(frozen=True)
@@ -326,76 +297,16 @@ class SelectionAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-def _check(q, k, v, cu_seqlens_q, cu_seqlens_k, block_indices, block_size):
-    """Shapes, dtypes, devices, strides, offsets; returns (group, host cu_q, host cu_k)."""
-    check_tensor("q", q, ndim=3, dtypes=KERNEL_DTYPES, unit_last_stride=True, dims="[Tq, H, D]")
-    check_device("q", q)
-    dims = "[Tk, H_kv, D]"
-    for name, t in (("k", k), ("v", v)):
-        check_tensor(
-            name, t, ndim=3, dtypes=(q.dtype,), device=q.device, unit_last_stride=True, dims=dims
-        )
-        if t.shape[2] != q.shape[2] or t.shape != k.shape:
-            raise InputError(
-                f"{name}: expected shape [Tk, H_kv, {q.shape[2]}], got {list(t.shape)}"
-            )
-    check_head_dim("q", q.shape[2])
-    group = check_gqa(q.shape[1], k.shape[1])
-    cu_q, cu_k = check_cu_seqlens_pair(
-        cu_seqlens_q, cu_seqlens_k, total_q=q.shape[0], total_k=k.shape[0], device=q.device
-    )
-    check_block_indices(block_indices, rows=q.shape[0], kv_heads=k.shape[1], device=q.device)
-    check_positive_int("block_size", block_size)
-    return group, cu_q, cu_k
-
-
-def _validate_indices(block_indices: torch.Tensor, sel: Selection, cu_k: torch.Tensor) -> None:
-    """Values in [-1, blocks of the row's sequence - 1], as the reference demands (one sync)."""
-    counts = ((cu_k.diff() + sel.block_size - 1) // sel.block_size).to(block_indices.device)
-    top = counts[sel.seq_of_row][:, None, None]
-    bad = (block_indices < -1) | (block_indices >= top)
-    if bool(bad.any()):
-        row, head, slot = (int(i) for i in bad.nonzero()[0])
-        raise InputError(
-            f"block_indices: expected values in [-1, {int(top[row, 0, 0]) - 1}] at row {row} "
-            f"(its sequence has {int(top[row, 0, 0])} blocks of {sel.block_size}), got "
-            f"{int(block_indices[row, head, slot])} at [{row}, {head}, {slot}]"
-        )
-
-
-def _dense_keys(cu_q: torch.Tensor, cu_k: torch.Tensor, causal: bool) -> int:
-    """Keys dense attention visits over all rows (host offsets; causal: bottom-right)."""
-    lq, lk = cu_q.diff(), cu_k.diff()
-    if not causal:
-        return int((lq * lk).sum())
-    # row i sees clamp(lk - lq + i + 1, 0, lk): the last row sees lk, each earlier one fewer
-    first = (lk - lq + 1).clamp(min=1)
-    return int((lk * (lk + 1) // 2 - (first - 1) * first // 2).clamp(min=0).sum())
-
-
-def _choose_path(path: str, *, selected: int, dense: int, heads: int) -> str:
-    """The path to run: `path`, or for "auto" the measured rule (module constants above);
-    logs the first "auto" decision of each kind. selected: keys the selection holds over all
-    rows (n_sel * block_size each); dense: keys dense attention visits over all rows."""
-    if path not in PATHS:
-        raise InputError(f"path: expected one of {PATHS}, got {path!r}")
-    if path != "auto":
-        return path
-    fraction = selected / max(dense, 1)
-    small = heads * dense < DENSE_MAX_SCORES
-    chosen = "dense" if small or fraction >= SPARSE_MAX_FRACTION else "sparse"
-    _said(
-        chosen,
-        logging.INFO,
-        "tabattn: selection_attention path=auto -> %s (%d dense scores, selected %.3g of "
-        "the dense keys; dense below DENSE_MAX_SCORES=%d or from SPARSE_MAX_FRACTION=%s)",
-        chosen,
-        heads * dense,
-        fraction,
-        DENSE_MAX_SCORES,
-        SPARSE_MAX_FRACTION,
-    )
-    return chosen
+def _checked(q, k, v, **kwargs) -> tuple[SelectionArgs, Selection]:
+    """The contract (`tabattn_core.contracts.selection_args`), the kernels' checks and the
+    launch tables of the offsets."""
+    args = selection_args(q, k, v, **kwargs)
+    check_kernel_tensors(q=q, k=k, v=v)
+    sel = _selection(
+        tuple(args.cu_seqlens_q.tolist()), tuple(args.cu_seqlens_k.tolist()), q.shape[0],
+        args.block_size, args.causal, args.group, q.device,
+    )  # fmt: skip
+    return args, sel
 
 
 def selection_attention(
@@ -409,52 +320,35 @@ def selection_attention(
     block_size: int,
     causal: bool = False,
     scale: float | None = None,
-    path: str = "auto",
-    validate_indices: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Registry op: each query row (all H // H_kv query heads of a kv-head group together)
-    attends to the key blocks it selected, over varlen sequences packed end to end; forward
-    and backward.
-
-    q: [Tq, H, D]; k, v: [Tk, H_kv, D] (H % H_kv == 0; any strides with a unit stride on D;
-    D in 16..256; fp16, bf16 or fp32); cu_seqlens_q / cu_seqlens_k: int32/int64 [B+1]
-    offsets on q's device (validated on the host: one small copy); block_indices: int32/int64
-    [Tq, H_kv, n_sel], blocks of `block_size` keys counted from the sequence's first key,
-    -1 = unused slot, a repeated index counts once, any order; causal: row i of an Lq x Lk
-    sequence also sees only keys <= Lk - Lq + i.
-
-    ```
-    block_size=2, row 0 -> {0, 2}, row 1 -> {1, -1}:   ■ ■ · · ■ ■
-                                                        · · ■ ■ · ·
-    ```
-    Options: path "sparse" (the kernels), "dense" (the dense masked reference,
-    `tabattn_core.reference.selection_attention`), or "auto": the dense path where it was
-    measured faster, i.e. fewer than DENSE_MAX_SCORES dense scores (H x the keys dense
-    attention visits) or selected keys at least SPARSE_MAX_FRACTION of those keys, else
-    sparse (the decision logged once per path, logger "tabattn").
-    validate_indices: raise InputError for indices outside [-1, blocks of the sequence - 1]
-    (one device sync); without it the sparse kernels skip such entries.
-
-    Returns out [Tq, H, D] and lse [H, Tq] (fp32, natural log; a row that selected no
-    visible key gets out 0 and lse -inf, and zero gradients).
-    """
-    group, cu_q, cu_k = _check(q, k, v, cu_seqlens_q, cu_seqlens_k, block_indices, block_size)
-    scale = check_scale(scale, q.shape[2])
-    chosen = _choose_path(
-        path,
-        selected=q.shape[0] * block_indices.shape[2] * int(block_size),
-        dense=_dense_keys(cu_q, cu_k, causal) if path == "auto" else 0,  # host work: only if used
-        heads=q.shape[1],
-    )
-    if chosen == "dense":
-        return reference.selection_attention(
-            q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-            block_indices=block_indices, block_size=block_size, causal=causal, scale=scale,
-        )  # fmt: skip
-    sel = _selection(
-        tuple(cu_q.tolist()), tuple(cu_k.tolist()), q.shape[0], int(block_size), bool(causal),
-        group, q.device,
+    """Kernels for `tabattn_core.reference.selection_attention` (its contract and
+    docstring), forward and backward, group-centric: all H // H_kv query heads of a kv
+    head share each K/V load. Any strides with a unit stride on D; fp16, bf16 or fp32 on
+    CUDA (CPU under TRITON_INTERPRET=1). Index entries outside [-1, blocks of the sequence
+    - 1] are skipped (`validate_block_indices` raises for them instead); a row that selected
+    no visible key gets out 0, lse -inf and zero gradients."""
+    args, sel = _checked(
+        q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        block_indices=block_indices, block_size=block_size, causal=causal, scale=scale,
     )  # fmt: skip
-    if validate_indices:
-        _validate_indices(block_indices, sel, cu_k)
-    return SelectionAttentionFunction.apply(q, k, v, block_indices, sel, scale)
+    return SelectionAttentionFunction.apply(q, k, v, block_indices, sel, args.scale)
+
+
+def validate_block_indices(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> None:
+    """The arguments of `selection_attention` (same keywords), and its block indices' values
+    in [-1, blocks of the row's sequence - 1], as the reference demands; InputError naming
+    block_indices otherwise (one device sync)."""
+    args, sel = _checked(q, k, v, **kwargs)
+    block_indices = kwargs["block_indices"]
+    counts = ((args.cu_seqlens_k.diff() + sel.block_size - 1) // sel.block_size).to(
+        block_indices.device
+    )
+    top = counts[sel.seq_of_row][:, None, None]
+    bad = (block_indices < -1) | (block_indices >= top)
+    if bool(bad.any()):
+        row, head, slot = (int(i) for i in bad.nonzero()[0])
+        raise InputError(
+            f"block_indices: expected values in [-1, {int(top[row, 0, 0]) - 1}] at row {row} "
+            f"(its sequence has {int(top[row, 0, 0])} blocks of {sel.block_size}), got "
+            f"{int(block_indices[row, head, slot])} at [{row}, {head}, {slot}]"
+        )

@@ -5,6 +5,7 @@ from tabattn_triton.ops.shared_context.interface import (
     check_decode_inputs,
     check_teacher_forcing_inputs,
     choose_num_splits,
+    decode_with_splits,
     shared_context_attention,
     teacher_forcing_attention,
 )
@@ -14,6 +15,7 @@ __all__ = [
     "check_decode_inputs",
     "check_teacher_forcing_inputs",
     "choose_num_splits",
+    "decode_with_splits",
     "shared_context_attention",
     "teacher_forcing_attention",
 ]

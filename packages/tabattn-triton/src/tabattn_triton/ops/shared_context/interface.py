@@ -2,7 +2,9 @@
 
 `shared_context_attention` (one decode step of S sample paths per dataset) and
 `teacher_forcing_attention` (the joint density in one pass) are the registry ops of the same
-names; they match `tabattn_core.reference` exactly in signature and semantics.
+names: kernels for `tabattn_core.reference`'s ops, whose contracts
+(`tabattn_core.contracts`) and docstrings they share. `decode_with_splits` is the decode
+with the context split across a chosen number of programs (tests, benchmarks).
 """
 
 from __future__ import annotations
@@ -13,16 +15,15 @@ from collections.abc import Sequence
 import torch
 import triton
 
-from tabattn_core.checks import (
-    InputError,
-    check_gqa,
-    check_head_dim,
-    check_lengths,
-    check_scale,
-    check_tensor,
+from tabattn_core.checks import InputError
+from tabattn_core.contracts import (
+    DecodeArgs,
+    TeacherForcingArgs,
+    check_context_buffer,
+    shared_context_args,
+    teacher_forcing_args,
 )
-from tabattn_core.masks import BufferDecodeMask
-from tabattn_triton.ops.attention.interface import KERNEL_DTYPES, PrefixMask, attention_bwd
+from tabattn_triton.ops.attention.interface import PrefixMask, attention_bwd
 from tabattn_triton.ops.common import (
     LOG2E,
     MASK_CONTEXT,
@@ -30,11 +31,11 @@ from tabattn_triton.ops.common import (
     autotune_enabled,
     bucket,
     capturing,
-    check_device,
     dot_precision,
     head_block,
     needs_grad,
 )
+from tabattn_triton.ops.kernel_checks import check_kernel_tensors
 from tabattn_triton.ops.shared_context.kernel import (
     shared_context_combine_kernel,
     shared_context_fwd_kernel,
@@ -45,6 +46,7 @@ __all__ = [
     "check_decode_inputs",
     "check_teacher_forcing_inputs",
     "choose_num_splits",
+    "decode_with_splits",
     "shared_context_attention",
     "teacher_forcing_attention",
 ]
@@ -57,95 +59,21 @@ ROUGH_BLOCK_M = 16  # rows per program assumed when choosing the context splits
 _TUNED_AT_MEAN_LENGTH: set[tuple] = set()
 
 
-_VALIDATED: dict[tuple, tuple] = {}  # input signatures already checked -> _check's result
-_VALIDATED_MAX = 1024
-
-
-def _signature(t: torch.Tensor | None) -> tuple | None:
-    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+_TUNED_MAX = 1024
 
 
 def check_context_buffer_inputs(
     q, k_ctx, v_ctx, k_buf, v_buf, context_lens, *, need_buffer: int, q_dims: str
 ) -> tuple:
-    """Shapes, dtypes, devices, strides, head dim, GQA, context lengths of the shared-context
-    ops' inputs; returns (group, ctx_len, ctx_lens): ctx_lens the int64 [G] per-dataset
-    lengths, or None when one length ctx_len holds for every dataset.
-
-    The checks depend only on shapes, strides, dtypes, devices and the integer arguments, so a
-    signature seen before skips them (a decode loop calls this every layer and step); tensor
-    context lengths are value-checked on every call."""
-    if isinstance(context_lens, torch.Tensor) or not all(
-        isinstance(t, torch.Tensor) for t in (q, k_ctx, v_ctx)
-    ):
-        return _check_inputs(
-            q, k_ctx, v_ctx, k_buf, v_buf, context_lens, need_buffer=need_buffer, q_dims=q_dims
-        )
-    key = (*map(_signature, (q, k_ctx, v_ctx, k_buf, v_buf)), context_lens, need_buffer, q_dims)
-    result = _VALIDATED.get(key)
-    if result is None:
-        result = _check_inputs(
-            q, k_ctx, v_ctx, k_buf, v_buf, context_lens, need_buffer=need_buffer, q_dims=q_dims
-        )
-        if len(_VALIDATED) >= _VALIDATED_MAX:
-            _VALIDATED.clear()
-        _VALIDATED[key] = result
+    """`tabattn_core.contracts.check_context_buffer` (buffers of at least need_buffer rows)
+    and the kernels' checks; returns (group, ctx_len, ctx_lens): ctx_lens the int64 [G]
+    per-dataset lengths, or None when one length ctx_len holds for every dataset."""
+    result = check_context_buffer(
+        q, k_ctx, v_ctx, k_buf, v_buf, context_lens,
+        need=need_buffer, name="buffer_len", q_dims=q_dims,
+    )  # fmt: skip
+    check_kernel_tensors(q=q, k_ctx=k_ctx, v_ctx=v_ctx, k_buf=k_buf, v_buf=v_buf)
     return result
-
-
-def _check_inputs(
-    q, k_ctx, v_ctx, k_buf, v_buf, context_lens, *, need_buffer: int, q_dims: str
-) -> tuple:
-    """The checks behind `_check`."""
-    check_tensor("q", q, ndim=5, dtypes=KERNEL_DTYPES, unit_last_stride=True, dims=q_dims)
-    check_device("q", q)
-    g, s, h, _, d = q.shape
-    check_head_dim("q", d)
-    dims = "[G, H_kv, Nc, D]"
-    for name, t in (("k_ctx", k_ctx), ("v_ctx", v_ctx)):
-        check_tensor(
-            name, t, ndim=4, dtypes=(q.dtype,), device=q.device, unit_last_stride=True, dims=dims
-        )
-        if t.shape[0] != g or t.shape[3] != d or t.shape != k_ctx.shape:
-            raise InputError(f"{name}: expected shape [{g}, H_kv, Nc, {d}], got {list(t.shape)}")
-    group = check_gqa(h, k_ctx.shape[1], kv_name="k_ctx")
-    if need_buffer or k_buf is not None or v_buf is not None:
-        bdims = "[G, S, H_kv, T_cap, D]"
-        for name, t in (("k_buf", k_buf), ("v_buf", v_buf)):
-            if t is None:
-                raise InputError(
-                    f"{name}: expected a tensor {bdims} holding {need_buffer} rows, got None"
-                )
-            check_tensor(
-                name,
-                t,
-                ndim=5,
-                dtypes=(q.dtype,),
-                device=q.device,
-                unit_last_stride=True,
-                dims=bdims,
-            )
-            want = [g, s, k_ctx.shape[1], None, d]
-            if (
-                any(w is not None and w != a for w, a in zip(want, t.shape, strict=True))
-                or t.shape != k_buf.shape
-            ):
-                raise InputError(
-                    f"{name}: expected shape [{g}, {s}, {k_ctx.shape[1]}, T_cap, {d}], got {list(t.shape)}"
-                )
-            if t.shape[3] < need_buffer:
-                raise InputError(
-                    f"{name}: expected capacity T_cap >= {need_buffer}, got {t.shape[3]}"
-                )
-    nc = k_ctx.shape[2]
-    if context_lens is None:
-        return group, nc, None
-    if isinstance(context_lens, torch.Tensor):
-        check_lengths("context_lens", context_lens, count=g, max_len=nc, device=q.device)
-        return group, nc, context_lens.to(torch.int64)
-    if not 0 <= int(context_lens) <= nc:
-        raise InputError(f"context_lens: expected an int in [0, {nc}], got {context_lens}")
-    return group, int(context_lens), None
 
 
 @functools.lru_cache(maxsize=16)
@@ -212,7 +140,7 @@ def _launch(q, k_ctx, v_ctx, k_buf, v_buf, group, ctx_len, ctx_lens, *, buffer_l
         # the first launch of a signature runs on scratch outputs at the mean length.
         signature = (q.shape, k_ctx.shape, q.dtype, q.device, buffer_len, num_splits, precision)
         if signature not in _TUNED_AT_MEAN_LENGTH:
-            if len(_TUNED_AT_MEAN_LENGTH) >= _VALIDATED_MAX:
+            if len(_TUNED_AT_MEAN_LENGTH) >= _TUNED_MAX:
                 _TUNED_AT_MEAN_LENGTH.clear()
             _TUNED_AT_MEAN_LENGTH.add(signature)
             tuning_len = torch.full_like(buffer_len_ptr, (buffer_len + 1) // 2)
@@ -256,17 +184,11 @@ def _launch(q, k_ctx, v_ctx, k_buf, v_buf, group, ctx_len, ctx_lens, *, buffer_l
 
 
 @functools.lru_cache(maxsize=256)
-def _rule_bits(lq: int, row_rule: str | tuple[str, ...]) -> int:
+def _rule_bits(rules: tuple[str, ...]) -> int:
     """Bit i set when row i is "causal" (sees its own slot); bit 62 holds the rule shared by
-    rows 62 and later. Cached: the decode step calls this every step."""
-    rules = (row_rule,) * lq if isinstance(row_rule, str) else row_rule
-    if len(rules) != lq or any(r not in BufferDecodeMask.RULES for r in rules):
-        raise InputError(
-            f"row_rule: expected 'causal', 'strict' or a sequence of them of length {lq}, "
-            f"got {row_rule!r}"
-        )
+    rows 62 and later (the kernel's limit). Cached: the decode step calls this every step."""
     bits = sum(int(rule == "causal") << i for i, rule in enumerate(rules[:62]))
-    if lq > 62:
+    if len(rules) > 62:
         tail = set(rules[62:])
         if len(tail) > 1:
             raise InputError("row_rule: expected one rule for all rows from 62 on, got both")
@@ -328,64 +250,59 @@ def shared_context_attention(
     context_lens: int | torch.Tensor | None = None,
     row_rule: str | Sequence[str] = "causal",
     scale: float | None = None,
-    num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decode step of joint sampling over a context shared by S sample paths (forward).
-
-    q: [G, S, H, Lq, D]; k_ctx, v_ctx: [G, H_kv, Nc, D], read once per tile of many samples
-    (never copied); k_buf, v_buf: [G, S, H_kv, T_cap, D], the first `buffer_len` (T) valid,
-    the Lq new rows in the last Lq of them; buffer_len: an int, or a 0-dim int tensor on
-    q's device read by the kernel (no host sync, so a decode step can be captured in a CUDA
-    graph; values beyond T_cap are clamped to it, not checked); context_lens: int or int tensor [G] (default Nc);
-    row_rule: "causal" (row sees its own slot) / "strict" (not), one or one per row;
-    num_splits: context splits across programs (None: chosen from the GPU's SM count).
-
-    ```
-    T=3, Lq=2, ("causal","strict"):   ctx   buf0 buf1 tgt
-                          buf1 (q=0)  ■ ■   ■    ■    ·
-                          tgt  (q=1)  ■ ■   ■    ■    ·
-    ```
-    Nc = 0 and T = 0 are legal. Returns out [G, S, H, Lq, D] (contiguous), lse [G, S, H, Lq].
-    """
-    group, ctx_len, ctx_lens, buffer_len, buffer_len_ptr, rule_bits = check_decode_inputs(
+    """Kernel for `tabattn_core.reference.shared_context_attention` (its contract and
+    docstring), forward only: k_ctx, v_ctx read once per tile of many samples; a 0-dim
+    device tensor `buffer_len` is read by the kernel (values beyond T_cap clamped to it);
+    the context split across programs as `choose_num_splits` decides. Any strides with a
+    unit stride on D; fp16, bf16 or fp32 on CUDA (CPU under TRITON_INTERPRET=1). Returns
+    out [G, S, H, Lq, D] (contiguous), lse [G, S, H, Lq]."""
+    return decode_with_splits(
         q, k_ctx, v_ctx, k_buf, v_buf,
-        buffer_len=buffer_len, context_lens=context_lens, row_rule=row_rule,
+        buffer_len=buffer_len, context_lens=context_lens, row_rule=row_rule, scale=scale,
     )  # fmt: skip
+
+
+def decode_with_splits(
+    q: torch.Tensor,
+    k_ctx: torch.Tensor,
+    v_ctx: torch.Tensor,
+    k_buf: torch.Tensor | None = None,
+    v_buf: torch.Tensor | None = None,
+    *,
+    num_splits: int | None = None,
+    **options,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`shared_context_attention` with the context split across `num_splits` programs, an
+    int in [1, 1024] (None: `choose_num_splits`, what the op does). For tests and
+    benchmarks of the split path, which the heuristic takes on GPUs only. `options`: the
+    op's keyword arguments (buffer_len, context_lens, row_rule, scale)."""
+    args = check_decode_inputs(q, k_ctx, v_ctx, k_buf, v_buf, **options)
     if needs_grad(q, k_ctx, v_ctx, k_buf, v_buf):
         raise InputError(
             "q, k_ctx, v_ctx, k_buf, v_buf: the decode kernel is forward-only (sampling runs "
             "without gradients); use teacher_forcing_attention or backend 'torch' to train"
         )
     return _launch(
-        q, k_ctx, v_ctx, k_buf, v_buf, group, ctx_len, ctx_lens,
-        buffer_len=buffer_len, rule_bits=rule_bits, teacher_forcing=False,
-        scale=check_scale(scale, q.shape[4]), num_splits=num_splits,
-        buffer_len_ptr=buffer_len_ptr,
+        q, k_ctx, v_ctx, k_buf, v_buf, args.group, args.ctx_len, args.ctx_lens,
+        buffer_len=args.buffer_len, rule_bits=_rule_bits(args.row_rule), teacher_forcing=False,
+        scale=args.scale, num_splits=num_splits, buffer_len_ptr=args.buffer_len_tensor,
     )  # fmt: skip
 
 
 def check_decode_inputs(
-    q, k_ctx, v_ctx, k_buf, v_buf, *, buffer_len, context_lens, row_rule
-) -> tuple[int, int, torch.Tensor | None, int, torch.Tensor | None, int]:
-    """The argument checks of `shared_context_attention`, before any launch. Returns (group,
-    ctx_len, ctx_lens, buffer_len, buffer_len_ptr, rule_bits): with a 0-dim device tensor
-    `buffer_len`, buffer_len is T_cap and buffer_len_ptr that tensor, else None."""
-    buffer_len_ptr = None
-    if isinstance(buffer_len, torch.Tensor):
-        check_tensor(
-            "buffer_len", buffer_len, shape=(), dtypes=(torch.int32, torch.int64), device=q.device
-        )
-        buffer_len_ptr = buffer_len
-        buffer_len = 0 if k_buf is None else k_buf.shape[3]
-    elif int(buffer_len) != buffer_len or buffer_len < 0:
-        raise InputError(f"buffer_len: expected a non-negative int, got {buffer_len!r}")
-    group, ctx_len, ctx_lens = check_context_buffer_inputs(
-        q, k_ctx, v_ctx, k_buf, v_buf, context_lens, need_buffer=buffer_len,
-        q_dims="[G, S, H, Lq, D]",
+    q, k_ctx, v_ctx, k_buf, v_buf, *, buffer_len=0, context_lens=None, row_rule="causal",
+    scale=None,
+) -> DecodeArgs:  # fmt: skip
+    """The contract of `shared_context_attention` (`tabattn_core.contracts`), then the
+    kernels' checks (dtypes, device, unit stride on D, one rule for rows 62 and later)."""
+    args = shared_context_args(
+        q, k_ctx, v_ctx, k_buf, v_buf,
+        buffer_len=buffer_len, context_lens=context_lens, row_rule=row_rule, scale=scale,
     )  # fmt: skip
-    rules = row_rule if isinstance(row_rule, str) else tuple(row_rule)
-    rule_bits = _rule_bits(q.shape[3], rules)
-    return group, ctx_len, ctx_lens, int(buffer_len), buffer_len_ptr, rule_bits
+    check_kernel_tensors(q=q, k_ctx=k_ctx, v_ctx=v_ctx, k_buf=k_buf, v_buf=v_buf)
+    _rule_bits(args.row_rule)
+    return args
 
 
 def teacher_forcing_attention(
@@ -398,38 +315,25 @@ def teacher_forcing_attention(
     context_lens: int | torch.Tensor | None = None,
     scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Joint density in one pass, forward and backward: rows [buf_0..buf_{Nt-1}, tgt_0..tgt_{Nt-1}] per
-    sample path over keys [context | buf]; buf_i sees context + buf_0..buf_i, tgt_i sees
-    context + buf_0..buf_{i-1}.
-
-    q: [G, S, H, 2*Nt, D]; k_ctx, v_ctx: [G, H_kv, Nc, D] shared by the S paths; k_buf,
-    v_buf: [G, S, H_kv, Nt, D]; context_lens: int or int tensor [G] (default Nc).
-    Returns out [G, S, H, 2*Nt, D], lse [G, S, H, 2*Nt].
-    """
-    group, ctx_len, ctx_lens = check_teacher_forcing_inputs(
-        q, k_ctx, v_ctx, k_buf, v_buf, context_lens=context_lens
+    """Kernel for `tabattn_core.reference.teacher_forcing_attention` (its contract and
+    docstring), forward (the fused shared-context kernel) and backward (the flash-attention
+    backward kernels). Any strides with a unit stride on D; fp16, bf16 or fp32 on CUDA (CPU
+    under TRITON_INTERPRET=1)."""
+    args = check_teacher_forcing_inputs(
+        q, k_ctx, v_ctx, k_buf, v_buf, context_lens=context_lens, scale=scale
     )
     return TeacherForcingFunction.apply(
-        q, k_ctx, v_ctx, k_buf, v_buf, group, ctx_len, ctx_lens, check_scale(scale, q.shape[4])
+        q, k_ctx, v_ctx, k_buf, v_buf, args.group, args.ctx_len, args.ctx_lens, args.scale
     )
 
 
 def check_teacher_forcing_inputs(
-    q, k_ctx, v_ctx, k_buf, v_buf, *, context_lens
-) -> tuple[int, int, torch.Tensor | None]:
-    """The argument checks of `teacher_forcing_attention`, before any launch (q holds 2*Nt
-    rows per path, the buffers Nt). Returns (group, ctx_len, ctx_lens)."""
-    check_tensor("q", q, ndim=5, dims="[G, S, H, 2*Nt, D]")
-    if q.shape[3] % 2:
-        raise InputError(f"q: expected an even row count 2*Nt on dim 3, got {q.shape[3]}")
-    nt = q.shape[3] // 2
-    if k_buf is None or v_buf is None:
-        raise InputError("k_buf, v_buf: expected tensors [G, S, H_kv, Nt, D], got None")
-    result = check_context_buffer_inputs(
-        q, k_ctx, v_ctx, k_buf, v_buf, context_lens, need_buffer=nt, q_dims="[G, S, H, 2*Nt, D]"
+    q, k_ctx, v_ctx, k_buf, v_buf, *, context_lens=None, scale=None
+) -> TeacherForcingArgs:
+    """The contract of `teacher_forcing_attention` (`tabattn_core.contracts`), then the
+    kernels' checks (dtypes, device, unit stride on D)."""
+    args = teacher_forcing_args(
+        q, k_ctx, v_ctx, k_buf, v_buf, context_lens=context_lens, scale=scale
     )
-    if k_buf.shape[3] != nt:
-        raise InputError(
-            f"k_buf: expected Nt={nt} rows on dim 3 (q has 2*Nt rows), got {k_buf.shape[3]}"
-        )
-    return result
+    check_kernel_tensors(q=q, k_ctx=k_ctx, v_ctx=v_ctx, k_buf=k_buf, v_buf=v_buf)
+    return args
