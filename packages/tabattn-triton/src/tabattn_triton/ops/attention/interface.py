@@ -117,24 +117,38 @@ class Varlen:
 def _launch_args(
     q: torch.Tensor, k: torch.Tensor, group: int, pm: PrefixMask, varlen: Varlen | None
 ):
-    """Grid sizes, the kernels' shared runtime arguments and their constexpr flags."""
+    """Grid sizes (batch, Lq, Lk), the keyword arguments every attention kernel takes (the
+    mask's runtime form, the sequences, the LSE row length) and the mask's constexprs."""
     if varlen is None:
         batch, lq, lk, cu_q, cu_k = q.shape[0], q.shape[2], k.shape[2], None, None
     else:
         batch, lq, lk = varlen.cu_seqlens_q.numel() - 1, varlen.max_seqlen_q, varlen.max_seqlen_k
         cu_q, cu_k = varlen.cu_seqlens_q, varlen.cu_seqlens_k
     lens = None if pm.ctx_lens is None else pm.ctx_lens.to(device=q.device, dtype=torch.int64)
-    pointers = (lens, cu_q, cu_k)
-    runtime = (pm.ctx_len, pm.causal_offset, pm.ar_buffer, pm.ar_chunked, q.shape[2])
-    tune = (bucket(lq), bucket(lk), bucket(group))
-    flags = {
-        "MASK": pm.kind,
-        "HAS_CTX_LENS": lens is not None,
-        "IS_VARLEN": varlen is not None,
-        "BLOCK_D": head_block(q.shape[3]),
+    shared = {
+        "CTX_LENS": lens, "CU_Q": cu_q, "CU_K": cu_k, "GROUP": group, "Lq": lq, "Lk": lk,
+        "ctx_len": pm.ctx_len, "causal_offset": pm.causal_offset, "ar_buffer": pm.ar_buffer,
+        "ar_chunked": pm.ar_chunked, "lse_len": q.shape[2],
+        "MASK": pm.kind, "HAS_CTX_LENS": lens is not None, "IS_VARLEN": varlen is not None,
+    }  # fmt: skip
+    return batch, lq, lk, shared
+
+
+def _portable_args(q: torch.Tensor, group: int, lq: int, lk: int) -> dict:
+    """The portable kernels' extra keyword arguments: head dim, autotune keys, dot flags."""
+    return {
+        "D": q.shape[3], "LQ_BUCKET": bucket(lq), "LK_BUCKET": bucket(lk),
+        "GROUP_BUCKET": bucket(group), "BLOCK_D": head_block(q.shape[3]),
         "DOT_PRECISION": dot_precision(q.dtype),
+    }  # fmt: skip
+
+
+def _strides(name: str, t: torch.Tensor, rows: str) -> dict[str, int]:
+    """stride_{name}b, _{name}h, _{name}{rows}, _{name}d of a [B, H, L, D] tensor."""
+    return {
+        f"stride_{name}{axis}": st
+        for axis, st in zip(("b", "h", rows, "d"), t.stride(), strict=True)
     }
-    return batch, lq, lk, pointers, runtime, tune, flags
 
 
 def _run_sm90(launch, key: tuple, fallback: bool) -> bool:
@@ -176,19 +190,18 @@ def attention_fwd(
     lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
-    batch, lq, lk, pointers, runtime, tune, flags = _launch_args(q, k, group, pm, varlen)
+    batch, lq, lk, shared = _launch_args(q, k, group, pm, varlen)
+    flags = (shared["MASK"], shared["HAS_CTX_LENS"], shared["IS_VARLEN"])
     if kernel == "sm90" and _run_sm90(
-        lambda: _attention_fwd_sm90(q, k, v, out, lse, pm, scale, group, batch, lq, lk, pointers, flags),
-        ("forward", q.dtype, d, *flags.values()),
+        lambda: _attention_fwd_sm90(q, k, v, out, lse, scale, batch, shared),
+        ("forward", q.dtype, d, *flags),
         fallback,
     ):  # fmt: skip
         return out, lse
-    grid = lambda meta: (batch * h * triton.cdiv(lq, meta["BLOCK_M"]),)
-    attention_fwd_kernel[grid](
-        q, k, v, out, lse, *pointers,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        h, group, lq, lk, d, scale * LOG2E, *runtime, *tune,
-        STORE_LSE=True, **flags,
+    attention_fwd_kernel[lambda meta: (batch * h * triton.cdiv(lq, meta["BLOCK_M"]),)](
+        Q=q, K=k, V=v, O=out, LSE=lse, H=h, qk_scale=scale * LOG2E,
+        **_strides("q", q, "m"), **_strides("k", k, "n"), **_strides("v", v, "n"),
+        **_strides("o", out, "m"), **shared, **_portable_args(q, group, lq, lk),
     )  # fmt: skip
     return out, lse
 
@@ -215,31 +228,34 @@ def attention_bwd(
         return dq.zero_(), dk.zero_(), dv.zero_()
     if do.stride(-1) != 1:
         do = do.contiguous()
-    batch, lq, lk, pointers, runtime, tune, flags = _launch_args(q, k, group, pm, varlen)
+    batch, lq, lk, shared = _launch_args(q, k, group, pm, varlen)
+    portable = _portable_args(q, group, lq, lk)
     delta = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
     pre_block = 64
     attention_bwd_preprocess_kernel[(b * h * triton.cdiv(rows, pre_block),)](
-        out, do, delta, *out.stride(), *do.stride(), h, rows, d,
-        BLOCK_M=pre_block, BLOCK_D=flags["BLOCK_D"],
+        O=out, DO=do, DELTA=delta, **_strides("o", out, "m"), **_strides("do", do, "m"),
+        H=h, Lq=rows, D=d, BLOCK_M=pre_block, BLOCK_D=portable["BLOCK_D"],
     )  # fmt: skip
+    flags = (shared["MASK"], shared["HAS_CTX_LENS"], shared["IS_VARLEN"])
     if kernel == "sm90" and _run_sm90(
-        lambda: _attention_bwd_sm90(do, q, k, v, dq, dk, dv, lse, delta, pm, scale, group, varlen),
-        ("backward", q.dtype, d, *flags.values()),
+        lambda: _attention_bwd_sm90(do, q, k, v, dq, dk, dv, lse, delta, scale, batch, shared),
+        ("backward", q.dtype, d, *flags),
         fallback,
     ):  # fmt: skip
         return dq, dk, dv
-    dims = (h, group, lq, lk, d, scale, scale * LOG2E)
+    common = {
+        "Q": q, "K": k, "V": v, "DO": do, "LSE": lse, "DELTA": delta, "H": h,
+        "sm_scale": scale, "qk_scale": scale * LOG2E, **_strides("q", q, "m"),
+        **_strides("k", k, "n"), **_strides("v", v, "n"), **_strides("do", do, "m"),
+        **shared, **portable,
+    }  # fmt: skip
     h_kv = k.shape[1]
     attention_bwd_dkdv_kernel[lambda meta: (batch * h_kv * triton.cdiv(lk, meta["BLOCK_N"]),)](
-        q, k, v, do, dk, dv, lse, delta, *pointers,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        *dims, *runtime, *tune, **flags,
-    )  # fmt: skip
+        DK=dk, DV=dv, **_strides("dk", dk, "n"), **_strides("dv", dv, "n"), **common
+    )
     attention_bwd_dq_kernel[lambda meta: (batch * h * triton.cdiv(lq, meta["BLOCK_M"]),)](
-        q, k, v, do, dq, lse, delta, *pointers,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        *dims, *runtime, *tune, **flags,
-    )  # fmt: skip
+        DQ=dq, **_strides("dq", dq, "m"), **common
+    )
     return dq, dk, dv
 
 
@@ -262,7 +278,7 @@ def _sm90_descriptor(t: torch.Tensor, rows: int):
 _sm90_configs: dict[tuple, tuple] = {}
 
 
-def _attention_fwd_sm90(q, k, v, out, lse, pm, scale, group, batch, lq, lk, pointers, flags):
+def _attention_fwd_sm90(q, k, v, out, lse, scale, batch, shared):
     """Launch kernel_sm90's forward: the config measured best for this shape bucket (the
     first config while autotuning is off or a graph is being captured)."""
     from tabattn_triton.ops.attention.kernel_sm90 import (
@@ -273,24 +289,23 @@ def _attention_fwd_sm90(q, k, v, out, lse, pm, scale, group, batch, lq, lk, poin
     )
 
     h, d = q.shape[1], q.shape[3]
+    group, lq, lk = shared["GROUP"], shared["Lq"], shared["Lk"]
     q_desc = _sm90_descriptor(q, ROWS_PER_CONSUMER)
 
     def launch(config):
         block_n, stages, consumers, pingpong = config
-        kv_desc = (_sm90_descriptor(k, block_n), _sm90_descriptor(v, block_n))
         grid = (batch * h * triton.cdiv(lq, consumers * ROWS_PER_CONSUMER),)
         attention_fwd_sm90_kernel[grid](
-            q_desc, *kv_desc, out, lse, *pointers,
-            out.stride(0), out.stride(1), out.stride(2),
-            h, group, lq, lk, scale * LOG2E,
-            pm.ctx_len, pm.causal_offset, pm.ar_buffer, pm.ar_chunked, q.shape[2],
-            MASK=flags["MASK"], HAS_CTX_LENS=flags["HAS_CTX_LENS"], IS_VARLEN=flags["IS_VARLEN"],
+            q_desc=q_desc, k_desc=_sm90_descriptor(k, block_n),
+            v_desc=_sm90_descriptor(v, block_n), O=out, LSE=lse,
+            stride_ob=out.stride(0), stride_oh=out.stride(1), stride_om=out.stride(2),
+            H=h, qk_scale=scale * LOG2E, **shared,
             BLOCK_N=block_n, STAGES=stages, CONSUMERS=consumers, PINGPONG=pingpong,
             CONSUMER_REGS=CONSUMER_REGS[consumers], num_warps=4,
         )  # fmt: skip
 
     configs = SM90_FWD_CONFIGS[d]
-    key = (d, q.dtype, flags["MASK"], bucket(lq), bucket(lk), bucket(group), bucket(batch * h))
+    key = (d, q.dtype, shared["MASK"], bucket(lq), bucket(lk), bucket(group), bucket(batch * h))
     config = _sm90_configs.get(key)
     if config is None:
         if len(configs) == 1 or not autotune_enabled() or capturing():
@@ -304,7 +319,7 @@ def _attention_fwd_sm90(q, k, v, out, lse, pm, scale, group, batch, lq, lk, poin
     launch(config)
 
 
-def _attention_bwd_sm90(do, q, k, v, dq, dk, dv, lse, delta, pm, scale, group, varlen):
+def _attention_bwd_sm90(do, q, k, v, dq, dk, dv, lse, delta, scale, batch, shared):
     """Launch kernel_sm90_bwd's backward into dq, dk, dv (dq through an fp32 buffer)."""
     from tabattn_triton.ops.attention.kernel_sm90_bwd import (
         CONSUMER_REGS,
@@ -314,21 +329,19 @@ def _attention_bwd_sm90(do, q, k, v, dq, dk, dv, lse, delta, pm, scale, group, v
         attention_bwd_sm90_kernel,
     )
 
-    batch, lq, lk, pointers, _, _, flags = _launch_args(q, k, group, pm, varlen)
     block_m = SM90_BWD_BLOCK_M[q.shape[3]]
     if do.data_ptr() % 16 or any(st % 8 for st in do.stride()[:3]):
         do = do.contiguous()
     dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
     dv_out = dv if dv.stride() == dk.stride() else torch.empty_like(dk)  # one stride set
     h_kv = k.shape[1]
-    grid = (batch * h_kv * triton.cdiv(lk, CONSUMERS * KEYS_PER_CONSUMER),)
+    grid = (batch * h_kv * triton.cdiv(shared["Lk"], CONSUMERS * KEYS_PER_CONSUMER),)
     attention_bwd_sm90_kernel[grid](
-        _sm90_descriptor(q, block_m), _sm90_descriptor(k, KEYS_PER_CONSUMER),
-        _sm90_descriptor(v, KEYS_PER_CONSUMER), _sm90_descriptor(do, block_m),
-        dk, dv_out, dq_acc, lse, delta, *pointers, dk.stride(0), dk.stride(1), dk.stride(2),
-        h_kv, group, lq, lk, scale * LOG2E, scale,
-        pm.ctx_len, pm.causal_offset, pm.ar_buffer, pm.ar_chunked, q.shape[2],
-        MASK=flags["MASK"], HAS_CTX_LENS=flags["HAS_CTX_LENS"], IS_VARLEN=flags["IS_VARLEN"],
+        q_desc=_sm90_descriptor(q, block_m), k_desc=_sm90_descriptor(k, KEYS_PER_CONSUMER),
+        v_desc=_sm90_descriptor(v, KEYS_PER_CONSUMER), do_desc=_sm90_descriptor(do, block_m),
+        DK=dk, DV=dv_out, DQ_ACC=dq_acc, LSE=lse, DELTA=delta,
+        stride_kb=dk.stride(0), stride_kh=dk.stride(1), stride_km=dk.stride(2),
+        H_KV=h_kv, qk_scale=scale * LOG2E, scale=scale, **shared,
         CONSUMER_REGS=CONSUMER_REGS, num_warps=4,
     )  # fmt: skip
     dq.copy_(dq_acc.mul_(scale))

@@ -180,7 +180,6 @@ def attention_fwd_kernel(
     MASK: tl.constexpr,
     HAS_CTX_LENS: tl.constexpr,
     IS_VARLEN: tl.constexpr,
-    STORE_LSE: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -240,8 +239,7 @@ def attention_fwd_kernel(
         + offs_d[None, :] * stride_od
     )
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    if STORE_LSE:
-        tl.store(LSE + (tb * H + h) * lse_len + q_start + offs_m, lse, mask=row_ok)
+    tl.store(LSE + (tb * H + h) * lse_len + q_start + offs_m, lse, mask=row_ok)
 
 
 @triton.jit
