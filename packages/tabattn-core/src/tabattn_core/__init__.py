@@ -1,11 +1,13 @@
-"""tabattn-core: PyTorch references, mask specs, partial-attention merge, GMM math,
-KV-cache layouts, input checks, test helpers and the op registry of tabattn.
+"""tabattn-core: PyTorch references, mask specs, partial-attention merge (and the
+context + buffer combinator built on it), GMM math, KV-cache layouts, input checks, test
+helpers and the op registry of tabattn.
 
 Torch only: nothing here imports triton. Kernel packages register themselves in
 `tabattn_core.registry` through the `tabattn.backends` entry point group.
 """
 
 from tabattn_core.checks import InputError
+from tabattn_core.context_buffer import context_buffer_op
 from tabattn_core.gmm import (
     gmm_cdf,
     gmm_log_likelihood,
@@ -55,6 +57,7 @@ __all__ = [
     "SharedContextKVCache",
     "TeacherForcingMask",
     "attention",
+    "context_buffer_op",
     "context_target_attention",
     "fp32_dot_precision",
     "get_backend",
