@@ -19,7 +19,7 @@ from tabattn_core.registry import Registry
 from tabattn_core.testing import AttentionShape, assert_rel_close, rel_error
 from tabattn_fp8 import backend, reference
 from tabattn_fp8.attention import fp8_attention, fp8_context_target_attention
-from tabattn_triton.ops.attention import flash_attention
+from tabattn_triton.building_blocks import flash_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

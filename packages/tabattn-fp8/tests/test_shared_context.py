@@ -48,7 +48,7 @@ from tabattn_fp8.shared_context import (
 )
 from tabattn_fp8.shared_context import interface as sc_interface
 from tabattn_fp8.shared_context.interface import QuantizedContextCache, fp8_context_fwd
-from tabattn_triton.ops.shared_context import check_context_buffer_inputs
+from tabattn_triton.building_blocks import check_context_buffer_inputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -29,14 +29,13 @@ def attention(q, k, v, *, mask: MaskSpec | torch.Tensor | None = None, scale=Non
     """Registry op "attention": FP8 for prefix masks; other masks go to the triton backend's
     op (its kernels or the reference, which it reports)."""
     from tabattn_fp8.attention import fp8_attention
-    from tabattn_triton import backend as triton_backend
-    from tabattn_triton.ops.attention import prefix_mask_of
+    from tabattn_triton.building_blocks import backend_attention, prefix_mask_of
 
     attention_args(q, k, v, mask=mask, scale=scale)  # the contract first, as every backend
     prefix = not isinstance(mask, torch.Tensor)
     if prefix and prefix_mask_of(mask, q.shape[2], k.shape[2], q.shape[0]) is not None:
         return fp8_attention(q, k, v, mask=mask, scale=scale, return_lse=True)
-    return triton_backend.attention(q, k, v, mask=mask, scale=scale)
+    return backend_attention(q, k, v, mask=mask, scale=scale)
 
 
 def register(registry: Registry) -> None:

@@ -23,20 +23,18 @@ from tabattn_fp8.attention.kernel import K_BLOCK, fp8_attention_fwd_kernel
 from tabattn_fp8.quantize.interface import Fp8Tensor, quantize_fp8_launch
 from tabattn_fp8.quantize.kernel import MEAN_NONE, MEAN_ROW_DOT, MEAN_SUBTRACT
 from tabattn_fp8.reference import apply_rotation, key_mean, value_scale
-from tabattn_triton.ops.attention.interface import (
+from tabattn_triton.building_blocks import (
+    LOG2E,
     PrefixMask,
     attention_bwd,
-    check_attention_inputs,
-    prefix_mask_of,
-)
-from tabattn_triton.ops.common import (
-    LOG2E,
     bucket,
+    check_attention_inputs,
+    check_kernel_tensors,
     dot_precision,
     head_block,
     interpreting,
+    prefix_mask_of,
 )
-from tabattn_triton.ops.kernel_checks import check_kernel_tensors
 
 __all__ = ["FP8AttentionFunction", "fp8_attention", "fp8_context_target_attention"]
 
@@ -193,7 +191,7 @@ def fp8_attention(
 
     q: [B, H, Lq, D]; k, v: [B, H_kv, Lk, D] with H % H_kv == 0 (GQA); any strides with a
     unit stride on D; D in 16..256; bf16, fp16 or fp32 (fp32 only for the interpreter's
-    tests). mask: as `tabattn_triton.ops.attention.flash_attention` takes it: None,
+    tests). mask: as `tabattn_triton.building_blocks.flash_attention` takes it: None,
     `FullMask`, `ContextTargetMask` (fixed or per-dataset M), `CausalMask` (bottom-right or
     top-left) or `ARTrainingRowMask`:
 

@@ -27,12 +27,13 @@ import triton
 import triton.language as tl
 
 from tabattn_fp8.quantize.kernel import to_e4m3
-from tabattn_triton.ops.attention.kernel import key_tiles, query_block
-from tabattn_triton.ops.common import (
+from tabattn_triton.building_blocks import (
     finish_softmax,
+    key_tiles,
     load_rows,
     online_softmax_tile,
     pick_configs,
+    query_block,
 )
 
 # log2 of P's scale before its E4M3 cast: a hair under log2(448), so exp2 never rounds past 448.

@@ -19,8 +19,7 @@ from tabattn_fp8.quantize.kernel import (
     quantize_fp8_kernel,
 )
 from tabattn_fp8.reference import FP8_DTYPE, apply_rotation, key_mean
-from tabattn_triton.ops.common import head_block, interpreting
-from tabattn_triton.ops.kernel_checks import check_device
+from tabattn_triton.building_blocks import check_device, head_block, interpreting
 
 __all__ = ["Fp8Tensor", "quantize_fp8", "quantize_fp8_launch"]
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from tabattn_triton.ops.common import load_rows
+from tabattn_triton.building_blocks import load_rows
 
 # The mean pointer: unused, subtracted from x's rows (K), or dotted with them (Q).
 MEAN_NONE, MEAN_SUBTRACT, MEAN_ROW_DOT = 0, 1, 2

@@ -35,14 +35,16 @@ from tabattn_fp8.attention.interface import (
     fp8_attention_launch,
     fp8_quantize_kv,
 )
-from tabattn_triton.ops.attention.interface import PrefixMask
-from tabattn_triton.ops.common import MASK_CONTEXT, capturing, needs_grad
-from tabattn_triton.ops.shared_context import (
+from tabattn_triton.building_blocks import (
+    MASK_CONTEXT,
+    PrefixMask,
+    capturing,
     check_decode_inputs,
     check_teacher_forcing_inputs,
+    needs_grad,
 )
-from tabattn_triton.ops.shared_context import shared_context_attention as triton_decode
-from tabattn_triton.ops.shared_context import teacher_forcing_attention as triton_tf
+from tabattn_triton.building_blocks import shared_context_attention as triton_decode
+from tabattn_triton.building_blocks import teacher_forcing_attention as triton_tf
 
 __all__ = [
     "QUANTIZED_CONTEXTS",
