@@ -1,18 +1,18 @@
-"""FP8 shared-context decode and teacher forcing: checks -> launcher -> public functions.
+"""FP8 shared-context decode and teacher forcing: checks -> context part -> public functions.
 
-No kernel of its own. Each op's keys split in two, as the predictor's top-k path splits
-them (`tabpfn_infer.predictor.routing.merge_with_buffer`):
+No kernel of its own. Each op is tabattn-core's combinator `context_buffer_op`: its keys
+split in two, the parts merged by their LSEs, after tabattn-triton's checks of the op
+(`check_decode_inputs`, `check_teacher_forcing_inputs`) and `check_fp8_forward`:
 
-- context (FP8): every query row of dataset g sees the same keys, its first M_g context
-  rows, whatever its row rule. So the S * Lq rows of its S sample paths are one dense
-  attention: q viewed as [G, H, S*Lq, D] over k_ctx, v_ctx [G, H_kv, Nc, D], run by
-  tabattn-fp8's FP8 forward (`fp8_attention_launch`). It returns out and the true fp32 LSE.
-  The context's K/V are quantised once and reused while the same k_ctx, v_ctx come back
-  unchanged (`QuantizedContextCache`): a decode loop passes each layer's prefilled context
-  at every step.
+- context (FP8, `fp8_context_attention`): every query row of dataset g sees the same keys,
+  its first M_g context rows, whatever its row rule. So the S * Lq rows of its S sample
+  paths are one dense attention: q viewed as [G, H, S*Lq, D] over k_ctx, v_ctx
+  [G, H_kv, Nc, D], run by tabattn-fp8's FP8 forward (`fp8_attention_launch`). It returns
+  out and the true fp32 LSE. The context's K/V are quantised once and reused while the
+  same k_ctx, v_ctx come back unchanged (`QuantizedContextCache`): a decode loop passes
+  each layer's prefilled context at every step.
 - buffer (exact): tabattn-triton's op of the same name with an empty context (Nc = 0
   slices of k_ctx, v_ctx). It runs in the input precision with an fp32 softmax.
-- the two parts merged by their LSEs (`tabattn_core.reference.merge_states`).
 
 `fp8_shared_context_attention` and `fp8_teacher_forcing_attention` are the `fp8` backend's
 registry ops of the same names, with the signatures of `tabattn_core.reference`.
@@ -20,14 +20,13 @@ registry ops of the same names, with the signatures of `tabattn_core.reference`.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 
 import torch
 
 from tabattn_core.checks import InputError
+from tabattn_core.context_buffer import context_buffer_op
 from tabattn_core.memo import TensorMemo
-from tabattn_core.reference import merge_states
 from tabattn_fp8.attention.interface import (
     P_FP8_DEFAULT,
     QuantizedKV,
@@ -50,14 +49,11 @@ __all__ = [
     "QUANTIZED_CONTEXTS",
     "QuantizedContextCache",
     "check_fp8_forward",
-    "fp8_context_buffer_fwd",
+    "fp8_context_attention",
     "fp8_context_fwd",
     "fp8_shared_context_attention",
     "fp8_teacher_forcing_attention",
 ]
-
-# (q, k_ctx[:, :, :0], v_ctx[:, :, :0]) -> (out, lse): the exact attention over the buffer.
-BufferPart = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 class QuantizedContextCache(TensorMemo):
@@ -162,44 +158,49 @@ def fp8_context_fwd(
     return out.unflatten(2, (s, lq)).transpose(1, 2), lse.unflatten(2, (s, lq)).transpose(1, 2)
 
 
-def fp8_context_buffer_fwd(
+def fp8_context_attention(
     q: torch.Tensor,
     k_ctx: torch.Tensor,
     v_ctx: torch.Tensor,
-    ctx_len: int,
-    ctx_lens: torch.Tensor | None,
-    group: int,
-    scale: float,
-    buffer_part: BufferPart | None,
     *,
-    smooth_k: bool = True,
-    p_fp8: bool = P_FP8_DEFAULT,
-    rotate: bool = True,
+    context_lens: int | torch.Tensor,
+    scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The launcher behind both ops, with inputs already checked. It combines the FP8
-    context part (`fp8_context_fwd`) with `buffer_part(q, k_ctx[:, :, :0], v_ctx[:, :, :0])`,
-    the exact attention over the buffer, and merges the two by their LSEs.
+    """The context part of both ops (a `tabattn_core.context_buffer.ContextOp`, inputs
+    checked): `fp8_context_fwd` with the public ops' defaults. context_lens: M (an int) or
+    int64 M_g [G] on q's device. Returns out [G, S, H, Lq, D], lse [G, S, H, Lq] (fp32)."""
+    if isinstance(context_lens, torch.Tensor):
+        ctx_len, ctx_lens = k_ctx.shape[2], context_lens
+    else:
+        ctx_len, ctx_lens = context_lens, None
+    group = q.shape[2] // k_ctx.shape[1]
+    return fp8_context_fwd(q, k_ctx, v_ctx, ctx_len, ctx_lens, group, scale)
 
-    An empty context (ctx_len 0) gives the buffer part alone. No buffer (`buffer_part`
-    None) gives the context part alone. With neither, out is 0 and LSE -inf, as in the
-    reference. smooth_k, p_fp8 and rotate are those of `fp8_attention`. The public ops use
-    their defaults.
 
-    q [G, S, H, Lq, D]; k_ctx, v_ctx [G, H_kv, Nc, D]. Returns out [G, S, H, Lq, D]
-    (q.dtype) and lse [G, S, H, Lq] (fp32).
-    """
-    if ctx_len == 0:  # Nc = 0 or context_lens = 0: no row sees a context key
-        if buffer_part is not None:
-            return buffer_part(q, k_ctx[:, :, :0], v_ctx[:, :, :0])
-        lse = torch.full(q.shape[:4], float("-inf"), device=q.device, dtype=torch.float32)
-        return torch.zeros_like(q), lse
-    out, lse = fp8_context_fwd(
-        q, k_ctx, v_ctx, ctx_len, ctx_lens, group, scale,
-        smooth_k=smooth_k, p_fp8=p_fp8, rotate=rotate,
-    )  # fmt: skip
-    if buffer_part is None:
-        return out, lse
-    return merge_states(out, lse, *buffer_part(q, k_ctx[:, :, :0], v_ctx[:, :, :0]))
+def _fp8_checks(check: Callable) -> Callable:
+    """tabattn-triton's `check` of an op (its contract and kernel checks), then
+    `check_fp8_forward`; returns the contract's record."""
+
+    def checked(q, k_ctx, v_ctx, k_buf, v_buf, **options):
+        args = check(q, k_ctx, v_ctx, k_buf, v_buf, **options)
+        check_fp8_forward(q, k_ctx, v_ctx, k_buf, v_buf)
+        return args
+
+    return checked
+
+
+_DECODE = context_buffer_op(
+    "shared_context_attention",
+    fp8_context_attention,
+    triton_decode,
+    check=_fp8_checks(check_decode_inputs),
+)
+_TEACHER_FORCING = context_buffer_op(
+    "teacher_forcing_attention",
+    fp8_context_attention,
+    triton_tf,
+    check=_fp8_checks(check_teacher_forcing_inputs),
+)
 
 
 def fp8_shared_context_attention(
@@ -221,22 +222,10 @@ def fp8_shared_context_attention(
     (about 5% relative error on the context part's Gaussian inputs). Returns out (q.dtype,
     possibly strided) and lse (fp32). Runs on sm90 only, or on CPU under TRITON_INTERPRET=1;
     elsewhere it raises `require_sm90`'s error."""
-    args = check_decode_inputs(
+    return _DECODE(
         q, k_ctx, v_ctx, k_buf, v_buf,
         buffer_len=buffer_len, context_lens=context_lens, row_rule=row_rule, scale=scale,
     )  # fmt: skip
-    check_fp8_forward(q, k_ctx, v_ctx, k_buf, v_buf)
-    has_buffer = k_buf is not None and (args.buffer_len_tensor is not None or args.buffer_len > 0)
-    scale = args.scale
-    buffer_part = None
-    if has_buffer:
-        buffer_part = functools.partial(
-            _buffer_part, triton_decode, k_buf, v_buf,
-            buffer_len=buffer_len, row_rule=row_rule, scale=scale,
-        )  # fmt: skip
-    return fp8_context_buffer_fwd(
-        q, k_ctx, v_ctx, args.ctx_len, args.ctx_lens, args.group, scale, buffer_part
-    )
 
 
 def fp8_teacher_forcing_attention(
@@ -254,16 +243,4 @@ def fp8_teacher_forcing_attention(
     once), the buffer part exact (tabattn-triton), merged by LSE. q in bf16 or fp16 (fp32
     only for the interpreter's tests). Returns out (q.dtype, possibly strided) and lse
     (fp32). Runs on sm90 only, or on CPU under TRITON_INTERPRET=1."""
-    args = check_teacher_forcing_inputs(
-        q, k_ctx, v_ctx, k_buf, v_buf, context_lens=context_lens, scale=scale
-    )
-    check_fp8_forward(q, k_ctx, v_ctx, k_buf, v_buf)
-    buffer_part = functools.partial(_buffer_part, triton_tf, k_buf, v_buf, scale=args.scale)
-    return fp8_context_buffer_fwd(
-        q, k_ctx, v_ctx, args.ctx_len, args.ctx_lens, args.group, args.scale, buffer_part
-    )
-
-
-def _buffer_part(op, k_buf, v_buf, q, k_empty, v_empty, **kwargs):
-    """tabattn-triton's `op` over the buffer alone (an empty context)."""
-    return op(q, k_empty, v_empty, k_buf, v_buf, **kwargs)
+    return _TEACHER_FORCING(q, k_ctx, v_ctx, k_buf, v_buf, context_lens=context_lens, scale=scale)
