@@ -1,4 +1,4 @@
-"""SharedContextKVCache: in-place writes, aliasing views, per-dataset lengths, errors."""
+"""SharedContextKVCache: in-place buffer writes, aliasing views, errors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from tabattn_core.checks import InputError
 from tabattn_core.kv_cache import SharedContextKVCache
 
-L, G, S, H, D, NC, T = 2, 3, 4, 2, 48, 17, 6
+L, G, S, H, D, T = 2, 3, 4, 2, 48, 6
 
 
 def make_cache(**overrides):
@@ -18,7 +18,6 @@ def make_cache(**overrides):
         num_samples=S,
         kv_heads=H,
         head_dim=D,
-        context_capacity=NC,
         buffer_capacity=T,
         dtype=torch.float32,
         device="cpu",
@@ -40,24 +39,19 @@ def shares_storage(view, base):
 
 def test_allocate_shapes_and_repr():
     cache = make_cache()
-    assert cache.context_kv.shape == (L, 2, G, H, NC, D)
     assert cache.buffer_kv.shape == (L, 2, G, S, H, T, D)
-    assert cache.context_lens.dtype == torch.int64 and cache.context_lens.shape == (G,)
-    assert cache.buffer_len == 0 and cache.context_width == 0
+    assert cache.buffer_len == 0
     assert (cache.num_layers, cache.num_datasets, cache.num_samples) == (L, G, S)
     assert (cache.kv_heads, cache.head_dim) == (H, D)
-    assert (cache.context_capacity, cache.buffer_capacity) == (NC, T)
+    assert cache.buffer_capacity == T
     assert cache.dtype == torch.float32 and cache.device == torch.device("cpu")
-    assert not cache.context_kv.any() and not cache.buffer_kv.any()
+    assert not cache.buffer_kv.any()
     text = repr(cache)
     assert text.startswith("SharedContextKVCache(") and f"S={S}" in text and "float32" in text
 
 
 def test_round_trip_write_commit_reset():
     cache = make_cache()
-    kc, vc = randn(G, H, 10, D, seed=1), randn(G, H, 10, D, seed=2)
-    for layer in range(L):
-        cache.write_context(layer, kc + layer, vc - layer)
     steps = [randn(2, G, S, H, 1, D, seed=10 + i) for i in range(3)] + [
         randn(2, G, S, H, 3, D, seed=20)
     ]
@@ -68,16 +62,12 @@ def test_round_trip_write_commit_reset():
     assert cache.buffer_len == T
     expect = torch.cat(steps, dim=4)
     for layer in range(L):
-        k, v, lens = cache.context(layer)
-        assert torch.equal(k, kc + layer) and torch.equal(v, vc - layer)
-        assert torch.equal(lens, torch.full((G,), 10))
         kb, vb = cache.buffer(layer)
         assert kb.shape == (G, S, H, T, D)
         assert torch.equal(kb, expect[0] + layer) and torch.equal(vb, expect[1] - layer)
         assert cache.buffer(layer, length=2)[0].shape == (G, S, H, 2, D)
     cache.reset()
     assert cache.buffer_len == 0 and cache.buffer(0)[0].shape == (G, S, H, 0, D)
-    assert torch.equal(cache.context(1)[0], kc + 1)  # contexts kept
     # Overwriting at an earlier slot (start < buffer_len) is allowed.
     cache.commit(2)
     new = randn(G, S, H, 1, D, seed=30)
@@ -94,53 +84,25 @@ def test_round_trip_write_commit_reset():
 
 def test_views_alias_storage():
     cache = make_cache()
-    cache.write_context(1, randn(G, H, 5, D), randn(G, H, 5, D))
     cache.commit(3)
-    k, v, lens = cache.context(1)
     kb, vb = cache.buffer(1)
-    for view in (k, v):
-        assert shares_storage(view, cache.context_kv[1])
     for view in (kb, vb):
         assert shares_storage(view, cache.buffer_kv[1])
-    assert k.data_ptr() == cache.context_kv[1, 0].data_ptr()
-    assert v.data_ptr() == cache.context_kv[1, 1].data_ptr()
     assert kb.data_ptr() == cache.buffer_kv[1, 0].data_ptr()
-    assert lens is cache.context_lens
+    assert vb.data_ptr() == cache.buffer_kv[1, 1].data_ptr()
     # Writes through the storage are visible in the views and vice versa (no copy).
-    cache.context_kv[1, 0, 2, 1, 4, 7] = 123.0
-    assert k[2, 1, 4, 7] == 123.0
+    cache.buffer_kv[1, 0, 2, 1, 1, 2, 7] = 123.0
+    assert kb[2, 1, 1, 2, 7] == 123.0
     vb[0, 3, 1, 2, 5] = -7.0
     assert cache.buffer_kv[1, 1, 0, 3, 1, 2, 5] == -7.0
     # The writes themselves reuse the one allocation.
-    ctx_ptr, buf_ptr = cache.context_kv.data_ptr(), cache.buffer_kv.data_ptr()
+    buf_ptr = cache.buffer_kv.data_ptr()
     cache.write_buffer(0, randn(G, S, H, 2, D), randn(G, S, H, 2, D))
-    cache.write_context(0, randn(G, H, NC, D), randn(G, H, NC, D))
-    assert (cache.context_kv.data_ptr(), cache.buffer_kv.data_ptr()) == (ctx_ptr, buf_ptr)
-
-
-def test_per_dataset_context_lengths_zero_tails():
-    cache = make_cache()
-    # Stale data from a previous, longer prefill must not survive.
-    cache.write_context(0, torch.full((G, H, NC, D), 9.0), torch.full((G, H, NC, D), 9.0))
-    k, v = randn(G, H, 12, D, seed=3), randn(G, H, 12, D, seed=4)
-    k[1, :, 7:] = float("nan")  # padding rows of dataset 1 may hold anything
-    lens = torch.tensor([12, 7, 0], dtype=torch.int32)
-    cache.write_context(0, k, v, context_lens=lens)
-    kc, vc, got = cache.context(0)
-    assert got.dtype == torch.int64 and got.tolist() == [12, 7, 0]
-    assert kc.shape == (G, H, 12, D) and cache.context_width == 12
-    for g, n in enumerate(lens.tolist()):
-        assert torch.equal(kc[g, :, :n], k[g, :, :n]) and torch.equal(vc[g, :, :n], v[g, :, :n])
-        assert not cache.context_kv[0, :, g, :, n:].any()  # zero up to the capacity
-    # Default lengths: the written width, tails beyond it zeroed.
-    cache.write_context(0, k[:, :, :5].nan_to_num(), v[:, :, :5])
-    assert cache.context_lens.tolist() == [5, 5, 5]
-    assert not cache.context_kv[0, :, :, :, 5:].any()
+    assert cache.buffer_kv.data_ptr() == buf_ptr
 
 
 def test_one_context_per_path_layout():
     cache = make_cache(num_datasets=5, num_samples=1)
-    cache.write_context(0, randn(5, H, 4, D), randn(5, H, 4, D))
     cache.write_buffer(0, randn(5, 1, H, 1, D), randn(5, 1, H, 1, D))
     cache.commit(1)
     assert cache.buffer(0)[0].shape == (5, 1, H, 1, D)
@@ -151,16 +113,14 @@ def test_one_context_per_path_layout():
 def test_nbytes_shares_context_once(dtype, samples):
     cache = make_cache(num_samples=samples, dtype=dtype)
     item = torch.empty((), dtype=dtype).element_size()
-    context_bytes = L * 2 * G * H * NC * D * item
     buffer_bytes_per_path = L * 2 * G * H * T * D * item
-    assert cache.nbytes == context_bytes + samples * buffer_bytes_per_path
-    assert cache.nbytes == cache.context_kv.nbytes + cache.buffer_kv.nbytes
+    assert cache.nbytes == samples * buffer_bytes_per_path
+    assert cache.nbytes == cache.buffer_kv.nbytes
 
 
-def test_empty_context_and_buffer_capacity():
-    cache = make_cache(context_capacity=0, buffer_capacity=0)
-    cache.write_context(0, torch.empty(G, H, 0, D), torch.empty(G, H, 0, D))
-    assert cache.context(0)[0].shape == (G, H, 0, D)
+def test_empty_buffer_capacity():
+    cache = make_cache(buffer_capacity=0)
+    assert cache.buffer(0)[0].shape == (G, S, H, 0, D)
     cache.commit(0)
     with pytest.raises(InputError, match=r"^n: expected an int in \[0, 0\], got 1"):
         cache.commit(1)
@@ -170,7 +130,6 @@ def kv(*shape, dtype=torch.float32):
     return torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
 
 
-CTX = (G, H, 5, D)
 BUF = (G, S, H, 1, D)
 ALLOC = dict(
     num_layers=L,
@@ -178,7 +137,6 @@ ALLOC = dict(
     num_samples=S,
     kv_heads=H,
     head_dim=D,
-    context_capacity=NC,
     buffer_capacity=T,
 )
 
@@ -186,31 +144,10 @@ ALLOC = dict(
 @pytest.mark.parametrize(
     ("call", "arg"),
     [
-        (lambda c: c.write_context(L, *kv(*CTX)), "layer"),
-        (lambda c: c.write_context(-1, *kv(*CTX)), "layer"),
+        (lambda c: c.write_buffer(L, *kv(*BUF)), "layer"),
+        (lambda c: c.write_buffer(-1, *kv(*BUF)), "layer"),
         (lambda c: c.buffer(L), "layer"),
-        (lambda c: c.context(1.0), "layer"),
-        (lambda c: c.write_context(0, *kv(G + 1, H, 5, D)), "k"),
-        (lambda c: c.write_context(0, *kv(G, H + 1, 5, D)), "k"),
-        (lambda c: c.write_context(0, *kv(G, H, 5, D + 1)), "k"),
-        (lambda c: c.write_context(0, *kv(G, H, 5)), "k"),
-        (lambda c: c.write_context(0, *kv(G, H, NC + 1, D)), "k"),
-        (lambda c: c.write_context(0, *kv(*CTX, dtype=torch.float16)), "k"),
-        (lambda c: c.write_context(0, torch.zeros(CTX), torch.zeros(G, H, 4, D)), "v"),
-        (lambda c: c.write_context(0, torch.zeros(CTX), torch.zeros(CTX).double()), "v"),
-        (lambda c: c.write_context(0, torch.zeros(CTX), None), "v"),
-        (
-            lambda c: c.write_context(0, *kv(*CTX), context_lens=torch.tensor([5, 6, 1])),
-            "context_lens",
-        ),
-        (
-            lambda c: c.write_context(0, *kv(*CTX), context_lens=torch.tensor([5, 1])),
-            "context_lens",
-        ),
-        (
-            lambda c: c.write_context(0, *kv(*CTX), context_lens=torch.tensor([5.0, 1, 1])),
-            "context_lens",
-        ),
+        (lambda c: c.buffer(1.0), "layer"),
         (lambda c: c.write_buffer(0, *kv(G, S + 1, H, 1, D)), "k"),
         (lambda c: c.write_buffer(0, *kv(G, S, H + 1, 1, D)), "k"),
         (lambda c: c.write_buffer(0, *kv(G, S, H, 1, D - 1)), "k"),
@@ -227,12 +164,11 @@ ALLOC = dict(
 )
 def test_bad_input_names_argument(call, arg):
     cache = make_cache()
-    before = (cache.context_kv.clone(), cache.buffer_kv.clone(), cache.buffer_len)
+    before = (cache.buffer_kv.clone(), cache.buffer_len)
     with pytest.raises(InputError, match=rf"^{arg}: expected .* got"):
         call(cache)
     # Nothing was written before the error.
-    assert torch.equal(cache.context_kv, before[0]) and torch.equal(cache.buffer_kv, before[1])
-    assert cache.buffer_len == before[2]
+    assert torch.equal(cache.buffer_kv, before[0]) and cache.buffer_len == before[1]
 
 
 def test_buffer_overflow_after_commits():
@@ -262,7 +198,6 @@ def test_device_mismatch_names_argument():
         ("num_samples", 0),
         ("kv_heads", 0),
         ("head_dim", 0),
-        ("context_capacity", -1),
         ("buffer_capacity", -1),
         ("num_samples", 2.0),
         ("dtype", torch.int64),
@@ -274,15 +209,9 @@ def test_allocate_bad_sizes(name, value):
 
 
 def test_wrapping_storage_checks_layout():
-    with pytest.raises(InputError, match=r"^context_kv: expected shape"):
-        SharedContextKVCache(context_kv=torch.zeros(L, 3, G, H, NC, D), buffer_kv=torch.zeros(1))
     with pytest.raises(InputError, match=r"^buffer_kv: expected shape"):
-        SharedContextKVCache(
-            context_kv=torch.zeros(L, 2, G, H, NC, D),
-            buffer_kv=torch.zeros(L, 2, G, S, H + 1, T, D),
-        )
+        SharedContextKVCache(buffer_kv=torch.zeros(L, 3, G, S, H, T, D))
+    with pytest.raises(InputError, match=r"^buffer_kv: expected"):
+        SharedContextKVCache(buffer_kv=torch.zeros(L, 2, G, S, H, T))
     with pytest.raises(InputError, match=r"^buffer_kv: expected dtype"):
-        SharedContextKVCache(
-            context_kv=torch.zeros(L, 2, G, H, NC, D),
-            buffer_kv=torch.zeros(L, 2, G, S, H, T, D, dtype=torch.float64),
-        )
+        SharedContextKVCache(buffer_kv=torch.zeros(L, 2, G, S, H, T, D, dtype=torch.int64))

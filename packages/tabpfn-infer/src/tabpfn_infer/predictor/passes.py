@@ -91,14 +91,13 @@ def decode_stages(
     dev, dtype = x_target.device, x_target.dtype
     first = model.backbone.layers[0].attn_rows
     # The prefilled context K/V are read in place (never copied); the cache holds the
-    # per-path buffers only.
+    # per-path buffers.
     cache = SharedContextKVCache.allocate(
         num_layers=len(model.backbone.layers),
         num_datasets=g,
         num_samples=s,
         kv_heads=first.n_heads,
         head_dim=model.d_model // first.n_heads,
-        context_capacity=0,
         buffer_capacity=max(nt, 1),
         dtype=dtype,
         device=dev,
