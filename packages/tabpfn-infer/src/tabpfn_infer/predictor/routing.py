@@ -1,6 +1,7 @@
 """The registry's ops as the predictor calls them: reference calls split to bound their
 dense scores, and with `context_top_k` the context part of the decode and teacher-forcing
-ops read through the top-k block selection, merged with their exact buffer part by LSE."""
+ops read through the top-k block selection, merged with their exact buffer part by LSE
+(`tabattn_core.context_buffer_op`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tabattn_core.reference import merge_states
+from tabattn_core.checks import InputError
+from tabattn_core.context_buffer import context_buffer_op
 from tabattn_core.registry import Backend, get_backend
 from tabattn_core.selection import select_blocks
 
@@ -85,13 +87,23 @@ def top_k_context(
     k_ctx: torch.Tensor,
     v_ctx: torch.Tensor,
     *,
+    context_lens: int | torch.Tensor,
+    scale: float,
     block_size: int,
     top_k: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows q [G, S, H, L, D] over the top-k blocks of their dataset's context k_ctx, v_ctx
-    [G, H_kv, Nc, D], chosen by `select_blocks` per row and kv head. Dataset g is one varlen
-    sequence: its S*L rows over its Nc keys. attend: the registry's "selection_attention".
-    Returns out [G, S, H, L, D], lse [G, S, H, L] (strided views of the packed results)."""
+    """A context op (`tabattn_core.context_buffer.ContextOp`): rows q [G, S, H, L, D] over
+    the top-k blocks of their dataset's first M = context_lens (one int) context rows of
+    k_ctx, v_ctx [G, H_kv, Nc, D], chosen by `select_blocks` per row and kv head. Dataset g
+    is one varlen sequence: its S*L rows over its M keys. attend: the registry's
+    "selection_attention". Returns out [G, S, H, L, D], lse [G, S, H, L] (strided views of
+    the packed results)."""
+    if isinstance(context_lens, torch.Tensor):
+        raise InputError(
+            "context_lens: expected one int for every dataset with context_top_k, got a tensor"
+        )
+    if context_lens < k_ctx.shape[2]:
+        k_ctx, v_ctx = k_ctx[:, :, :context_lens], v_ctx[:, :, :context_lens]
     g, s, h, rows, d = q.shape
     nc = k_ctx.shape[2]
     # [G, S, L, H, D] and [G, Nc, H_kv, D] are the projections' own layouts: views, no copies.
@@ -100,25 +112,17 @@ def top_k_context(
     offsets = torch.arange(g + 1, device=q.device, dtype=torch.int64)
     cu = {"cu_seqlens_q": offsets * (s * rows), "cu_seqlens_k": offsets * nc}
     blocks = select_blocks(q_rows, k, block_size=block_size, top_k=top_k, **cu)
-    out, lse = attend(q_rows, k, v, block_indices=blocks, block_size=block_size, **cu)
+    out, lse = attend(q_rows, k, v, block_indices=blocks, block_size=block_size, scale=scale, **cu)
     return (
         out.unflatten(0, (g, s, rows)).permute(0, 1, 3, 2, 4),
         lse.unflatten(1, (g, s, rows)).permute(1, 2, 0, 3),
     )
 
 
-def merge_with_buffer(context, op, dense, q, k_ctx, v_ctx, k_buf=None, v_buf=None, **kwargs):
-    """A decode or teacher-forcing `op` whose context part is `context(q, k_ctx, v_ctx)`
-    (the top-k selection): `op` runs over the buffer alone (an empty context, Nc = 0) and the
-    two parts are merged by their LSEs. Without a buffer, the context part alone. Where
-    `dense(Nc)`, `op` itself over context and buffer, as without top-k."""
-    if dense(k_ctx.shape[2]):
-        return op(q, k_ctx, v_ctx, *(() if k_buf is None else (k_buf, v_buf)), **kwargs)
-    part = context(q, k_ctx, v_ctx)
-    if k_buf is None:
-        return part
-    empty = k_ctx[:, :, :0], v_ctx[:, :, :0]
-    return merge_states(*part, *op(q, *empty, k_buf, v_buf, **kwargs))
+def dense_or_top_k(dense, op, top_k, q, k_ctx, v_ctx, *buffers, **kwargs):
+    """A decode or teacher-forcing call: `op` itself where `dense(Nc)`, as without top-k,
+    else `top_k` (the op with its context part read through the top-k selection)."""
+    return (op if dense(k_ctx.shape[2]) else top_k)(q, k_ctx, v_ctx, *buffers, **kwargs)
 
 
 def routed_op(
@@ -134,7 +138,8 @@ def routed_op(
     materialises the scores (`capabilities`), the call is split along datasets or sample
     paths to keep them under SCORE_BUDGET bytes. With top_k,
     the decode and teacher-forcing ops read the context through `top_k_context` (blocks of
-    block_size rows), or densely where `dense(Nc)`."""
+    block_size rows), merged with the op over the buffer alone (`context_buffer_op`), or
+    densely where `dense(Nc)`."""
     chosen = get_backend(backend, device=device, op=name)
     op = chosen.ops[name]
     if capabilities(chosen).materialises_scores:
@@ -147,4 +152,4 @@ def routed_op(
     )
     if capabilities(selection).materialises_scores:
         context = functools.partial(split_call, context, "selection_attention")
-    return functools.partial(merge_with_buffer, context, op, dense)
+    return functools.partial(dense_or_top_k, dense, op, context_buffer_op(name, context, op))
