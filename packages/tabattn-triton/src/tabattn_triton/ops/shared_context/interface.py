@@ -200,7 +200,9 @@ class TeacherForcingFunction(torch.autograd.Function):
     """Forward: the fused shared-context kernel. Backward: the flash-attention backward
     kernels, once over the context with the samples folded into query rows (dK/dV of the
     shared context summed over samples without copies) and once per sample over its buffer;
-    both use the final LSE and delta, so the two parts' gradients simply add."""
+    both use the final LSE and delta, so the two parts' gradients simply add. That is the
+    gradient of the two parts merged by LSE (`tabattn_core.context_buffer_op`) in flash
+    form; the fused forward leaves no per-part out and LSE to merge."""
 
     @staticmethod
     def forward(ctx, q, k_ctx, v_ctx, k_buf, v_buf, group, ctx_len, ctx_lens, scale):
