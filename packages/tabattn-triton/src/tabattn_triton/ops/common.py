@@ -21,6 +21,13 @@ from tabattn_core.precision import scoped_fp32_dot_precision
 
 # Mask kinds (constexpr MASK of the kernels).
 MASK_NONE, MASK_CONTEXT, MASK_CAUSAL, MASK_AR_ROWS, MASK_TEACHER_BUFFER = 0, 1, 2, 3, 4
+# The same kinds for the comparisons inside @triton.jit functions, which may read only
+# constexpr globals.
+_MASK_NONE = tl.constexpr(MASK_NONE)
+_MASK_CONTEXT = tl.constexpr(MASK_CONTEXT)
+_MASK_CAUSAL = tl.constexpr(MASK_CAUSAL)
+_MASK_AR_ROWS = tl.constexpr(MASK_AR_ROWS)
+_MASK_TEACHER_BUFFER = tl.constexpr(MASK_TEACHER_BUFFER)
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -39,10 +46,11 @@ def autotune_enabled() -> bool:
 
 
 def pick_configs(
-    configs: list[triton.Config], keep: Callable[[triton.Config], bool]
+    configs: list[triton.Config], keep: Callable[[triton.Config], bool] | None = None
 ) -> list[triton.Config]:
-    """The configs that `keep` accepts, or only the first of them when autotuning is off."""
-    kept = [c for c in configs if keep(c)] or configs[:1]
+    """The configs that `keep` accepts (all of them without `keep`; the first if it accepts
+    none), or only the first of those when autotuning is off."""
+    kept = [c for c in configs if keep is None or keep(c)] or configs[:1]
     return kept if autotune_enabled() else kept[:1]
 
 
@@ -124,15 +132,15 @@ def prefix_kv_end(
     target j < A*Nb: Nc + (j mod Nb) + 1, other targets Nc. TEACHER_BUFFER (rows
     [buf_0..buf_{Lk-1}, tgt_0..tgt_{Lk-1}] over the Lk buffer keys): buf_i i + 1, tgt_i i.
     """
-    if MASK == 0:
+    if MASK == _MASK_NONE:
         end = offs_m * 0 + Lk  # (not zeros_like: the sm90 Gluon kernel calls this too)
-    elif MASK == 1:
+    elif MASK == _MASK_CONTEXT:
         end = offs_m * 0 + ctx_len
-    elif MASK == 2:
+    elif MASK == _MASK_CAUSAL:
         end = tl.minimum(tl.maximum(offs_m + 1 + causal_offset, 0), Lk)
-    elif MASK == 4:
+    elif MASK == _MASK_TEACHER_BUFFER:
         end = tl.where(offs_m < Lk, offs_m + 1, offs_m - Lk)
-    else:
+    else:  # AR_ROWS
         j = offs_m - ctx_len - ar_buffer
         chunk_end = ctx_len + j % tl.maximum(ar_buffer, 1) + 1
         end = tl.where(
@@ -156,18 +164,18 @@ def prefix_query_blocks(
     m_lo = num_m_blocks * 0
     m_mid = num_m_blocks * 0
     m_hi = num_m_blocks
-    if MASK == 1 or MASK == 3:
+    if MASK == _MASK_CONTEXT or MASK == _MASK_AR_ROWS:  # noqa: SIM109 (Triton has no `in`)
         reach = ctx_len
-        if MASK == 3:
+        if MASK == _MASK_AR_ROWS:
             reach = ctx_len + ar_buffer
         if k1 > ctx_len:
             m_mid = num_m_blocks
         if k0 >= reach:
             m_mid = num_m_blocks * 0
             m_hi = num_m_blocks * 0
-    elif MASK == 4:
+    elif MASK == _MASK_TEACHER_BUFFER:
         m_mid = num_m_blocks
-    elif MASK == 2:
+    elif MASK == _MASK_CAUSAL:
         first_row = tl.maximum(k0 - causal_offset, 0)  # first row that sees key k0
         full_row = tl.minimum(tl.maximum(k1 - 1 - causal_offset, 0), Lq)  # sees all of them
         m_lo = tl.minimum(first_row // BLOCK_M, num_m_blocks)

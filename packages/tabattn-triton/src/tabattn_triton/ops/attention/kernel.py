@@ -133,7 +133,7 @@ def key_tiles(
 
 
 @triton.autotune(
-    configs=pick_configs(FWD_CONFIGS, lambda c: True),
+    configs=pick_configs(FWD_CONFIGS),
     key=AUTOTUNE_KEY,
     prune_configs_by={"early_config_prune": _prune(("BLOCK_M", "BLOCK_N"))},
 )
@@ -340,7 +340,7 @@ def _dkdv_tile(
 
 
 @triton.autotune(
-    configs=pick_configs(BWD_DKDV_CONFIGS, lambda c: True),
+    configs=pick_configs(BWD_DKDV_CONFIGS),
     key=AUTOTUNE_KEY,
     prune_configs_by={"early_config_prune": _prune(("BLOCK_N", "BLOCK_M"))},
 )
@@ -513,7 +513,7 @@ def dq_tile(
 
 
 @triton.autotune(
-    configs=pick_configs(BWD_DQ_CONFIGS, lambda c: True),
+    configs=pick_configs(BWD_DQ_CONFIGS),
     key=AUTOTUNE_KEY,
     prune_configs_by={"early_config_prune": _prune(("BLOCK_M", "BLOCK_N"))},
 )

@@ -194,7 +194,7 @@ FULL_ROW_CONFIGS = [
     ]
 ]
 full_row_matmul_kernel = triton.autotune(
-    configs=pick_configs(FULL_ROW_CONFIGS, lambda c: True),
+    configs=pick_configs(FULL_ROW_CONFIGS),
     key=AUTOTUNE_KEY,
     do_bench=bench_in_graph,
 )(

@@ -180,7 +180,7 @@ def tile_union_kernel(
     tl.store(COUNTS + pid, count)
 
 
-@triton.autotune(configs=pick_configs(FWD_CONFIGS, lambda c: True), key=FWD_AUTOTUNE_KEY)
+@triton.autotune(configs=pick_configs(FWD_CONFIGS), key=FWD_AUTOTUNE_KEY)
 @triton.jit
 def selection_fwd_kernel(
     Q, K, V, O, LSE, BI, ROW_KEY_START, ROW_LIMITS, TILE_KEYS, TILE_ROWS, TILE_COUNTS,
@@ -238,7 +238,7 @@ def selection_fwd_kernel(
     tl.store(LSE + heads * Tq + rows, lse, mask=ok)
 
 
-@triton.autotune(configs=pick_configs(FWD_CONFIGS, lambda c: True), key=FWD_AUTOTUNE_KEY)
+@triton.autotune(configs=pick_configs(FWD_CONFIGS), key=FWD_AUTOTUNE_KEY)
 @triton.jit
 def selection_bwd_dq_kernel(
     Q, K, V, O, DO, DQ, LSE, DELTA, BI, ROW_KEY_START, ROW_LIMITS, TILE_KEYS, TILE_ROWS,
@@ -307,7 +307,7 @@ def selection_bwd_dq_kernel(
 
 
 @triton.autotune(
-    configs=pick_configs(BWD_DKDV_CONFIGS, lambda c: True),
+    configs=pick_configs(BWD_DKDV_CONFIGS),
     key=AUTOTUNE_KEY,
     prune_configs_by={"early_config_prune": _prune_dkdv},
 )

@@ -71,7 +71,7 @@ def buffer_visible(qi, Lq, buffer_len, rule_bits, TEACHER_FORCING: tl.constexpr)
 
 
 @triton.autotune(
-    configs=pick_configs(FWD_CONFIGS, lambda c: True),
+    configs=pick_configs(FWD_CONFIGS),
     key=AUTOTUNE_KEY,
     prune_configs_by={"early_config_prune": _prune},
 )
