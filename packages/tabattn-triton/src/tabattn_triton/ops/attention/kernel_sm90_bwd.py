@@ -11,12 +11,16 @@ Per query block i of every head of the kv head's group (2-slot ring, slot s = i 
                                                dV += P^T dO_i            (P^T from registers)
                                                dS^T = P^T (dP^T - Delta_i)
                                                dK += dS^T Q_i            (dS^T from registers)
-                                               dS^T -> smem; dQ_i^T = K_c^T dS^T
-                                               -> arrive empty[s]; dQ_i atomically added
+                                               dS^T -> ds_smem[i % 2][c] -> arrive ds_full
+                                               wait ds_full (both consumers' dS^T)
+                                               dQ_i^T[:, half c] = K^T dS^T[:, half c]
+                                                 (all 128 keys, this consumer's BM / 2 rows)
+                                               -> arrive empty[s]; dQ_i^T half added
                                                after the last block: dK *= scale, store dK, dV
 
-dQ is accumulated in fp32 (`DQ_ACC`, zeroed by the launcher) with relaxed atomics and
-scaled and cast by the launcher; Delta = rowsum(dO * O) comes from the portable
+dQ is accumulated in fp32 (`DQ_ACC`, zeroed by the launcher) with relaxed atomics, one
+partial sum per CTA and query block (each consumer adds half of its rows), and scaled and
+cast by the launcher; Delta = rowsum(dO * O) comes from the portable
 preprocess kernel. Key ends and query-block ranges come from common.py's `prefix_kv_end` and
 `prefix_query_blocks`, the rule every kernel here reads.
 """
@@ -92,7 +96,7 @@ def _producer(
     """TMA loads: the CTA's K and V once, then Q and dO blocks through a 2-slot ring."""
     q_desc, k_desc, v_desc, do_desc = descs
     q_smem, k_smem, v_smem, do_smem, _ = smem
-    kv_ready, ready, empty = bars
+    kv_ready, ready, empty, _ = bars
     CTX_LENS, CU_Q, CU_K, H_KV, GROUP, Lq, Lk, ctx_len, causal_offset, ar_buffer, _ = work
     KC: gl.constexpr = k_desc.block_type.shape[2]
     tb, h_kv, q_start, k_start, Lq, Lk, ctx_len, causal_offset, key0 = _cta_work(
@@ -121,9 +125,10 @@ def _consumer(
     smem, bars, work, grads, qk_scale, scale,
     CID: gl.constexpr, MASK: gl.constexpr, HAS_CTX_LENS: gl.constexpr, IS_VARLEN: gl.constexpr,
 ):  # fmt: skip
-    """64 keys: S^T, P^T, dP^T and dS^T per query block; dK, dV in registers, dQ atomics."""
+    """64 keys: S^T, P^T, dP^T and dS^T per query block; dK, dV in registers; dQ of half the
+    block's rows over the CTA's 128 keys, added atomically."""
     q_smem, k_smem, v_smem, do_smem, ds_smem = smem
-    kv_ready, ready, empty = bars
+    kv_ready, ready, empty, ds_full = bars
     CTX_LENS, CU_Q, CU_K, H_KV, GROUP, Lq, Lk, ctx_len, causal_offset, ar_buffer, ar_chunked = work
     DK, DV, DQ_ACC, LSE, DELTA, stride_kb, stride_kh, stride_km, lse_len = grads
     BM: gl.constexpr = q_smem.type.shape[3]
@@ -148,10 +153,13 @@ def _consumer(
     keys = my_key0 + gl.arange(0, KC, layout=gl.SliceLayout(1, st_layout))
     k_c = k_smem.index(CID).reshape([KC, D])
     v_c = v_smem.index(CID).reshape([KC, D])
-    ds_c = ds_smem.index(CID)
+    HALF: gl.constexpr = BM // 2
+    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HALF, 16]
+    )
     dk = gl.zeros([KC, D], gl.float32, kv_layout)
     dv = gl.zeros([KC, D], gl.float32, kv_layout)
-    dq_rows = gl.arange(0, D, layout=gl.SliceLayout(1, st_layout))
+    dq_rows = gl.arange(0, D, layout=gl.SliceLayout(1, dq_layout))
     mbarrier.wait(kv_ready, 0)
     for t in range(GROUP * n_blocks):
         slot = t % 2
@@ -182,20 +190,31 @@ def _consumer(
         ds = (p * (dp - delta[None, :])).to(q.dtype)
         ds_op = gl.convert_layout(ds, gl.DotOperandLayout(0, kv_layout, 2))
         dk_tok = warpgroup_mma(ds_op, q, dk, is_async=True)
-        ds_c.store(ds)
+        buf = t % 2
+        ds_smem.index(2 * buf + CID).store(ds)
         fence_async_shared()
         barrier()
-        dq_tok = warpgroup_mma(
-            k_c.permute((1, 0)), ds_c, gl.zeros([D, BM], gl.float32, st_layout),
-            use_acc=False, is_async=True,
-        )  # fmt: skip
+        mbarrier.arrive(ds_full.index(buf), count=1)
+        mbarrier.wait(ds_full.index(buf), (t // 2) & 1)
+        dq_tok = gl.zeros([D, HALF], gl.float32, dq_layout)
+        for kh in gl.static_range(2):
+            dq_tok = warpgroup_mma(
+                k_smem.index(kh).reshape([KC, D]).permute((1, 0)),
+                ds_smem.index(2 * buf + kh).slice(CID * HALF, HALF, dim=1),
+                dq_tok, use_acc=kh > 0, is_async=True,
+            )  # fmt: skip
         dv, dk, dq_t, ds_op, p_op = warpgroup_mma_wait(
             num_outstanding=0, deps=(dv_tok, dk_tok, dq_tok, ds_op, p_op)
         )
         mbarrier.arrive(empty.index(slot), count=1)
         dq_base = DQ_ACC + ((tb * GROUP * H_KV + head).to(gl.int64) * lse_len + q_start) * D
-        dq_ptrs = dq_base + rows.to(gl.int64)[None, :] * D + dq_rows[:, None]
-        gl.atomic_add(dq_ptrs, dq_t, mask=row_ok[None, :], sem="relaxed")
+        my_rows = (
+            (first + t % n_blocks) * BM
+            + CID * HALF
+            + gl.arange(0, HALF, layout=gl.SliceLayout(0, dq_layout))
+        )
+        dq_ptrs = dq_base + my_rows.to(gl.int64)[None, :] * D + dq_rows[:, None]
+        gl.atomic_add(dq_ptrs, dq_t, mask=(my_rows < Lq)[None, :], sem="relaxed")
 
     out_keys = my_key0 + gl.arange(0, KC, layout=gl.SliceLayout(1, kv_layout))
     cols = gl.arange(0, D, layout=gl.SliceLayout(0, kv_layout))
@@ -226,8 +245,13 @@ def attention_bwd_sm90_kernel(
     do_smem = gl.allocate_shared_memory(do_desc.dtype, [2, 1, 1, BM, D], do_desc.layout)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [2, 1, 1, KC, D], k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [2, 1, 1, KC, D], v_desc.layout)
-    ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([KC, BM], q_desc.dtype)
-    ds_smem = gl.allocate_shared_memory(q_desc.dtype, [2, KC, BM], ds_layout)
+    # dS^T of both consumers, double-buffered; swizzled in BM // 2 column atoms so each
+    # consumer's half of the query rows is a whole-atom slice (the dQ^T GEMM's B operand).
+    ds_layout: gl.constexpr = gl.NVMMASharedLayout(
+        swizzle_byte_width=BM, element_bitwidth=16, rank=2
+    )
+    ds_smem = gl.allocate_shared_memory(q_desc.dtype, [4, KC, BM], ds_layout)
+    ds_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -235,10 +259,11 @@ def attention_bwd_sm90_kernel(
     for i in gl.static_range(2):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=2)
+        mbarrier.init(ds_full.index(i), count=2)
 
     descs = (q_desc, k_desc, v_desc, do_desc)
     smem = (q_smem, k_smem, v_smem, do_smem, ds_smem)
-    bars = (kv_ready, ready, empty)
+    bars = (kv_ready, ready, empty, ds_full)
     work = (
         CTX_LENS,
         CU_Q,
