@@ -99,7 +99,7 @@ def _tile(acc, m_i, l_i, q, k_tile, v_tile, qk_scale, visible, MASKED: tl.conste
 
 
 @triton.autotune(
-    configs=pick_configs(FWD_CONFIGS, lambda c: True),
+    configs=pick_configs(FWD_CONFIGS),
     key=AUTOTUNE_KEY,
     prune_configs_by={"early_config_prune": _prune},
 )
