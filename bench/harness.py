@@ -415,21 +415,13 @@ def _time(step: Callable[[], Any], inputs: Inputs, mode: str, cfg: RunConfig) ->
     return statistics.median(times) * 1e3
 
 
-def _graph_replay(step: Callable[[], Any], inputs: Inputs) -> Callable[[], None]:
+def _graph_replay(step: Callable[[], Any], inputs: Inputs) -> Callable[[], Any]:
     """`step` captured in a CUDA graph after one warm-up call on a side stream (gradients
     cleared before each, so the capture allocates its own); returns the graph's replay."""
-    device = inputs.grad_out.device
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
+    from tabattn_core.graphs import capture
+
     inputs.clear_grads()
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream(device).wait_stream(side)
-    inputs.clear_grads()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
+    return capture(step, device=inputs.grad_out.device, after_warmup=inputs.clear_grads).replay
 
 
 def _peak_mb(step: Callable[[], Any], inputs: Inputs, cfg: RunConfig) -> float | None:

@@ -9,6 +9,8 @@ from collections.abc import Callable
 
 import torch
 
+from tabattn_core.graphs import capture
+
 __all__ = ["Captured", "CapturedCalls", "Stages", "run_eagerly"]
 
 # Stages of a predictor call: [(run, repeats)] in order, and the tensor holding the result.
@@ -35,21 +37,12 @@ class Captured:
         # The stage closures hold what the graphs read and write between stages (the
         # prefilled context K/V): kept alive with the graphs.
         self.steps, self.result = stages(self.inputs)
-        dev = self.result.device
-        side = torch.cuda.Stream(dev)
-        self.graphs = []
-        for run, repeats in self.steps:
-            if repeats == 0:
-                continue
-            # Warm-up outside the capture (autotuning, compilation), on a side stream.
-            side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):
-                run()
-            torch.cuda.current_stream(dev).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                run()
-            self.graphs.append((graph, repeats))
+        # Each stage warmed up once outside its capture (autotuning, compilation).
+        self.graphs = [
+            (capture(run, device=self.result.device), repeats)
+            for run, repeats in self.steps
+            if repeats > 0
+        ]
 
     def replay(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         torch._foreach_copy_(list(self.inputs.values()), [inputs[name] for name in self.inputs])

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from tabattn_core.checks import InputError
+from tabattn_core.graphs import CapturedGraph, capture
 from tabpfn_infer.training.prior import TaskBatch, sample_tasks
 from tabpfn_infer.training.tnp import TNPConfig, TransformerNP
 from tabpfn_infer.training.train import lr_factor, resolve_device
@@ -144,8 +145,7 @@ class TNPTrainer:
             weight_decay=weight_decay,
             capturable=cuda_graph,
         )
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.static_loss: torch.Tensor | None = None
+        self.graph: CapturedGraph[torch.Tensor] | None = None
 
     def load(self, tasks: TaskBatch) -> None:
         """Copy a batch of the buffers' shape into them."""
@@ -205,8 +205,7 @@ class TNPTrainer:
             return self.eager_step()
         if self.graph is None:
             self.capture()
-        self.graph.replay()
-        return self.static_loss
+        return self.graph.replay()
 
     def capture(self) -> None:
         """Warm up on a side stream, restore the model and optimizer state, capture."""
@@ -215,13 +214,9 @@ class TNPTrainer:
             p: {k: v.clone() for k, v in s.items() if isinstance(v, torch.Tensor)}
             for p, s in self.optimizer.state.items()
         }
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_STEPS):
-                self.eager_step()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        with torch.no_grad():
+
+        @torch.no_grad()
+        def restore() -> None:
             for p, value in zip(
                 self.optimizer.param_groups[0]["params"], saved_params, strict=True
             ):
@@ -234,10 +229,11 @@ class TNPTrainer:
                         v.copy_(saved_state[p][k])
                     else:
                         v.zero_()  # AdamW's fresh state: step 0, zero moments
-        self.graph = torch.cuda.CUDAGraph()
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.cuda.graph(self.graph):
-            self.static_loss = self.eager_step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+        self.graph = capture(
+            self.eager_step, device=self.device, warmup=WARMUP_STEPS, after_warmup=restore
+        )
 
 
 def save_tnp_checkpoint(
