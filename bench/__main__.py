@@ -7,27 +7,12 @@ Writes <out>/<suite>.json and <out>/<suite>.png and prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import shlex
 import sys
 from pathlib import Path
 
-import torch
-
 from bench import harness
 from bench.plot import plot_result
-
-
-def _json_safe(value):
-    """inf/nan as strings: strict JSON has neither."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def _parser(suite_names: list[str]) -> argparse.ArgumentParser:
@@ -82,14 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     known = harness.suites()
     args = _parser(sorted(known)).parse_args(argv)
-    if args.device == "auto":
-        cuda = torch.cuda.is_available() and not args.smoke
-        device = torch.device("cuda" if cuda else "cpu")
-    else:
-        if args.device == "cuda" and not torch.cuda.is_available():
-            print("error: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
-            return 2
-        device = torch.device(args.device)
+    try:
+        device = harness.resolve_device(args.device, args.smoke)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.graph and device.type != "cuda":
         print("error: --graph needs a CUDA device", file=sys.stderr)
         return 2
@@ -114,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         json_path = out / f"{name}.json"
 
         def save(result, json_path=json_path):
-            json_path.write_text(json.dumps(_json_safe(result), indent=1) + "\n")
+            harness.write_json(json_path, result)
 
         try:
             result = harness.run_suite(suite, cfg, on_case=save)

@@ -1,26 +1,35 @@
-"""The benchmark machinery: suites, providers, the correctness check, timing and output.
+"""The benchmark machinery: suites, providers, the correctness check, the timer and output.
 
-A `Suite` declares its cases (shape dicts), its providers (name -> `Provider`), an input
-factory, the FLOP count, the correctness reference and the baseline provider per mode.
+A suite module (`bench/suites/<name>.py`) defines, as functions of these names,
+`cases(cfg)` (shape dicts), `make_inputs(case, cfg, seed)`, `forward_flops(case)`,
+`reference(case, inputs, mode, cfg)` (what a correct provider returns, in fp64),
+`baseline(mode, cfg)` (the provider that speedups are taken against), `shape_label(case)`
+and `x_label(case)`; optionally `dtype(cfg)` (default `smoke_dtype`), `case_modes(case)`
+(a case runs in a subset of the suite's modes), `calibrate(cfg)` (measured once per run
+before the cases, e.g. bandwidth; stored in the header as `calibration`) and
+`annotate(case, mode, rows, calibration, cfg)` (adds fields to the rows of one case and
+mode, e.g. a roofline floor). It registers `Suite.from_module(__name__, name=...,
+providers=by_name(...), ...)`; `header_extra` adds header keys (`table_columns` that
+`markdown_table` appends, `plot` settings that `bench.plot` reads).
+
 `run_suite` does, for every case and mode:
 
-1. make the inputs (standard normal, seeded per case);
-2. compute the suite's reference (what a correct provider must return, in fp64);
+1. make the inputs (standard normal, seeded per case: `normal`);
+2. compute the suite's reference;
 3. for every provider: build its callable (`Provider.make(case, inputs)`; raising
    `Unavailable(reason)` skips it with that reason), run it once, compare every quantity it
    returns (out, LSE when it has one, dq/dk/dv in fwd+bwd mode) with the reference by
    `tabattn_core.testing.rel_error` under `REL_TOL[dtype]`; a provider over the bound is
    reported "failed" and is not timed;
-4. time the providers that passed (`triton.testing.do_bench(..., return_mode="median")` on
-   CUDA, the median of `time.perf_counter` over a few calls on CPU), measure peak memory,
-   and compute the speedup against the suite's baseline provider timed in the same run
-   (`speedup`) and against every other provider timed on the same case (`speedup_vs`).
+4. time the providers that passed with `median_ms`, measure peak memory, and compute the
+   speedup against the suite's baseline provider timed in the same run (`speedup`) and
+   against every other provider timed on the same case (`speedup_vs`).
 
-Optional suite hooks: `case_modes` (a case runs in a subset of the suite's modes),
-`calibrate` (measured once per run before the cases, e.g. bandwidth; stored in the header
-as `calibration`), `annotate` (adds fields to the rows of one case and mode, e.g. a
-roofline floor) and `header_extra` (extra header keys, e.g. `table_columns` that
-`markdown_table` appends and `plot` settings that `bench.plot` reads).
+The timer, used by every suite and study: `median_ms` (CUDA: `triton.testing.do_bench`,
+return_mode="median"; CPU: the host-clock median of a few calls after a warm-up call),
+`host_median_ms` for what only the host clock sees (e.g. launch cost), `wall_ms` for one
+call. Studies (`bench/studies/`) share the header (`study_header`), the JSON writer
+(`write_json`) and `--device` (`resolve_device`) with the suites.
 
 triton is imported only when timing on CUDA, never when this module is imported.
 """
@@ -29,6 +38,7 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import json
 import math
 import os
 import platform
@@ -53,12 +63,32 @@ __all__ = [
     "RunConfig",
     "Suite",
     "Unavailable",
-    "collect_header",
+    "by_name",
     "get_suite",
-    "markdown_table",
     "register_suite",
-    "run_suite",
     "suites",
+    # inputs and checks
+    "check_rows",
+    "compile_static",
+    "need_gpu_or_interpreter",
+    "normal",
+    "smoke_dtype",
+    # the timer
+    "host_median_ms",
+    "median_ms",
+    "sync_device",
+    "wall_ms",
+    # running and reporting
+    "collect_header",
+    "environment",
+    "free_memory",
+    "markdown_table",
+    "run_suite",
+    "write_json",
+    # studies
+    "resolve_device",
+    "study_header",
+    "timing_description",
 ]
 
 MODES = ("fwd", "fwd+bwd")
@@ -68,6 +98,8 @@ DEFAULT_WARMUP_MS = 25
 DEFAULT_REP_MS = 100
 DEFAULT_CPU_REPS = 5
 SMOKE_CPU_REPS = 3
+CHECK_ROWS = 256  # query rows a one-head fp64 check covers (`check_rows`)
+RECOMPILE_LIMIT = 256  # dynamo graphs per compiled function (`compile_static`)
 
 
 class Unavailable(Exception):
@@ -103,6 +135,11 @@ class Provider:
 
     def runs_in(self, mode: str) -> bool:
         return not self.modes or mode in self.modes
+
+
+def by_name(*providers: Provider) -> dict[str, Provider]:
+    """A suite's providers keyed by their names, in the order given."""
+    return {p.name: p for p in providers}
 
 
 @dataclass
@@ -158,6 +195,27 @@ class RunConfig:
         return SMOKE_CPU_REPS if self.smoke else DEFAULT_CPU_REPS
 
 
+def smoke_dtype(cfg: RunConfig) -> torch.dtype:
+    """bf16; fp32 for a smoke run on the CPU (the Triton interpreter has no bf16)."""
+    return torch.float32 if cfg.smoke and cfg.device.type == "cpu" else torch.bfloat16
+
+
+# The functions a suite module defines (`Suite.from_module`); the last four are optional.
+SUITE_FUNCTIONS = (
+    "cases",
+    "make_inputs",
+    "forward_flops",
+    "reference",
+    "baseline",
+    "shape_label",
+    "x_label",
+    "dtype",
+    "case_modes",
+    "calibrate",
+    "annotate",
+)
+
+
 @dataclass(frozen=True)
 class Suite:
     """What a benchmark measures. All callables receive the `RunConfig` or a case dict."""
@@ -170,9 +228,9 @@ class Suite:
     forward_flops: Callable[[dict[str, Any]], float]
     reference: Callable[[dict[str, Any], Inputs, str, RunConfig], dict[str, Check]]
     baseline: Callable[[str, RunConfig], str]  # (mode, cfg) -> provider name
-    dtype: Callable[[RunConfig], torch.dtype]
     shape_label: Callable[[dict[str, Any]], str]  # row label in the table
     x_label: Callable[[dict[str, Any]], str]  # x tick of the plot
+    dtype: Callable[[RunConfig], torch.dtype] = smoke_dtype
     panel_keys: tuple[str, ...] = ()  # case keys that, with the mode, make one plot panel
     modes: tuple[str, ...] = MODES
     reference_method: str = ""
@@ -188,6 +246,16 @@ class Suite:
 
     def modes_of(self, case: dict[str, Any]) -> tuple[str, ...]:
         return self.modes if self.case_modes is None else self.case_modes(case)
+
+    @classmethod
+    def from_module(cls, module: str, **fields: Any) -> Suite:
+        """The suite whose callables are the `SUITE_FUNCTIONS` that the module named
+        `module` (a suite module's `__name__`) defines; `fields` give the rest (name,
+        description, providers, modes, panel_keys, reference_method, header_extra) and
+        win over the module's functions."""
+        namespace = vars(sys.modules[module])
+        found = {name: namespace[name] for name in SUITE_FUNCTIONS if name in namespace}
+        return cls(**{**found, **fields})
 
 
 _SUITES: dict[str, Suite] = {}
@@ -209,6 +277,44 @@ def get_suite(name: str) -> Suite:
     if name not in known:
         raise KeyError(f"suite: expected one of {sorted(known)}, got {name!r}")
     return known[name]
+
+
+# ---------------------------------------------------------------------------------------
+# inputs, checks and compiled baselines shared by suites
+
+
+def normal(cfg: RunConfig, seed: int, dtype: torch.dtype) -> Callable[..., torch.Tensor]:
+    """`randn(*shape, scale=1.0)`: standard normal draws in fp32 from one generator seeded
+    with `seed` on cfg's device, times `scale`, cast to `dtype`."""
+    gen = torch.Generator(device=cfg.device).manual_seed(seed)
+
+    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        t = torch.randn(*shape, generator=gen, device=cfg.device, dtype=torch.float32)
+        return (t if scale == 1.0 else t * scale).to(dtype)
+
+    return randn
+
+
+def check_rows(n: int, seed: int) -> torch.Tensor:
+    """The rows an fp64 check covers: all of `n` up to CHECK_ROWS, else CHECK_ROWS seeded
+    random ones with the first and the last, sorted."""
+    if n <= CHECK_ROWS:
+        return torch.arange(n)
+    gen = torch.Generator().manual_seed(seed)
+    picked = torch.randperm(n - 2, generator=gen)[: CHECK_ROWS - 2] + 1
+    return torch.cat([torch.tensor([0, n - 1]), picked]).sort().values
+
+
+def compile_static(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`torch.compile(fn, dynamic=False)`, dynamo's recompile limit lifted to
+    RECOMPILE_LIMIT: one graph per shape and mode, so that no case falls back to the eager
+    (for flex_attention: dense, memory-hungry) path."""
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(RECOMPILE_LIMIT, getattr(dynamo_config, name)))
+    return torch.compile(fn, dynamic=False)
 
 
 # ---------------------------------------------------------------------------------------
@@ -254,16 +360,14 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def collect_header(suite: Suite, cfg: RunConfig) -> dict[str, Any]:
-    """Where and how the figures were taken."""
+def environment(cfg: RunConfig) -> dict[str, Any]:
+    """Where and how figures were taken: the device, versions, commit, date and command."""
     if cfg.device.type == "cuda":
         props = torch.cuda.get_device_properties(cfg.device)
         gpu, capability = props.name, f"{props.major}.{props.minor}"
     else:
         gpu, capability = "cpu", "cpu"
     return {
-        "suite": suite.name,
-        "description": suite.description,
         "gpu": gpu,
         "compute_capability": capability,
         "device": str(cfg.device),
@@ -277,10 +381,19 @@ def collect_header(suite: Suite, cfg: RunConfig) -> dict[str, Any]:
         "command": cfg.command or shlex.join([sys.executable, *sys.argv]),
         "smoke": cfg.smoke,
         "triton_interpret": cfg.interpret,
+    }
+
+
+def collect_header(suite: Suite, cfg: RunConfig) -> dict[str, Any]:
+    """A suite result's header: the environment, then how the suite checks and times."""
+    return {
+        "suite": suite.name,
+        "description": suite.description,
+        **environment(cfg),
         "dtype": str(suite.dtype(cfg)).removeprefix("torch."),
         "rel_tol": _tolerance(suite.dtype(cfg)),
         "seed": cfg.seed,
-        "timing": _timing_description(cfg),
+        "timing": timing_description(cfg),
         "flops": f"forward as declared by the suite; fwd+bwd = forward * {1 + BWD_FLOP_FACTOR}",
         "baselines": {mode: suite.baseline(mode, cfg) for mode in suite.modes},
         "providers": {name: p.description for name, p in suite.providers.items()},
@@ -290,7 +403,14 @@ def collect_header(suite: Suite, cfg: RunConfig) -> dict[str, Any]:
     }
 
 
-def _timing_description(cfg: RunConfig) -> dict[str, Any]:
+def study_header(name: str, cfg: RunConfig, **fields: Any) -> dict[str, Any]:
+    """A study's result header: its name (key `suite`), the environment, the seed, then
+    the study's `fields`."""
+    return {"suite": name, **environment(cfg), "seed": cfg.seed, **fields}
+
+
+def timing_description(cfg: RunConfig) -> dict[str, Any]:
+    """How `median_ms` times under cfg (a header's `timing`)."""
     if cfg.device.type == "cuda":
         return {
             "method": "triton.testing.do_bench",
@@ -386,33 +506,89 @@ def _sync(inputs: Inputs) -> None:
     sync_device(inputs.grad_out.device)
 
 
-def _time(step: Callable[[], Any], inputs: Inputs, mode: str, cfg: RunConfig) -> float:
-    """Median milliseconds per call."""
-    leaves = list(inputs.leaves.values()) if mode == "fwd+bwd" else None
+def wall_ms(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
+    """(fn(), milliseconds) of one call on the host clock, the device synchronised before
+    and after it."""
+    sync_device(device)
+    start = time.perf_counter()
+    result = fn()
+    sync_device(device)
+    return result, (time.perf_counter() - start) * 1e3
+
+
+def host_median_ms(
+    fn: Callable[[], Any],
+    device: torch.device,
+    reps: int,
+    *,
+    warmup_calls: int = 1,
+    before_each: Callable[[], None] | None = None,
+) -> float:
+    """Median milliseconds per call on the host clock: `warmup_calls` calls, then `reps`
+    timed calls, each followed by a device synchronise; `before_each()` runs untimed
+    before every call (warm-up calls included)."""
+    for _ in range(warmup_calls):
+        if before_each is not None:
+            before_each()
+        fn()
+    sync_device(device)
+    times = []
+    for _ in range(max(1, reps)):
+        if before_each is not None:
+            before_each()
+        start = time.perf_counter()
+        fn()
+        sync_device(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def median_ms(
+    fn: Callable[[], Any],
+    cfg: RunConfig,
+    *,
+    grad_to_none: Sequence[torch.Tensor] | None = None,
+    warmup_ms: float | None = None,
+    rep_ms: float | None = None,
+    cpu_reps: int | None = None,
+    cpu_warmup_calls: int = 1,
+) -> float:
+    """The timer: median milliseconds per call of `fn`, whose result the caller checked
+    first. CUDA: `triton.testing.do_bench(fn, warmup, rep, grad_to_none,
+    return_mode="median")` (L2 flushed before each call) with cfg's budgets unless
+    `warmup_ms` / `rep_ms` are given. CPU: `host_median_ms` over cfg.cpu_reps calls after
+    `cpu_warmup_calls` (unless `cpu_reps` is given). The gradients of `grad_to_none` are
+    reset before every call."""
     if cfg.device.type == "cuda":
         from triton.testing import do_bench
 
-        if cfg.graph:  # replays write the gradients the capture allocated: none to reset
-            step, leaves = _graph_replay(step, inputs), None
         return float(
             do_bench(
-                step,
-                warmup=cfg.warmup_ms,
-                rep=cfg.rep_ms,
-                grad_to_none=leaves,
+                fn,
+                warmup=cfg.warmup_ms if warmup_ms is None else warmup_ms,
+                rep=cfg.rep_ms if rep_ms is None else rep_ms,
+                grad_to_none=grad_to_none,
                 return_mode="median",
             )
         )
+
+    def reset() -> None:
+        for t in grad_to_none or ():
+            t.grad = None
+
+    reps = cfg.cpu_reps if cpu_reps is None else cpu_reps
+    return host_median_ms(fn, cfg.device, reps, warmup_calls=cpu_warmup_calls, before_each=reset)
+
+
+def _time(step: Callable[[], Any], inputs: Inputs, mode: str, cfg: RunConfig) -> float:
+    """Median milliseconds per call of a provider's step (`median_ms`)."""
+    leaves = list(inputs.leaves.values()) if mode in BACKWARD_MODES else None
+    if cfg.graph and cfg.device.type == "cuda":
+        # replays write the gradients the capture allocated: none to reset
+        step, leaves = _graph_replay(step, inputs), None
+    ms = median_ms(step, cfg, grad_to_none=leaves)
     inputs.clear_grads()
-    step()  # warm-up call
-    times = []
-    for _ in range(max(1, cfg.cpu_reps)):
-        inputs.clear_grads()
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    inputs.clear_grads()
-    return statistics.median(times) * 1e3
+    return ms
 
 
 def _graph_replay(step: Callable[[], Any], inputs: Inputs) -> Callable[[], Any]:
@@ -439,9 +615,10 @@ def _peak_mb(step: Callable[[], Any], inputs: Inputs, cfg: RunConfig) -> float |
     return peak / 2**20
 
 
-def _free_memory(cfg: RunConfig) -> None:
-    if cfg.device.type == "cuda":
-        torch.cuda.synchronize(cfg.device)
+def free_memory(device: torch.device) -> None:
+    """Return the caching allocator's free blocks (CUDA) after the queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
 
 
@@ -513,7 +690,7 @@ def run_suite(
                 fns[provider.name] = _NotRun("skipped", str(exc))
             except Exception as exc:  # one provider's failure must not stop the others
                 fns[provider.name] = _NotRun("error", "while preparing: " + _error_text(exc))
-                _free_memory(cfg)
+                free_memory(cfg.device)
         for mode in modes:
             ref = suite.reference(case, inputs, mode, cfg)
             mode_rows = [
@@ -551,9 +728,9 @@ def run_suite(
                 suite.annotate(case, mode, mode_rows, calibration, cfg)
             rows.extend(mode_rows)
             del ref
-            _free_memory(cfg)
+            free_memory(cfg.device)
         del inputs, fns
-        _free_memory(cfg)
+        free_memory(cfg.device)
         if on_case is not None:
             on_case({"header": header, "rows": rows, "complete": index + 1 == len(cases)})
     return {"header": header, "rows": rows, "complete": True}
@@ -602,7 +779,7 @@ def _measure(
     except Exception as exc:  # one provider's failure must not stop the others
         row.update(status="error", reason=_error_text(exc))
         inputs.clear_grads()
-        _free_memory(cfg)
+        free_memory(cfg.device)
         return row
     row["errors"] = errors
     row["max_error"] = max(errors.values()) if errors else None
@@ -617,7 +794,7 @@ def _measure(
     except Exception as exc:
         row.update(status="error", reason="while timing: " + _error_text(exc))
         inputs.clear_grads()
-        _free_memory(cfg)
+        free_memory(cfg.device)
         return row
     row.update(
         status="ok",
@@ -697,3 +874,35 @@ def markdown_table(result: dict[str, Any]) -> str:
             at = "all rows" if len(where) == per_provider[provider] else ", ".join(where)
             out.append(f"- {provider} ({status}; {at}): {reason}")
     return "\n".join(out)
+
+
+def _json_safe(value: Any) -> Any:
+    """inf/nan as strings: strict JSON has neither."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_json(path: Path, result: dict[str, Any]) -> None:
+    """A result as strict JSON (inf/nan as strings, other objects by str), one space per
+    indent level; the folder is created."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_json_safe(result), indent=1, default=str) + "\n")
+
+
+# ---------------------------------------------------------------------------------------
+# the command line
+
+
+def resolve_device(name: str, smoke: bool) -> torch.device:
+    """`--device`: auto is CUDA when available, except the CPU for a smoke run; cuda
+    raises ValueError where CUDA is unavailable."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but torch.cuda.is_available() is False")
+    return torch.device(name)

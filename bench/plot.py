@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_result"]
+__all__ = ["plot_lines", "plot_result"]
 
 
 def _panel_title(panel: dict[str, Any], mode: str) -> str:
@@ -113,6 +113,26 @@ def plot_result(result: dict[str, Any], path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_lines(path: Path, draw, *, size, xlabel: str, ylabel: str, title: str) -> None:
+    """One axes drawn by `draw(ax)`, with labels, grid, legend and a small title, as PNG
+    (the studies' curves)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=size)
+    draw(ax)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:

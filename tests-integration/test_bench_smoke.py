@@ -1,8 +1,10 @@
 """The benchmark harness end to end on tiny shapes: `python -m bench <suite> --smoke`
-(every suite)."""
+(every suite) and `python -m bench.studies.<study> --smoke` (the studies that run on the
+CPU)."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -150,9 +152,9 @@ def test_bench_smoke_other_suites(suite: str, tmp_path: Path) -> None:
 
 
 def test_predictor_top_k_accuracy_smoke(tmp_path: Path) -> None:
-    """`python -m bench.suites.selection predictor-accuracy --smoke`: top-k densities differ
+    """`python -m bench.studies.selection_predictor_accuracy --smoke`: top-k densities differ
     from dense with few blocks and equal them (float64) when k covers the context."""
-    _run_ok("bench.suites.selection", "predictor-accuracy", "--smoke", "--out", str(tmp_path))
+    _run_ok("bench.studies.selection_predictor_accuracy", "--smoke", "--out", str(tmp_path))
     rows = json.loads((tmp_path / "selection_predictor_accuracy.json").read_text())["rows"]
     assert {r["task"] for r in rows} == {"golden", "synthetic"}
     for r in rows:
@@ -163,10 +165,10 @@ def test_predictor_top_k_accuracy_smoke(tmp_path: Path) -> None:
 
 
 def test_selection_crossover_smoke(tmp_path: Path) -> None:
-    """`python -m bench.suites.selection crossover --smoke` (Triton interpreter on CPU):
+    """`python -m bench.studies.selection_crossover --smoke` (Triton interpreter on CPU):
     op and predictor cells checked and timed on both paths, per-series crossovers, and both
     rules fitted with the names of the constants they fill."""
-    _run_ok("bench.suites.selection", "crossover", "--smoke", "--device", "cpu",
+    _run_ok("bench.studies.selection_crossover", "--smoke", "--device", "cpu",
             "--out", str(tmp_path), interpret=True)  # fmt: skip
     result = json.loads((tmp_path / "selection_crossover.json").read_text())
     assert result["header"]["suite"] == "selection_crossover"
@@ -182,10 +184,10 @@ def test_selection_crossover_smoke(tmp_path: Path) -> None:
 
 
 def test_training_ddp_scaling_smoke(tmp_path: Path) -> None:
-    """`python -m bench.suites.training ddp-scaling --smoke`: torchrun with 1 and 2 ranks
-    (gloo on CPU) trains the tiny model; every run logs tokens/s and the 2-rank run has an
-    efficiency against the 1-rank one."""
-    _run_ok("bench.suites.training", "ddp-scaling", "--smoke", "--variants", "sdpa",
+    """`python -m bench.studies.training_ddp --smoke`: torchrun with 1 and 2 ranks (gloo on
+    CPU) trains the tiny model; every run logs tokens/s and the 2-rank run has an efficiency
+    against the 1-rank one."""
+    _run_ok("bench.studies.training_ddp", "--smoke", "--variants", "sdpa",
             "--worlds", "1,2", "--steps", "21", "--out", str(tmp_path))  # fmt: skip
     result = json.loads((tmp_path / "training_ddp.json").read_text())
     assert result["header"]["worlds"] == [1, 2]
@@ -207,10 +209,10 @@ def test_graph_timing_needs_cuda(tmp_path: Path) -> None:
 
 
 def test_selection_floor_smoke(tmp_path: Path) -> None:
-    """`python -m bench.suites.selection floor --smoke` (Triton interpreter on CPU): the
+    """`python -m bench.studies.selection_floor --smoke` (Triton interpreter on CPU): the
     gather-floor kernel's sums checked against torch under every config (the command exits
     non-zero otherwise), then dense, selection and floor timed per GQA group."""
-    _run_ok("bench.suites.selection", "floor", "--smoke", "--device", "cpu",
+    _run_ok("bench.studies.selection_floor", "--smoke", "--device", "cpu",
             "--out", str(tmp_path), interpret=True)  # fmt: skip
     result = json.loads((tmp_path / "selection_floor.json").read_text())
     assert result["header"]["suite"] == "selection_floor"
@@ -220,3 +222,31 @@ def test_selection_floor_smoke(tmp_path: Path) -> None:
         assert r["floor_ms"] == min(r["floor_ms_by_config"].values()) > 0
         assert r["dense_ms"] > 0 and r["selection_ms"] > 0
         assert r["dense_over_floor"] == r["dense_ms"] / r["floor_ms"]
+
+
+def test_training_loss_curve_smoke(tmp_path: Path) -> None:
+    """`python -m bench.studies.training_loss_curve --smoke`: the baseline and all-Triton
+    tiny models train from one seed (the FP8 one is skipped off sm90, saying why); the two
+    logs are compared step by step."""
+    _run_ok("bench.studies.training_loss_curve", "--smoke", "--steps", "3",
+            "--out", str(tmp_path), interpret=True)  # fmt: skip
+    result = json.loads((tmp_path / "training_loss_curve.json").read_text())
+    assert result["header"]["suite"] == "training_loss_curve"
+    runs = result["runs"]
+    assert [runs[v]["status"] for v in ("sdpa", "all-triton")] == ["ok", "ok"], runs
+    assert runs["fp8-attention+triton"]["status"] == "ok" or runs["fp8-attention+triton"]["reason"]
+    assert [r["step"] for r in runs["sdpa"]["log"]] == [0, 1, 2]
+    assert result["max_abs_loss_difference"] >= 0
+    assert (tmp_path / "training_loss_curve.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_every_study_records_its_conclusion() -> None:
+    """Each study (bench/studies/<name>.py) says how to run it and what it concluded, and
+    the studies' index lists it."""
+    studies = REPO_ROOT / "bench" / "studies"
+    index = ast.get_docstring(ast.parse((studies / "__init__.py").read_text()))
+    for path in sorted(studies.glob("[!_]*.py")):
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        assert f"python -m bench.studies.{path.stem}" in doc, path.name
+        assert "Conclusion" in doc, path.name
+        assert f"`{path.stem}`" in index, path.name

@@ -3,23 +3,26 @@
 
 `python -m bench.studies.sm90_fwd_configs [--out DIR]` on a Hopper GPU: the context-target
 suite's shapes (bf16, H=8), each config checked against the portable kernel (out and LSE)
-before it is timed (do_bench median), TFLOP/s and ratios printed and written as JSON.
+before it is timed (the harness's do_bench median), TFLOP/s and ratios printed and written
+as sm90_fwd_configs.json.
+
+Conclusion (H200, commit a546d37, `bench/results/sm90_fwd_configs.json`; the README's
+"Hopper forward in Gluon" table): every config passed its check. The best at M >= 10000 is
+`(128, 2, 2, True)` at D=64 (1.07-1.10x SDPA-cuDNN) and `(64, 3, 2, False)` at D=128
+(0.98-1.00x); at M = 1024-4096 the best trail cuDNN (0.74-0.93x). Those large-shape
+winners are the default configs (`SM90_FWD_CONFIGS`), first in their lists.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-
 import torch
-import triton
 
-from bench.harness import _git_commit
+from bench.harness import median_ms, study_header, write_json
+from bench.studies import study_config
 from bench.suites.context_target import HEAD_DIMS, SIZES, H
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
@@ -27,14 +30,15 @@ def main() -> None:
     from tabattn_triton.ops.attention import interface
     from tabattn_triton.ops.attention.kernel_sm90 import SM90_FWD_CONFIGS
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    args, cfg = study_config(
+        "bench.studies.sm90_fwd_configs", argv, description=__doc__.split("\n")[0], device="cuda"
+    )
+    torch.manual_seed(cfg.seed)
     rows = []
     for d in HEAD_DIMS:
         for b, m, n in SIZES:
-            q = torch.randn(b, H, m + n, d, device="cuda", dtype=torch.bfloat16)
-            k, v = (torch.randn(b, H, m, d, device="cuda", dtype=torch.bfloat16) for _ in "kv")
+            q = torch.randn(b, H, m + n, d, device=cfg.device, dtype=torch.bfloat16)
+            k, v = (torch.randn(b, H, m, d, device=cfg.device, dtype=torch.bfloat16) for _ in "kv")
             mask = ContextTargetMask(m + n, m, m)
             flops = 4.0 * b * H * (m + n) * m * d
 
@@ -46,8 +50,8 @@ def main() -> None:
             )
             ref_out, ref_lse = plain()
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                cudnn_ms = triton.testing.do_bench(lambda: sdpa(q, k, v), return_mode="median")
-            plain_ms = triton.testing.do_bench(plain, return_mode="median")
+                cudnn_ms = median_ms(lambda: sdpa(q, k, v), cfg)
+            plain_ms = median_ms(plain, cfg)
             row = {"B": b, "M": m, "N": n, "D": d, "cudnn_tflops": tf(cudnn_ms),
                    "portable_tflops": tf(plain_ms), "configs": {}}  # fmt: skip
             configs = SM90_FWD_CONFIGS[d]
@@ -61,7 +65,7 @@ def main() -> None:
                     err_o = ((out.float() - ref_out.float()).norm() / ref_out.float().norm()).item()
                     err_l = (lse - ref_lse).abs().max().item()
                     ok = err_o < 2e-2 and err_l < 1e-2 and bool(torch.isfinite(out).all())
-                    ms = triton.testing.do_bench(fast, return_mode="median") if ok else float("nan")
+                    ms = median_ms(fast, cfg) if ok else float("nan")
                 except Exception as exc:  # a config that fails is reported, not fatal
                     err_o, err_l, ok, ms = repr(exc)[:200], None, False, float("nan")
                 finally:
@@ -80,13 +84,12 @@ def main() -> None:
                 flush=True,
             )
             rows.append(row)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        header = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                  "triton": triton.__version__, "commit": _git_commit()}  # fmt: skip
-        with open(os.path.join(args.out, "sm90_fwd_configs.json"), "w") as f:
-            json.dump({"header": header, "rows": rows}, f, indent=1)
+    header = study_header("sm90_fwd_configs", cfg, timing={"method": "triton.testing.do_bench",
+                          "return_mode": "median", "warmup_ms": cfg.warmup_ms, "rep_ms": cfg.rep_ms})  # fmt: skip
+    write_json(args.out / "sm90_fwd_configs.json", {"header": header, "rows": rows})
+    print(f"wrote {args.out / 'sm90_fwd_configs.json'}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,4 +1,8 @@
-"""Benchmark suites. Importing this package registers every suite with `bench.harness`."""
+"""Benchmark suites. Importing this package registers every suite with `bench.harness`.
+
+One module per suite (cases, providers, reference); `flex`, `floor`,
+`shared_context_providers` and `predictor_check` are parts the suites import.
+"""
 
 from bench.suites import (
     context_target,

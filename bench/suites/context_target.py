@@ -8,6 +8,8 @@ Correctness: every provider is compared with an fp64 recomputation in plain torc
 head (batch 0, head 0) from the same bf16 q, k, v and upstream gradient: out, LSE and dq on
 a seeded random subset of up to 256 query rows (always with the first and last row), and,
 in fwd+bwd mode, dk and dv of that head on all keys (accumulated over query chunks).
+
+The sm90 forward's configs at these shapes: the study `bench.studies.sm90_fwd_configs`.
 """
 
 from __future__ import annotations
@@ -18,16 +20,9 @@ from typing import Any
 
 import torch
 
-from bench.harness import (
-    Check,
-    Inputs,
-    Provider,
-    RunConfig,
-    Suite,
-    Unavailable,
-    need_gpu_or_interpreter,
-    register_suite,
-)
+from bench import harness
+from bench.harness import Check, Inputs, Provider, RunConfig, Suite, Unavailable, by_name
+from bench.suites.flex import compiled_flex_lse, need_cuda
 
 H = 8
 HEAD_DIMS = (64, 128)
@@ -36,50 +31,39 @@ SMOKE_H = 2
 SMOKE_HEAD_DIMS = (16, 32)
 SMOKE_SIZES = ((1, 40, 24), (2, 33, 7))
 REFERENCE_MAX_SCORES = 2e9  # skip the dense reference provider above B*H*(M+N)*M scores
-CHECK_ROWS = 256
 CHECK_CHUNK_ELEMENTS = 2**26  # fp64 score elements per query chunk of the gradient check
 
 
-def _cases(cfg: RunConfig) -> list[dict[str, Any]]:
+def cases(cfg: RunConfig) -> list[dict[str, Any]]:
     heads, dims, sizes = (
         (SMOKE_H, SMOKE_HEAD_DIMS, SMOKE_SIZES) if cfg.smoke else (H, HEAD_DIMS, SIZES)
     )
     return [{"B": b, "H": heads, "M": m, "N": n, "D": d} for d in dims for (b, m, n) in sizes]
 
 
-def _dtype(cfg: RunConfig) -> torch.dtype:
-    # The smoke run on CPU uses fp32 (the Triton interpreter has no bf16).
-    return torch.float32 if cfg.smoke and cfg.device.type == "cpu" else torch.bfloat16
-
-
-def _make_inputs(case: dict[str, Any], cfg: RunConfig, seed: int) -> Inputs:
+def make_inputs(case: dict[str, Any], cfg: RunConfig, seed: int) -> Inputs:
     b, h, m, n, d = case["B"], case["H"], case["M"], case["N"], case["D"]
-    gen = torch.Generator(device=cfg.device).manual_seed(seed)
-
-    def randn(*shape: int) -> torch.Tensor:
-        t = torch.randn(*shape, generator=gen, device=cfg.device, dtype=torch.float32)
-        return t.to(_dtype(cfg))
-
+    randn = harness.normal(cfg, seed, harness.smoke_dtype(cfg))
     q, k, v = randn(b, h, m + n, d), randn(b, h, m, d), randn(b, h, m, d)
     grad_out = randn(b, h, m + n, d)
     leaves = {name: t.requires_grad_(True) for name, t in (("q", q), ("k", k), ("v", v))}
     return Inputs(leaves=leaves, grad_out=grad_out, extra={"scale": d**-0.5})
 
 
-def _forward_flops(case: dict[str, Any]) -> float:
+def forward_flops(case: dict[str, Any]) -> float:
     # 4 * B * H * Lq * Lk_visible * D with Lq = M + N and M visible keys per query.
     return 4.0 * case["B"] * case["H"] * (case["M"] + case["N"]) * case["M"] * case["D"]
 
 
-def _shape_label(case: dict[str, Any]) -> str:
+def shape_label(case: dict[str, Any]) -> str:
     return f"B{case['B']} H{case['H']} M{case['M']} N{case['N']} D{case['D']}"
 
 
-def _x_label(case: dict[str, Any]) -> str:
+def x_label(case: dict[str, Any]) -> str:
     return f"B{case['B']}\nM{case['M']}\nN{case['N']}"
 
 
-def _baseline(mode: str, cfg: RunConfig) -> str:
+def baseline(mode: str, cfg: RunConfig) -> str:
     if cfg.device.type == "cpu":
         return "reference"
     return "sdpa-cudnn" if mode == "fwd" else "sdpa-flash"
@@ -89,19 +73,11 @@ def _baseline(mode: str, cfg: RunConfig) -> str:
 # correctness reference: one head in fp64
 
 
-def _check_rows(lq: int, seed: int) -> torch.Tensor:
-    if lq <= CHECK_ROWS:
-        return torch.arange(lq)
-    gen = torch.Generator().manual_seed(seed)
-    picked = torch.randperm(lq - 2, generator=gen)[: CHECK_ROWS - 2] + 1
-    return torch.cat([torch.tensor([0, lq - 1]), picked]).sort().values
-
-
-def _reference(case: dict[str, Any], inputs: Inputs, mode: str, cfg: RunConfig) -> dict[str, Check]:
+def reference(case: dict[str, Any], inputs: Inputs, mode: str, cfg: RunConfig) -> dict[str, Check]:
     scale = inputs.extra["scale"]
     q, k, v = (inputs.leaves[n].detach()[0, 0].to(torch.float64) for n in ("q", "k", "v"))
     do = inputs.grad_out[0, 0].to(torch.float64)
-    rows = _check_rows(q.shape[0], cfg.seed).to(q.device)
+    rows = harness.check_rows(q.shape[0], cfg.seed).to(q.device)
 
     s = (q[rows] @ k.T) * scale
     lse = torch.logsumexp(s, dim=-1)
@@ -138,10 +114,10 @@ def _reference(case: dict[str, Any], inputs: Inputs, mode: str, cfg: RunConfig) 
 
 
 # ---------------------------------------------------------------------------------------
-# providers
+# providers (also the fp8 suite's bf16 ones)
 
 
-def _qkv(inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def qkv(inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return inputs.leaves["q"], inputs.leaves["k"], inputs.leaves["v"]
 
 
@@ -170,14 +146,14 @@ def _as_pair(result: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     return result, None
 
 
-def _make_tabattn(kernel: str):
+def make_tabattn(kernel: str):
     """tabattn's flash_attention with its kernel "auto" (what users get: our kernels or
     cuDNN by dispatch.py's measured rules), "sm90" (the Gluon forward forced) or "portable"
     (the plain Triton kernels forced)."""
 
     def make(case: dict[str, Any], inputs: Inputs):
-        q, k, v = _qkv(inputs)
-        need_gpu_or_interpreter(q, "tabattn (Triton)")
+        q, k, v = qkv(inputs)
+        harness.need_gpu_or_interpreter(q, "tabattn (Triton)")
         kind, entry = _tabattn_entry(q.device.type)
         m, scale = case["M"], inputs.extra["scale"]
         if kind != "flash_attention":
@@ -203,12 +179,14 @@ def _make_tabattn(kernel: str):
     return make
 
 
-def _make_sdpa(backend_name: str):
+def make_sdpa(backend_name: str):
+    """SDPA under `sdpa_kernel(SDPBackend.<backend_name>)`, no mask, no LSE."""
+
     def make(case: dict[str, Any], inputs: Inputs):
         from torch.nn.attention import SDPBackend, sdpa_kernel
         from torch.nn.functional import scaled_dot_product_attention
 
-        q, k, v = _qkv(inputs)
+        q, k, v = qkv(inputs)
         if not q.is_cuda:
             raise Unavailable(f"SDPA {backend_name} needs a CUDA GPU")
         if q.dtype not in (torch.float16, torch.bfloat16):
@@ -225,47 +203,17 @@ def _make_sdpa(backend_name: str):
     return make
 
 
-@functools.cache
-def _compiled_flex():
-    import torch._dynamo.config as dynamo_config
-    from torch.nn.attention import flex_attention as flex_module
-
-    # One compiled graph per (shape, mode): lift the recompile limit so that no case falls
-    # back to the (dense, memory-hungry) eager path.
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(dynamo_config, name):
-            setattr(dynamo_config, name, max(64, getattr(dynamo_config, name)))
-    aux_request = getattr(flex_module, "AuxRequest", None)
-    flex = flex_module.flex_attention
-
-    if aux_request is not None:
-
-        def with_lse(q, k, v, scale):
-            out, aux = flex(q, k, v, scale=scale, return_aux=aux_request(lse=True))
-            return out, aux.lse
-
-    else:
-
-        def with_lse(q, k, v, scale):
-            return flex(q, k, v, scale=scale, return_lse=True)
-
-    return torch.compile(with_lse, dynamic=False)
-
-
 def _make_flex(case: dict[str, Any], inputs: Inputs):
-    q, k, v = _qkv(inputs)
-    if not q.is_cuda:
-        raise Unavailable(
-            "flex: measured on CUDA only (its CPU compile path is slow and not a target)"
-        )
-    compiled, scale = _compiled_flex(), inputs.extra["scale"]
+    q, k, v = qkv(inputs)
+    need_cuda(q, "flex")
+    compiled, scale = compiled_flex_lse(), inputs.extra["scale"]
     return lambda: compiled(q, k, v, scale)
 
 
 def _make_reference(case: dict[str, Any], inputs: Inputs):
-    from tabattn_core import reference
+    from tabattn_core import reference as core_reference
 
-    q, k, v = _qkv(inputs)
+    q, k, v = qkv(inputs)
     scores = case["B"] * case["H"] * (case["M"] + case["N"]) * case["M"]
     if scores > REFERENCE_MAX_SCORES:
         raise Unavailable(
@@ -273,60 +221,47 @@ def _make_reference(case: dict[str, Any], inputs: Inputs):
             f"(dense fp32 scores alone would take {scores * 4 / 2**30:.1f} GiB)"
         )
     m, scale = case["M"], inputs.extra["scale"]
-    return lambda: reference.context_target_attention(q, k, v, context_lens=m, scale=scale)
+    return lambda: core_reference.context_target_attention(q, k, v, context_lens=m, scale=scale)
 
 
-SUITE = register_suite(
-    Suite(
+SUITE = harness.register_suite(
+    Suite.from_module(
+        __name__,
         name="context_target",
         description=(
             "context-target attention: q [B, H, M+N, D] over k/v [B, H, M, D] (all M keys "
             "visible), H=8, D in {64, 128}, bf16"
         ),
-        cases=_cases,
-        providers={
-            "tabattn": Provider(
+        providers=by_name(
+            Provider(
                 "tabattn",
-                _make_tabattn("auto"),
+                make_tabattn("auto"),
                 "tabattn_triton.ops.attention.flash_attention with ContextTargetMask, "
                 "kernel='auto' (fallback: registry backend 'triton')",
             ),
-            "tabattn-sm90": Provider(
+            Provider(
                 "tabattn-sm90",
-                _make_tabattn("sm90"),
+                make_tabattn("sm90"),
                 "flash_attention, kernel='sm90' (the Gluon forward forced; Hopper only)",
             ),
-            "tabattn-plain": Provider(
+            Provider(
                 "tabattn-plain",
-                _make_tabattn("portable"),
+                make_tabattn("portable"),
                 "flash_attention, kernel='portable' (the plain Triton kernel forced)",
             ),
-            "sdpa-cudnn": Provider(
-                "sdpa-cudnn", _make_sdpa("CUDNN_ATTENTION"), "SDPA, cuDNN backend, no mask"
-            ),
-            "sdpa-flash": Provider(
-                "sdpa-flash", _make_sdpa("FLASH_ATTENTION"), "SDPA, flash backend, no mask"
-            ),
-            "flex": Provider(
-                "flex", _make_flex, "torch.compile(flex_attention), no block mask, with LSE"
-            ),
-            "reference": Provider(
+            Provider("sdpa-cudnn", make_sdpa("CUDNN_ATTENTION"), "SDPA, cuDNN backend, no mask"),
+            Provider("sdpa-flash", make_sdpa("FLASH_ATTENTION"), "SDPA, flash backend, no mask"),
+            Provider("flex", _make_flex, "torch.compile(flex_attention), no block mask, with LSE"),
+            Provider(
                 "reference",
                 _make_reference,
                 "tabattn_core.reference.context_target_attention (dense, fp32 softmax)",
             ),
-        },
-        make_inputs=_make_inputs,
-        forward_flops=_forward_flops,
-        reference=_reference,
-        baseline=_baseline,
-        dtype=_dtype,
-        shape_label=_shape_label,
-        x_label=_x_label,
+        ),
         panel_keys=("D",),
         reference_method=(
             "fp64 recomputation in plain torch of batch 0, head 0 from the same q, k, v and "
-            f"upstream gradient: out, lse and dq on up to {CHECK_ROWS} seeded random query "
+            f"upstream gradient: out, lse and dq on up to {harness.CHECK_ROWS} seeded random query "
             "rows (first and last row included); dk and dv of that head on all keys "
             "(fwd+bwd). Error = ||x - ref|| / ||ref|| (tabattn_core.testing.rel_error), "
             "bound REL_TOL[dtype]."

@@ -5,8 +5,8 @@ Context-target (modes `fwd`, `fwd+bwd`): shapes as the `context_target` suite (q
 [B, H, M+N, D] over k/v [B, H, M, D], H=8, D in {64, 128}, bf16). Providers: `fp8` (the
 defaults: q/k rotated and in E4M3, P·V in bf16 with the unquantised v), `fp8-pfp8` (P·V in
 FP8 as well), `fp8-norotate` (`fp8` without the rotation), `tabattn` (our bf16 kernel),
-`sdpa-cudnn` / `sdpa-flash` (the baselines of fwd / fwd+bwd). fwd+bwd (FP8 forward + our bf16 backward) runs on the
-Gaussian inputs.
+`sdpa-cudnn` / `sdpa-flash` (the baselines of fwd / fwd+bwd). fwd+bwd (FP8 forward + our
+bf16 backward) runs on the Gaussian inputs.
 
 Shared context (modes `decode`, `teacher_forcing`, forward only): the cases of the
 `shared_context` suite (one joint-sampling decode step q [G, S, H, 1, D] over the shared
@@ -33,9 +33,8 @@ provider's forward also gets accuracy figures on the same rows, stored per row u
 `accuracy` and shown in the table: relative L2 error, max abs error, RMS error and cosine
 similarity of out against fp64.
 
-`python -m bench.suites.fp8` (CPU, no kernels) prints the accuracy of the FP8-emulated
-reference (`tabattn_fp8.reference.attention`) against fp64 on the same kinds of inputs, with
-and without the rotation, P in E4M3 or bf16 (`emulated_accuracy`).
+The accuracy of the FP8-emulated reference on the CPU, with and without the rotation:
+the study `bench.studies.fp8_emulated_accuracy`.
 """
 
 from __future__ import annotations
@@ -44,17 +43,11 @@ from typing import Any
 
 import torch
 
-from bench.harness import (
-    Inputs,
-    Provider,
-    RunConfig,
-    Suite,
-    Unavailable,
-    need_gpu_or_interpreter,
-    register_suite,
-)
+from bench import harness
+from bench.harness import Inputs, Provider, RunConfig, Suite, Unavailable, by_name
 from bench.suites import context_target as ct
 from bench.suites import shared_context as sc
+from bench.suites import shared_context_providers as sc_providers
 
 INPUT_KINDS = ("gaussian", "outliers", "fa3")
 OUTLIER_CHANNELS = 2
@@ -66,39 +59,37 @@ FA3_OUTLIER_STD = 10.0
 _ACCURACY: dict[tuple[str, str], dict[str, float]] = {}  # (shape label, provider) -> figures
 
 
-def _cases(cfg: RunConfig) -> list[dict[str, Any]]:
+def cases(cfg: RunConfig) -> list[dict[str, Any]]:
     sizes = ct.SMOKE_SIZES[:1] if cfg.smoke else ct.SIZES
     dims = ct.SMOKE_HEAD_DIMS[:1] if cfg.smoke else ct.HEAD_DIMS
     heads = ct.SMOKE_H if cfg.smoke else ct.H
-    cases = [
+    out = [
         {"B": b, "H": heads, "M": m, "N": n, "D": d, "inputs": kind}
         for d in dims
         for (b, m, n) in sizes
         for kind in INPUT_KINDS
     ]
-    shared = sc._cases(cfg)
+    shared = sc.cases(cfg)
     if cfg.smoke:  # one decode and one teacher-forcing case
         shared = [next(c for c in shared if c["mode"] == mode) for mode in sc.MODES]
-    return cases + [{**case, "inputs": kind} for case in shared for kind in INPUT_KINDS]
+    return out + [{**case, "inputs": kind} for case in shared for kind in INPUT_KINDS]
 
 
-def _is_shared(case: dict[str, Any]) -> bool:
-    """A case of the shared-context ops (it names its mode), else context-target."""
-    return "mode" in case
+def _suite_of(case: dict[str, Any]):
+    """The shared_context suite for its cases (they name their mode), else context_target."""
+    return sc if "mode" in case else ct
 
 
-def _case_modes(case: dict[str, Any]) -> tuple[str, ...]:
-    if _is_shared(case):
+def case_modes(case: dict[str, Any]) -> tuple[str, ...]:
+    if "mode" in case:
         return (case["mode"],)
     return ("fwd", "fwd+bwd") if case["inputs"] == "gaussian" else ("fwd",)
 
 
-def _make_inputs(case: dict[str, Any], cfg: RunConfig, seed: int) -> Inputs:
-    if _is_shared(case):
-        inputs, keys = sc._make_inputs(case, cfg, seed), ("q", "k_ctx", "k_buf")
-    else:
-        inputs, keys = ct._make_inputs(case, cfg, seed), ("q", "k")
+def make_inputs(case: dict[str, Any], cfg: RunConfig, seed: int) -> Inputs:
+    inputs = _suite_of(case).make_inputs(case, cfg, seed)
     if case["inputs"] == "outliers":
+        keys = ("q", "k_ctx", "k_buf") if "mode" in case else ("q", "k")
         with torch.no_grad():
             for name in keys:
                 factor = SMOKE_OUTLIER_FACTOR if cfg.smoke else OUTLIER_FACTOR
@@ -113,24 +104,23 @@ def _make_inputs(case: dict[str, Any], cfg: RunConfig, seed: int) -> Inputs:
     return inputs
 
 
-def _reference(case: dict[str, Any], inputs: Inputs, mode: str, cfg: RunConfig):
-    suite = sc if _is_shared(case) else ct
-    return suite._reference(case, inputs, mode, cfg)
+def reference(case: dict[str, Any], inputs: Inputs, mode: str, cfg: RunConfig):
+    return _suite_of(case).reference(case, inputs, mode, cfg)
 
 
-def _forward_flops(case: dict[str, Any]) -> float:
-    return (sc if _is_shared(case) else ct)._forward_flops(case)
+def forward_flops(case: dict[str, Any]) -> float:
+    return _suite_of(case).forward_flops(case)
 
 
-def _shape_label(case: dict[str, Any]) -> str:
-    return f"{(sc if _is_shared(case) else ct)._shape_label(case)} {case['inputs']}"
+def shape_label(case: dict[str, Any]) -> str:
+    return f"{_suite_of(case).shape_label(case)} {case['inputs']}"
 
 
-def _x_label(case: dict[str, Any]) -> str:
-    return f"{(sc if _is_shared(case) else ct)._x_label(case)}\n{case['inputs']}"
+def x_label(case: dict[str, Any]) -> str:
+    return f"{_suite_of(case).x_label(case)}\n{case['inputs']}"
 
 
-def _baseline(mode: str, cfg: RunConfig) -> str:
+def baseline(mode: str, cfg: RunConfig) -> str:
     if mode in sc.MODES or cfg.device.type == "cpu":
         return "tabattn"
     return "sdpa-cudnn" if mode == "fwd" else "sdpa-flash"
@@ -138,16 +128,16 @@ def _baseline(mode: str, cfg: RunConfig) -> str:
 
 def _accuracy(case: dict[str, Any], inputs: Inputs, name: str, fn) -> None:
     """Relative L2, max abs error, RMS error and cosine similarity of one forward's out (the
-    rows of the suite's fp64 check) against fp64; kept for `_annotate`."""
+    rows of the suite's fp64 check) against fp64; kept for `annotate`."""
     if "fp64_out" not in inputs.extra:
-        mode = case["mode"] if _is_shared(case) else "fwd"
-        ref = _reference(case, inputs, mode, RunConfig(device=inputs.grad_out.device))
+        mode = case.get("mode", "fwd")
+        ref = reference(case, inputs, mode, RunConfig(device=inputs.grad_out.device))
         inputs.extra["fp64_out"] = ref["out"]
     check = inputs.extra["fp64_out"]
     with torch.no_grad():
         out = check.select(fn()[0]).to(torch.float64)
     expected = check.expected
-    _ACCURACY[(_shape_label(case), name)] = {
+    _ACCURACY[(shape_label(case), name)] = {
         "rel_l2": float((out - expected).norm() / expected.norm()),
         "max_abs": float((out - expected).abs().max()),
         "rmse": float((out - expected).square().mean().sqrt()),
@@ -168,7 +158,7 @@ def _by_case(context_target, shared):
     """A provider's `make` that dispatches on the kind of case."""
 
     def make(case: dict[str, Any], inputs: Inputs):
-        return (shared if _is_shared(case) else context_target)(case, inputs)
+        return (shared if "mode" in case else context_target)(case, inputs)
 
     return make
 
@@ -176,7 +166,7 @@ def _by_case(context_target, shared):
 def _need_fp8(q: torch.Tensor) -> None:
     """Raise Unavailable unless tabattn-fp8 imports and runs on q's device (sm90, or CPU
     under the interpreter)."""
-    need_gpu_or_interpreter(q, "tabattn-fp8")
+    harness.need_gpu_or_interpreter(q, "tabattn-fp8")
     try:
         from tabattn_fp8.attention.interface import check_fp8_device
 
@@ -187,7 +177,7 @@ def _need_fp8(q: torch.Tensor) -> None:
 
 def _make_fp8(p_fp8: bool, rotate: bool = True):
     def make(case: dict[str, Any], inputs: Inputs):
-        q, k, v = ct._qkv(inputs)
+        q, k, v = ct.qkv(inputs)
         _need_fp8(q)
         from tabattn_core.masks import ContextTargetMask
         from tabattn_fp8.attention import fp8_attention
@@ -203,7 +193,7 @@ def _make_fp8(p_fp8: bool, rotate: bool = True):
 
 def _make_fp8_shared(case: dict[str, Any], inputs: Inputs):
     """tabattn_fp8's decode or teacher-forcing op (context in FP8, buffer exact)."""
-    q, k_ctx, v_ctx, k_buf, v_buf = sc._tensors(inputs)
+    q, k_ctx, v_ctx, k_buf, v_buf = sc_providers.tensors(inputs)
     _need_fp8(q)
     from tabattn_fp8.shared_context import (
         fp8_shared_context_attention,
@@ -219,62 +209,14 @@ def _make_fp8_shared(case: dict[str, Any], inputs: Inputs):
     return lambda: fp8_teacher_forcing_attention(q, k_ctx, v_ctx, k_buf, v_buf, scale=scale)
 
 
-def emulated_inputs(kind: str, lq: int, lk: int, d: int, *, heads: int = 2, seed: int = 0):
-    """bf16-valued q [1, H, Lq, D], k/v [1, H, Lk, D] (returned in fp32): `gaussian`,
-    `outliers` (as the suite's: channels :OUTLIER_CHANNELS of q and k times OUTLIER_FACTOR),
-    or `fa3` (FlashAttention-3's: N(0, 1) with a fraction of q, k, v entries N(0, 10^2))."""
-    gen = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(1, heads, n, d, generator=gen) for n in (lq, lk, lk))
-    if kind == "outliers":
-        q[..., :OUTLIER_CHANNELS] *= OUTLIER_FACTOR
-        k[..., :OUTLIER_CHANNELS] *= OUTLIER_FACTOR
-    elif kind == "fa3":
-        for t in (q, k, v):
-            hit = torch.rand(t.shape, generator=gen) < FA3_OUTLIER_FRACTION
-            t[hit] = torch.randn(int(hit.sum()), generator=gen) * FA3_OUTLIER_STD
-    return tuple(t.bfloat16().float() for t in (q, k, v))
-
-
-def emulated_accuracy(
-    kinds=("gaussian", "outliers", "fa3"), dims=(64, 128), lq: int = 1024, lk: int = 2048
-) -> list[dict[str, Any]]:
-    """Relative L2, max abs, RMS error and cosine of the FP8-emulated reference's out
-    against fp64 attention of the same (bf16-valued) inputs, rotation on/off, P·V in FP8
-    (V and P in E4M3) or in bf16 (V unquantised)."""
-    from tabattn_core import reference as core_reference
-    from tabattn_fp8 import reference
-
-    rows = []
-    for kind in kinds:
-        for d in dims:
-            q, k, v = emulated_inputs(kind, lq, lk, d)
-            exact = core_reference.attention(q.double(), k.double(), v.double())[0]
-            for rotate in (True, False):
-                for p_fp8 in (True, False):
-                    out, _ = reference.attention(
-                        q, k, v, rotate=rotate, quantize_v=p_fp8, quantize_p=p_fp8
-                    )
-                    err = out - exact
-                    rows.append({
-                        "inputs": kind, "D": d, "rotate": rotate,
-                        "P": "fp8" if p_fp8 else "bf16",
-                        "rel_l2": float(err.norm() / exact.norm()),
-                        "max_abs": float(err.abs().max()),
-                        "rmse": float(err.square().mean().sqrt()),
-                        "cosine": float(
-                            (out.flatten() @ exact.flatten()) / (out.norm() * exact.norm())
-                        ),
-                    })  # fmt: skip
-    return rows
-
-
-def _annotate(case, mode, rows, calibration, cfg) -> None:
+def annotate(case, mode, rows, calibration, cfg) -> None:
     for row in rows:
-        row["accuracy"] = _ACCURACY.get((_shape_label(case), row["provider"]))
+        row["accuracy"] = _ACCURACY.get((shape_label(case), row["provider"]))
 
 
-SUITE = register_suite(
-    Suite(
+SUITE = harness.register_suite(
+    Suite.from_module(
+        __name__,
         name="fp8",
         description=(
             "FP8 (E4M3, per-block scales) attention vs our bf16 kernels and SDPA: "
@@ -282,9 +224,8 @@ SUITE = register_suite(
             "shared-context decode and teacher forcing at the shared_context suite's "
             "shapes; Gaussian inputs, inputs with outlier channels and FA3's outlier entries"
         ),
-        cases=_cases,
-        providers={
-            "fp8": Provider(
+        providers=by_name(
+            Provider(
                 "fp8",
                 _with_accuracy("fp8", _by_case(_make_fp8(False), _make_fp8_shared)),
                 "tabattn_fp8 fp8_attention, defaults (Q, K rotated, in E4M3; P·V in bf16), "
@@ -294,51 +235,44 @@ SUITE = register_suite(
                 "op with an empty context, merged by LSE)",
                 rel_tol=FP8_REL_TOL,
             ),
-            "fp8-pfp8": Provider(
+            Provider(
                 "fp8-pfp8",
                 _with_accuracy("fp8-pfp8", _make_fp8(True)),
                 "tabattn_fp8 fp8_attention(p_fp8=True): Q, K rotated; Q, K, P·V in E4M3",
                 modes=("fwd",),
                 rel_tol=FP8_REL_TOL,
             ),
-            "fp8-norotate": Provider(
+            Provider(
                 "fp8-norotate",
                 _with_accuracy("fp8-norotate", _make_fp8(False, rotate=False)),
                 "tabattn_fp8 fp8_attention(rotate=False): Q, K in E4M3, P·V in bf16",
                 modes=("fwd",),
                 rel_tol=FP8_REL_TOL,
             ),
-            "tabattn": Provider(
+            Provider(
                 "tabattn",
-                _with_accuracy("tabattn", _by_case(ct._make_tabattn("auto"), sc._make_tabattn)),
+                _with_accuracy(
+                    "tabattn", _by_case(ct.make_tabattn("auto"), sc_providers.make_tabattn)
+                ),
                 "our bf16 kernel: tabattn_triton flash_attention with ContextTargetMask; "
                 "decode / teacher forcing: tabattn_triton.ops.shared_context "
                 "shared_context_attention / teacher_forcing_attention",
             ),
-            "sdpa-cudnn": Provider(
+            Provider(
                 "sdpa-cudnn",
-                _with_accuracy("sdpa-cudnn", ct._make_sdpa("CUDNN_ATTENTION")),
+                _with_accuracy("sdpa-cudnn", ct.make_sdpa("CUDNN_ATTENTION")),
                 "SDPA, cuDNN backend, no mask (bf16)",
                 modes=("fwd",),
             ),
-            "sdpa-flash": Provider(
+            Provider(
                 "sdpa-flash",
-                ct._make_sdpa("FLASH_ATTENTION"),
+                ct.make_sdpa("FLASH_ATTENTION"),
                 "SDPA, flash backend, no mask (bf16)",
                 modes=("fwd+bwd",),
             ),
-        },
-        make_inputs=_make_inputs,
-        forward_flops=_forward_flops,
-        reference=_reference,
-        baseline=_baseline,
-        dtype=ct._dtype,
-        shape_label=_shape_label,
-        x_label=_x_label,
+        ),
         panel_keys=("D", "inputs"),
         modes=("fwd", "fwd+bwd", *sc.MODES),
-        case_modes=_case_modes,
-        annotate=_annotate,
         header_extra={
             "table_columns": [
                 {"title": "rel L2 (out)", "key": "accuracy.rel_l2", "format": ".2e"},
@@ -359,13 +293,3 @@ SUITE = register_suite(
         ),
     )
 )
-
-
-if __name__ == "__main__":
-    print(f"{'inputs':9} {'D':>4} {'rotate':>6} {'P':>4} {'rel L2':>9} {'max abs':>9} "
-          f"{'RMSE':>9} {'cosine':>9}")  # fmt: skip
-    for r in emulated_accuracy():
-        print(
-            f"{r['inputs']:9} {r['D']:>4} {r['rotate']!s:>6} {r['P']:>4} {r['rel_l2']:9.2e} "
-            f"{r['max_abs']:9.2e} {r['rmse']:9.2e} {r['cosine']:9.6f}"
-        )

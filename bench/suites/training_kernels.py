@@ -28,16 +28,8 @@ from typing import Any
 
 import torch
 
-from bench.harness import (
-    Check,
-    Inputs,
-    Provider,
-    RunConfig,
-    Suite,
-    Unavailable,
-    need_gpu_or_interpreter,
-    register_suite,
-)
+from bench import harness
+from bench.harness import Check, Inputs, Provider, RunConfig, Suite, Unavailable, by_name
 
 GMM, HEAD, FFN = "gmm", "head", "ffn"
 K = 10
@@ -56,35 +48,24 @@ SMOKE_FFN_DIMS = (16, 40, 16)
 CHECK_CHUNK_ELEMENTS = 2**27  # fp64 hidden activations per row chunk of the MLP check
 
 
-def _cases(cfg: RunConfig) -> list[dict[str, Any]]:
+def cases(cfg: RunConfig) -> list[dict[str, Any]]:
     k, gmm_rows, mlp_rows, head, ffn = (
         (SMOKE_K, SMOKE_GMM_ROWS, SMOKE_MLP_ROWS, SMOKE_HEAD_DIMS, SMOKE_FFN_DIMS)
         if cfg.smoke
         else (K, GMM_ROWS, MLP_ROWS, HEAD_DIMS, FFN_DIMS)
     )
-    cases: list[dict[str, Any]] = [{"op": GMM, "R": r, "K": k} for r in gmm_rows]
+    out: list[dict[str, Any]] = [{"op": GMM, "R": r, "K": k} for r in gmm_rows]
     for op, groups, dims in ((HEAD, k, head), (FFN, 1, ffn)):
         d_in, d_hidden, d_out = dims
-        cases += [
+        out += [
             {"op": op, "N": n, "K": groups, "d_in": d_in, "d_hidden": d_hidden, "d_out": d_out}
             for n in mlp_rows
         ]
-    return cases
+    return out
 
 
-def _dtype(cfg: RunConfig) -> torch.dtype:
-    # The smoke run on CPU uses fp32 (the Triton interpreter has no bf16).
-    return torch.float32 if cfg.smoke and cfg.device.type == "cpu" else torch.bfloat16
-
-
-def _make_inputs(case: dict[str, Any], cfg: RunConfig, seed: int) -> Inputs:
-    gen = torch.Generator(device=cfg.device).manual_seed(seed)
-    dtype = _dtype(cfg)
-
-    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
-        t = torch.randn(*shape, generator=gen, device=cfg.device, dtype=torch.float32)
-        return (t * scale).to(dtype)
-
+def make_inputs(case: dict[str, Any], cfg: RunConfig, seed: int) -> Inputs:
+    randn = harness.normal(cfg, seed, harness.smoke_dtype(cfg))
     if case["op"] == GMM:
         r, k = case["R"], case["K"]
         leaves = {"logits": randn(r, k), "loc": randn(r, k), "log_sigma": randn(r, k, scale=0.5)}
@@ -105,13 +86,13 @@ def _make_inputs(case: dict[str, Any], cfg: RunConfig, seed: int) -> Inputs:
     return Inputs(leaves=leaves, grad_out=grad_out, extra=extra)
 
 
-def _forward_flops(case: dict[str, Any]) -> float:
+def forward_flops(case: dict[str, Any]) -> float:
     if case["op"] == GMM:
         return 0.0  # memory-bound: see the gbps column
     return 2.0 * case["N"] * case["K"] * case["d_hidden"] * (case["d_in"] + case["d_out"])
 
 
-def _shape_label(case: dict[str, Any]) -> str:
+def shape_label(case: dict[str, Any]) -> str:
     if case["op"] == GMM:
         return f"gmm R{case['R']} K{case['K']}"
     dims = f"{case['d_in']}-{case['d_hidden']}-{case['d_out']}"
@@ -119,11 +100,11 @@ def _shape_label(case: dict[str, Any]) -> str:
     return f"{case['op']} N{case['N']}{groups} {dims}"
 
 
-def _x_label(case: dict[str, Any]) -> str:
+def x_label(case: dict[str, Any]) -> str:
     return f"R{case['R']}" if case["op"] == GMM else f"N{case['N']}"
 
 
-def _baseline(mode: str, cfg: RunConfig) -> str:
+def baseline(mode: str, cfg: RunConfig) -> str:
     return "torch"
 
 
@@ -165,7 +146,7 @@ def _mlp_reference(case: dict[str, Any], inputs: Inputs, mode: str) -> dict[str,
     return out
 
 
-def _reference(case: dict[str, Any], inputs: Inputs, mode: str, cfg: RunConfig) -> dict[str, Check]:
+def reference(case: dict[str, Any], inputs: Inputs, mode: str, cfg: RunConfig) -> dict[str, Check]:
     expected = (
         _gmm_reference(inputs, mode) if case["op"] == GMM else _mlp_reference(case, inputs, mode)
     )
@@ -200,7 +181,7 @@ def _by_op(**makers: Callable[[dict[str, Any], Inputs], Callable[[], torch.Tenso
 
 
 def _need_triton(inputs: Inputs) -> None:
-    need_gpu_or_interpreter(inputs.grad_out, "tabattn (Triton)")
+    harness.need_gpu_or_interpreter(inputs.grad_out, "tabattn (Triton)")
 
 
 def _tabattn_gmm(case, inputs):
@@ -257,15 +238,9 @@ def _torch_ffn(case, inputs):
 
 @functools.cache
 def _compiled_gmm():
-    import torch._dynamo.config as dynamo_config
-
     from tabattn_core.gmm import gmm_nll
 
-    # One graph per (rows, mode): lift the recompile limit so no case runs eager.
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(dynamo_config, name):
-            setattr(dynamo_config, name, max(64, getattr(dynamo_config, name)))
-    return torch.compile(functools.partial(gmm_nll, scale_param="log_std"), dynamic=False)
+    return harness.compile_static(functools.partial(gmm_nll, scale_param="log_std"))
 
 
 def _compile_gmm(case, inputs):
@@ -281,12 +256,12 @@ def _compile_gmm(case, inputs):
 # bandwidth of the memory-bound loss
 
 
-def _annotate(case, mode, rows, calibration, cfg) -> None:
+def annotate(case, mode, rows, calibration, cfg) -> None:
     """gmm rows: `gbps` = minimal bytes / time (inputs read once per pass; the backward
     reads them again and writes the three [R, K] gradients)."""
     if case["op"] != GMM:
         return
-    size = _dtype(cfg).itemsize
+    size = harness.smoke_dtype(cfg).itemsize
     params = case["R"] * case["K"] * 3 * size
     read = params + case["R"] * size
     total = read if mode == "fwd" else 2 * read + params
@@ -295,45 +270,38 @@ def _annotate(case, mode, rows, calibration, cfg) -> None:
             row["gbps"] = total / (row["ms"] * 1e-3) / 1e9
 
 
-SUITE = register_suite(
-    Suite(
+SUITE = harness.register_suite(
+    Suite.from_module(
+        __name__,
         name="training_kernels",
         description=(
             "TNP training kernels, bf16: mixture loss (K=10, R rows), grouped head MLP "
             "(K=10, 512->1365->3) and FFN (512->1365->512), fwd and fwd+bwd"
         ),
-        cases=_cases,
-        providers={
-            "tabattn": Provider(
+        providers=by_name(
+            Provider(
                 "tabattn",
                 _by_op(gmm=_tabattn_gmm, head=_tabattn_head, ffn=_tabattn_ffn),
                 "tabattn_triton.ops: gmm.gmm_nll, grouped_mlp.grouped_mlp, "
                 "fused_mlp.mlp(impl='triton')",
             ),
-            "torch": Provider(
+            Provider(
                 "torch",
                 _by_op(gmm=_torch_gmm, head=_torch_head, ffn=_torch_ffn),
                 "gmm: tabattn_core.gmm.gmm_nll (eager); head: K separate matmul pairs; "
                 "ffn: fused_mlp.mlp(impl='torch') (cuBLAS + torch gelu)",
             ),
-            "torch-compile": Provider(
+            Provider(
                 "torch-compile",
                 _by_op(gmm=_compile_gmm),
                 "torch.compile(tabattn_core.gmm.gmm_nll), dynamic=False",
             ),
-            "torch-bmm": Provider(
+            Provider(
                 "torch-bmm",
                 _by_op(head=_torch_bmm_head),
                 "head: torch.bmm on the stacked [K, ...] weights (x expanded, no copy)",
             ),
-        },
-        make_inputs=_make_inputs,
-        forward_flops=_forward_flops,
-        reference=_reference,
-        baseline=_baseline,
-        dtype=_dtype,
-        shape_label=_shape_label,
-        x_label=_x_label,
+        ),
         panel_keys=("op",),
         reference_method=(
             "fp64 run of the core reference (tabattn_core.gmm.gmm_nll, tabattn_core.mlp) on "
@@ -341,7 +309,6 @@ SUITE = register_suite(
             "every leaf (MLPs in row chunks, weight gradients accumulated). Error = "
             "||x - ref|| / ||ref|| (tabattn_core.testing.rel_error), bound REL_TOL[dtype]."
         ),
-        annotate=_annotate,
         header_extra={
             "plot": {"metric": "us", "yscale": "log"},
             "table_columns": [{"title": "GB/s", "key": "gbps", "format": ".0f"}],

@@ -1,20 +1,19 @@
-"""The gather floor of the selection forward: `python -m bench.suites.selection floor`.
+"""Study: the gather floor of the selection forward, what gathering the selected K/V alone
+costs (the bound on the forward's speedup over dense attention).
 
-`gather_floor_kernel` has the selection forward's grid, block walk and masks (the building
-blocks `row_tile` and `tile_entry` of `tabattn_triton.ops.selection.kernel`) and loads
-every K/V tile the forward loads, but only sums them: no dots, no softmax. Its time is what
-gathering the selected K/V alone costs on this GPU, so dense ms / floor ms bounds the
-speedup over dense attention that a selection forward of this design (each tile of rows and
-kv head reads the union of its rows' blocks once) can reach. Timed at the suite's shapes
-next to the selection forward (`selection_attention`) and our dense kernel;
-the floor's sums are checked against torch first (relative error at most 1e-4, fp32 sums of
-the same values).
+`python -m bench.studies.selection_floor [--out DIR] [--smoke] [--device cpu]` (CUDA, or
+the CPU under TRITON_INTERPRET=1) writes selection_floor.json; METHOD says what it times.
+
+Conclusion (H200, `bench/results/selection_floor.json`, D=64: the run stopped at its limit
+before D=128): at 64k keys the floor moves ~9-9.7 TB/s (served mostly from L2) and takes
+1.54 / 0.465 / 0.123 ms at GQA 1 / 4 / 16, so no forward of this design beats dense
+attention by more than 1.77x / 5.75x / 21.5x there; the selection forward reached 1.17x /
+4.61x / 16.9x (kernel) in that run.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +21,22 @@ import torch
 import triton
 import triton.language as tl
 
-from bench.harness import RunConfig, collect_header
+from bench.harness import RunConfig, study_header, timing_description, write_json
+from bench.studies import study_config
+from bench.studies.selection_crossover import budgeted_ms
+from bench.suites import selection
 from tabattn_triton.ops.common import load_rows
 from tabattn_triton.ops.selection.kernel import row_tile, tile_entry
 
+METHOD = """`gather_floor_kernel` has the selection forward's grid, block walk and masks (the
+building blocks `row_tile` and `tile_entry` of `tabattn_triton.ops.selection.kernel`) and
+loads every K/V tile the forward loads, but only sums them: no dots, no softmax. Its time is
+what gathering the selected K/V alone costs on this GPU, so dense ms / floor ms bounds the
+speedup over dense attention that a selection forward of this design (each tile of rows and
+kv head reads the union of its rows' blocks once) can reach. Timed at the suite's shapes
+next to the selection forward (`selection_attention`) and our dense kernel; the floor's
+sums are checked against torch first (relative error at most 1e-4, fp32 sums of the same
+values)."""
 # (num_warps, num_stages) tried for the floor; its time is the fastest of them.
 FLOOR_CONFIGS = ((2, 3), (2, 4), (4, 2), (4, 3), (4, 4), (8, 2))
 FLOOR_RTOL = 1e-4
@@ -114,12 +125,11 @@ def floor_reference(k: torch.Tensor, v: torch.Tensor, bi: torch.Tensor, bs: int,
 def _floor_row(case: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
     """One shape: the floor checked under every config and timed (the fastest config
     counts), then the selection forward and the dense kernel timed on the same inputs."""
-    from bench.suites import selection as suite
     from tabattn_triton.ops.attention import flash_attention
     from tabattn_triton.ops.selection import selection_attention
     from tabattn_triton.ops.selection.interface import _selection, row_tiles
 
-    inputs = suite._make_inputs(case, cfg, cfg.seed)
+    inputs = selection.make_inputs(case, cfg, cfg.seed)
     q, k, v = (inputs.leaves[n].detach() for n in ("q", "k", "v"))
     bi, scale, bs = inputs.extra["block_indices"], inputs.extra["scale"], case["bs"]
     sel = _selection((0, case["Lq"]), (0, case["Lk"]), case["Lq"], bs, False, case["G"], q.device)
@@ -132,15 +142,15 @@ def _floor_row(case: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
         ).item()
         if not err <= FLOOR_RTOL:
             raise SystemExit(f"floor: {case} w{warps}s{stages}: relative error {err:.3g}")
-        floors[f"w{warps}s{stages}"] = suite._median_ms(
+        floors[f"w{warps}s{stages}"] = budgeted_ms(
             lambda w=warps, s=stages: gather_floor(k, v, bi, sel, tiles, q, w, s), cfg
         )["ms"]
     kw = {"cu_seqlens_q": inputs.extra["cu_q"], "cu_seqlens_k": inputs.extra["cu_k"],
           "block_indices": bi, "block_size": bs, "scale": scale}  # fmt: skip
-    qh, kh, vh = (suite._heads_first(t) for t in (q, k, v))
+    qh, kh, vh = (selection.heads_first(t) for t in (q, k, v))
     with torch.no_grad():
-        selection_ms = suite._median_ms(lambda: selection_attention(q, k, v, **kw), cfg)["ms"]
-        dense_ms = suite._median_ms(lambda: flash_attention(qh, kh, vh, scale=scale), cfg)["ms"]
+        selection_ms = budgeted_ms(lambda: selection_attention(q, k, v, **kw), cfg)["ms"]
+        dense_ms = budgeted_ms(lambda: flash_attention(qh, kh, vh, scale=scale), cfg)["ms"]
     best = min(floors, key=floors.get)
     gathered = loaded_blocks * bs * case["D"] * 2 * 2  # K and V, 2 bytes each
     return {**case, "dense_ms": dense_ms, "selection_ms": selection_ms,
@@ -156,27 +166,42 @@ def _floor_row(case: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
 def run(cfg: RunConfig, *, out: Path) -> dict[str, Any]:
     """Time dense, selection forward and floor at the suite's shapes (Lk in CONTEXTS);
     write selection_floor.json under `out` after each shape."""
-    from bench.suites import selection as suite
-
-    grid = SMOKE if cfg.smoke else {"H": suite.H, "Lq": suite.LQ, "contexts": CONTEXTS,
-                                    "groups": suite.GROUPS, "dims": suite.HEAD_DIMS,
-                                    "bs": suite.BLOCK_SIZE, "sel": suite.N_SEL}  # fmt: skip
-    header = collect_header(suite.SUITE, cfg)
-    for key in ("table_columns", "table_notes", "baselines", "flops", "reference_method",
-                "providers", "rel_tol", "description", "panel_keys"):  # fmt: skip
-        header.pop(key, None)
-    header.update(suite="selection_floor", floor_configs=[list(c) for c in FLOOR_CONFIGS],
-                  floor_rtol=FLOOR_RTOL, method=__doc__.strip())  # fmt: skip
+    grid = SMOKE if cfg.smoke else {**selection.GRID, "contexts": CONTEXTS}
+    header = study_header(
+        "selection_floor",
+        cfg,
+        dtype=str(selection.SUITE.dtype(cfg)).removeprefix("torch."),
+        timing=timing_description(cfg),
+        floor_configs=[list(c) for c in FLOOR_CONFIGS],
+        floor_rtol=FLOOR_RTOL,
+        method=METHOD,
+    )
     result: dict[str, Any] = {"header": header, "rows": []}
-    out.mkdir(parents=True, exist_ok=True)
     for d, lk, g in itertools.product(grid["dims"], grid["contexts"], grid["groups"]):
         case = {"pattern": "selection", "H": grid["H"], "G": g, "Lq": grid["Lq"], "Lk": lk,
                 "D": d, "bs": grid["bs"], "n_sel": grid["sel"]}  # fmt: skip
         row = _floor_row(case, cfg)
         result["rows"].append(row)
-        (out / "selection_floor.json").write_text(json.dumps(result, indent=1) + "\n")
+        write_json(out / "selection_floor.json", result)
         print(f"floor G{g} D{d} Lk{lk}: dense {row['dense_ms']:.4g} ms, selection "
               f"{row['selection_ms']:.4g} ms ({row['dense_over_selection']:.3g}x), floor "
               f"{row['floor_ms']:.4g} ms ({row['floor_config']}, {row['floor_tb_per_s']:.3g} "
               f"TB/s): bound {row['dense_over_floor']:.3g}x", flush=True)  # fmt: skip
     return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, cfg = study_config(
+        "bench.studies.selection_floor",
+        argv,
+        description=__doc__.split("\n")[0],
+        device="cuda" if torch.cuda.is_available() else "cpu",
+        smoke_reps=1,
+    )
+    run(cfg, out=args.out)
+    print(f"wrote {args.out / 'selection_floor.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
