@@ -30,7 +30,13 @@ The output is stored from registers with a row mask.
 
 from __future__ import annotations
 
-from tabattn_triton.ops.common import prefix_kv_end
+from tabattn_triton.ops.common import (
+    MASK_AR_ROWS,
+    MASK_CAUSAL,
+    MASK_CONTEXT,
+    MASK_NONE,
+    prefix_kv_end,
+)
 from tabattn_triton.ops.gluon_compat import (
     gl,
     gluon,
@@ -397,7 +403,7 @@ def compile_for_sm90(kernel, signature: dict[str, str], constexprs: dict):
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
 
-def compile_fwd_sm90(dtype: str, head_dim: int, config: tuple, mask: int = 0, **flags):
+def compile_fwd_sm90(dtype: str, head_dim: int, config: tuple, mask: int = MASK_NONE, **flags):
     """The forward compiled for sm90: dtype "bf16" or "fp16", config one of
     SM90_FWD_CONFIGS[head_dim]."""
     block_n, stages, consumers, pingpong = config
@@ -465,16 +471,23 @@ def ptxas_usage(compiled) -> dict[str, int]:
 def compile_cases() -> list[tuple[str, str, int, tuple, int]]:
     """(kernel, dtype, head dim, config, mask) that CI compiles: every forward config with
     the context mask, the default forward config of each head dim with every mask, fp16
-    once, and the backward (config: its BLOCK_M) of each head dim with every mask."""
+    once, and the backward (config: its BLOCK_M) of each head dim with every mask. The
+    context mask compiles with per-dataset lengths, causal with varlen (`_compile_flags`)."""
     from tabattn_triton.ops.attention.kernel_sm90_bwd import SM90_BWD_BLOCK_M
 
-    cases = [("fwd", "fp16", 64, SM90_FWD_CONFIGS[64][0], 2)]
+    masks = (MASK_NONE, MASK_CONTEXT, MASK_CAUSAL, MASK_AR_ROWS)
+    cases = [("fwd", "fp16", 64, SM90_FWD_CONFIGS[64][0], MASK_CAUSAL)]
     for d, configs in SM90_FWD_CONFIGS.items():
-        cases += [("fwd", "bf16", d, configs[0], mask) for mask in (0, 2, 3)]
-        cases += [("fwd", "bf16", d, config, 1) for config in configs]
+        cases += [("fwd", "bf16", d, configs[0], m) for m in masks if m != MASK_CONTEXT]
+        cases += [("fwd", "bf16", d, config, MASK_CONTEXT) for config in configs]
     for d, block_m in SM90_BWD_BLOCK_M.items():
-        cases += [("bwd", "bf16", d, (block_m,), mask) for mask in (0, 1, 2, 3)]
+        cases += [("bwd", "bf16", d, (block_m,), mask) for mask in masks]
     return cases
+
+
+def _compile_flags(mask: int) -> dict[str, bool]:
+    """The compile report's flags per mask: per-dataset context lengths, causal varlen."""
+    return {"HAS_CTX_LENS": mask == MASK_CONTEXT, "IS_VARLEN": mask == MASK_CAUSAL}
 
 
 def compile_report() -> list[dict]:
@@ -483,7 +496,7 @@ def compile_report() -> list[dict]:
 
     report = []
     for kernel, dtype, d, config, mask in compile_cases():
-        flags = {"HAS_CTX_LENS": mask == 1, "IS_VARLEN": mask == 2}
+        flags = _compile_flags(mask)
         if kernel == "fwd":
             compiled = compile_fwd_sm90(dtype, d, config, mask=mask, **flags)
         else:

@@ -27,7 +27,7 @@ preprocess kernel. Key ends and query-block ranges come from common.py's `prefix
 
 from __future__ import annotations
 
-from tabattn_triton.ops.common import prefix_kv_end, prefix_query_blocks
+from tabattn_triton.ops.common import MASK_NONE, prefix_kv_end, prefix_query_blocks
 from tabattn_triton.ops.gluon_compat import (
     barrier,
     fence_async_shared,
@@ -289,7 +289,7 @@ def attention_bwd_sm90_kernel(
     )  # fmt: skip
 
 
-def compile_bwd_sm90(dtype: str, head_dim: int, mask: int = 0, **flags):
+def compile_bwd_sm90(dtype: str, head_dim: int, mask: int = MASK_NONE, **flags):
     """The backward compiled for sm90 (CI's check): dtype "bf16" or "fp16"."""
     from tabattn_triton.ops.attention.kernel_sm90 import compile_for_sm90, desc_type
 
