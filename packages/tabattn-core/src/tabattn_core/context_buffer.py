@@ -36,6 +36,7 @@ CONTRACTS: dict[str, Callable] = {
     "shared_context_attention": shared_context_args,
     "teacher_forcing_attention": teacher_forcing_args,
 }
+_SIGNATURES = {name: inspect.signature(getattr(reference, name)) for name in CONTRACTS}
 
 
 def context_buffer_op(
@@ -85,7 +86,7 @@ def context_buffer_op(
         return reference.merge_states(*parts[0], *parts[1])
 
     op.__name__ = op.__qualname__ = name
-    op.__signature__ = inspect.signature(getattr(reference, name))
+    op.__signature__ = _SIGNATURES[name]
     op.__doc__ = (
         f"`tabattn_core.reference.{name}` (its contract and docstring) as a context part "
         "and a buffer part merged by LSE (`tabattn_core.context_buffer`)."
