@@ -3,8 +3,9 @@
 A suite module (`bench/suites/<name>.py`) defines, as functions of these names,
 `cases(cfg)` (shape dicts), `make_inputs(case, cfg, seed)`, `forward_flops(case)`,
 `reference(case, inputs, mode, cfg)` (what a correct provider returns, in fp64),
-`baseline(mode, cfg)` (the provider that speedups are taken against), `shape_label(case)`
-and `x_label(case)`; optionally `dtype(cfg)` (default `smoke_dtype`), `case_modes(case)`
+`baseline(mode, cfg)` (the provider that speedups are taken against; a suite with one
+for every mode and device passes its name as `baseline=`), `shape_label(case)` and
+`x_label(case)`; optionally `dtype(cfg)` (default `smoke_dtype`), `case_modes(case)`
 (a case runs in a subset of the suite's modes), `calibrate(cfg)` (measured once per run
 before the cases, e.g. bandwidth; stored in the header as `calibration`) and
 `annotate(case, mode, rows, calibration, cfg)` (adds fields to the rows of one case and
@@ -227,7 +228,7 @@ class Suite:
     make_inputs: Callable[[dict[str, Any], RunConfig, int], Inputs]  # (case, cfg, seed)
     forward_flops: Callable[[dict[str, Any]], float]
     reference: Callable[[dict[str, Any], Inputs, str, RunConfig], dict[str, Check]]
-    baseline: Callable[[str, RunConfig], str]  # (mode, cfg) -> provider name
+    baseline: Callable[[str, RunConfig], str] | str  # (mode, cfg) -> provider, or one name
     shape_label: Callable[[dict[str, Any]], str]  # row label in the table
     x_label: Callable[[dict[str, Any]], str]  # x tick of the plot
     dtype: Callable[[RunConfig], torch.dtype] = smoke_dtype
@@ -246,6 +247,9 @@ class Suite:
 
     def modes_of(self, case: dict[str, Any]) -> tuple[str, ...]:
         return self.modes if self.case_modes is None else self.case_modes(case)
+
+    def baseline_of(self, mode: str, cfg: RunConfig) -> str:
+        return self.baseline if isinstance(self.baseline, str) else self.baseline(mode, cfg)
 
     @classmethod
     def from_module(cls, module: str, **fields: Any) -> Suite:
@@ -395,7 +399,7 @@ def collect_header(suite: Suite, cfg: RunConfig) -> dict[str, Any]:
         "seed": cfg.seed,
         "timing": timing_description(cfg),
         "flops": f"forward as declared by the suite; fwd+bwd = forward * {1 + BWD_FLOP_FACTOR}",
-        "baselines": {mode: suite.baseline(mode, cfg) for mode in suite.modes},
+        "baselines": {mode: suite.baseline_of(mode, cfg) for mode in suite.modes},
         "providers": {name: p.description for name, p in suite.providers.items()},
         "reference_method": suite.reference_method,
         "panel_keys": list(suite.panel_keys),
@@ -708,7 +712,7 @@ def run_suite(
                 for provider in providers
                 if provider.runs_in(mode)
             ]
-            baseline = suite.baseline(mode, cfg)
+            baseline = suite.baseline_of(mode, cfg)
             base_ms = next(
                 (r["ms"] for r in mode_rows if r["provider"] == baseline and r["ms"] is not None),
                 None,

@@ -115,9 +115,12 @@ def plot_result(result: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def plot_lines(path: Path, draw, *, size, xlabel: str, ylabel: str, title: str) -> None:
-    """One axes drawn by `draw(ax)`, with labels, grid, legend and a small title, as PNG
-    (the studies' curves)."""
+def plot_lines(
+    path: Path, draw, header: dict[str, Any], title: str, *, size, xlabel: str, ylabel: str
+) -> None:
+    """One axes drawn by `draw(ax)`, with labels, grid, legend and a small title that ends
+    with where the figures were taken (the header's GPU, torch and commit), as PNG (the
+    studies' curves)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,7 +132,8 @@ def plot_lines(path: Path, draw, *, size, xlabel: str, ylabel: str, title: str) 
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title(title, fontsize=8)
+    where = f"{header['gpu']}, torch {header['torch']}, {header['git_commit'][:12]}"
+    ax.set_title(f"{title} — {where}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

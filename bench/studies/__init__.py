@@ -12,7 +12,8 @@ conclusion is recorded in its module docstring (with the committed result it cam
 | `fp8_emulated_accuracy` | the FP8 reference's error on the CPU, rotation on and off | printed |
 
 They time through the harness's timer (`bench.harness.median_ms`), check before they time,
-write their header with `bench.harness.study_header` and share the command line below.
+write their header with `bench.harness.study_header` and share the command line below
+(`study_main`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from bench.harness import RunConfig, resolve_device
 
@@ -30,18 +32,18 @@ def study_config(
     module: str,
     argv: Sequence[str] | None,
     *,
-    description: str,
+    doc: str,
     device: str = "auto",
     smoke_reps: int | None = None,
     options: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> tuple[argparse.Namespace, RunConfig]:
     """The command line every study shares, `python -m <module> [--out DIR] [--smoke]
     [--seed N] [--device auto|cuda|cpu]` plus the study's own `options(parser)`: the parsed
-    arguments and the RunConfig. `device` is the default of --device (auto: CUDA when
-    available, except the CPU for --smoke); `smoke_reps` the timer's CPU calls under --smoke
-    (cfg.reps)."""
+    arguments and the RunConfig. `doc` is the module docstring (its first line describes the
+    command); `device` the default of --device (auto: CUDA when available, except the CPU
+    for --smoke); `smoke_reps` the timer's CPU calls under --smoke (cfg.reps)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    p = argparse.ArgumentParser(prog=f"python -m {module}", description=description)
+    p = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n")[0])
     p.add_argument("--out", type=Path, default=Path("bench/out"), help="output folder")
     p.add_argument("--smoke", action="store_true", help="tiny shapes: the machinery, not speed")
     p.add_argument("--seed", type=int, default=0, help="input seed (default 0)")
@@ -66,3 +68,26 @@ def study_config(
         command=shlex.join(["python", "-m", module, *argv]),
     )
     return args, cfg
+
+
+def study_main(
+    module: str,
+    argv: Sequence[str] | None,
+    run: Callable[[argparse.Namespace, RunConfig], Sequence[Path]],
+    **config: Any,
+) -> int:
+    """A study's `main`: `run(args, cfg)` with `study_config(module, argv, **config)`'s
+    arguments; it measures and prints its summary, and returns the files it wrote, which
+    are named last. Exit status 0."""
+    args, cfg = study_config(module, argv, **config)
+    for path in run(args, cfg):
+        print(f"wrote {path}")
+    return 0
+
+
+def print_runs(runs: dict[str, dict[str, Any]], summary: Callable[[dict[str, Any]], str]) -> None:
+    """One line per run of a study that trains (status "ok", "skipped" or "error"):
+    `summary(run)` for the runs that finished, else the status and the reason."""
+    for name, run in runs.items():
+        done = run["status"] == "ok"
+        print(f"{name}: " + (summary(run) if done else f"{run['status']}: {run['reason']}"))

@@ -41,7 +41,7 @@ from bench.harness import (
     wall_ms,
     write_json,
 )
-from bench.studies import study_config
+from bench.studies import study_main
 from bench.suites.selection import REFERENCE_MAX_SCORES
 
 # op level: selection_attention (the sparse kernels) vs the dense masked reference.
@@ -482,15 +482,7 @@ def crossover(
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    def options(p) -> None:
-        p.add_argument("--part", choices=["all", "op", "predictor"], default="all",
-                       help="which level to measure")  # fmt: skip
-
-    args, cfg = study_config(
-        "bench.studies.selection_crossover", argv, description=__doc__.split("\n")[0],
-        device="cuda" if torch.cuda.is_available() else "cpu", smoke_reps=1, options=options,
-    )  # fmt: skip
+def _measure(args, cfg: RunConfig) -> list[Path]:
     parts = ("op", "predictor") if args.part == "all" else (args.part,)
     result = crossover(cfg, out=args.out, parts=parts)
     for level, rule in result["rules"].items():
@@ -499,9 +491,18 @@ def main(argv: list[str] | None = None) -> int:
     for level in parts:
         for c in result[level]["crossovers"]:
             print(f"crossover {level}: {c}")
-    print(f"wrote {args.out / 'selection_crossover.json'} in "
-          f"{sum(result['seconds'].values()):.0f} s")  # fmt: skip
-    return 0
+    print(f"measured in {sum(result['seconds'].values()):.0f} s")
+    return [args.out / "selection_crossover.json"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    def options(p) -> None:
+        p.add_argument("--part", choices=["all", "op", "predictor"], default="all",
+                       help="which level to measure")  # fmt: skip
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return study_main("bench.studies.selection_crossover", argv, _measure, doc=__doc__,
+                      device=device, smoke_reps=1, options=options)  # fmt: skip
 
 
 if __name__ == "__main__":

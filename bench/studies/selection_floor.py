@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from bench.harness import RunConfig, study_header, timing_description, write_json
-from bench.studies import study_config
+from bench.studies import study_main
 from bench.studies.selection_crossover import budgeted_ms
 from bench.suites import selection
 from tabattn_triton.ops.common import load_rows
@@ -190,17 +190,16 @@ def run(cfg: RunConfig, *, out: Path) -> dict[str, Any]:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    args, cfg = study_config(
-        "bench.studies.selection_floor",
-        argv,
-        description=__doc__.split("\n")[0],
-        device="cuda" if torch.cuda.is_available() else "cpu",
-        smoke_reps=1,
-    )
+def _measure(args, cfg: RunConfig) -> list[Path]:
     run(cfg, out=args.out)
-    print(f"wrote {args.out / 'selection_floor.json'}")
-    return 0
+    return [args.out / "selection_floor.json"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return study_main(
+        "bench.studies.selection_floor", argv, _measure, doc=__doc__, device=device, smoke_reps=1
+    )
 
 
 if __name__ == "__main__":

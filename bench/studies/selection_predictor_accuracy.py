@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from bench.harness import RunConfig, study_header, write_json
-from bench.studies import study_config
+from bench.studies import study_main
 from bench.studies.selection_crossover import forced_selection
 
 GOLDEN = Path("packages/tabpfn-infer/tests/data/peer_default.pt")
@@ -104,21 +104,20 @@ def predictor_accuracy(cfg: RunConfig, *, out: Path) -> dict[str, Any]:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    args, cfg = study_config(
-        "bench.studies.selection_predictor_accuracy",
-        argv,
-        description=__doc__.split("\n")[0],
-        device="cpu",
-    )
+def _measure(args, cfg: RunConfig) -> list[Path]:
     result = predictor_accuracy(cfg, out=args.out)
     for r in result["rows"]:
         print(f"{r['task']:9s} Nc {r['Nc']:5d} block {r['block']:3d} k {r['k']:4d} "
               f"({100 * r['context_fraction']:5.1f}% of the context): target |d| max "
               f"{r['max_abs_target_nats']:.3g} mean {r['mean_abs_target_nats']:.3g} nats, joint "
               f"|d| {r['mean_abs_joint_nats']:.3g} (dense joint {r['dense_mean_joint_nats']:.4g})")  # fmt: skip
-    print(f"wrote {args.out / 'selection_predictor_accuracy.json'}")
-    return 0
+    return [args.out / "selection_predictor_accuracy.json"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    return study_main(
+        "bench.studies.selection_predictor_accuracy", argv, _measure, doc=__doc__, device="cpu"
+    )
 
 
 if __name__ == "__main__":

@@ -15,14 +15,16 @@ winners are the default configs (`SM90_FWD_CONFIGS`), first in their lists.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from bench.harness import median_ms, study_header, write_json
-from bench.studies import study_config
+from bench.harness import RunConfig, median_ms, study_header, write_json
+from bench.studies import study_main
 from bench.suites.context_target import HEAD_DIMS, SIZES, H
 
 
-def main(argv: list[str] | None = None) -> int:
+def _measure(args, cfg: RunConfig) -> list[Path]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
@@ -30,9 +32,6 @@ def main(argv: list[str] | None = None) -> int:
     from tabattn_triton.ops.attention import interface
     from tabattn_triton.ops.attention.kernel_sm90 import SM90_FWD_CONFIGS
 
-    args, cfg = study_config(
-        "bench.studies.sm90_fwd_configs", argv, description=__doc__.split("\n")[0], device="cuda"
-    )
     torch.manual_seed(cfg.seed)
     rows = []
     for d in HEAD_DIMS:
@@ -87,8 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     header = study_header("sm90_fwd_configs", cfg, timing={"method": "triton.testing.do_bench",
                           "return_mode": "median", "warmup_ms": cfg.warmup_ms, "rep_ms": cfg.rep_ms})  # fmt: skip
     write_json(args.out / "sm90_fwd_configs.json", {"header": header, "rows": rows})
-    print(f"wrote {args.out / 'sm90_fwd_configs.json'}")
-    return 0
+    return [args.out / "sm90_fwd_configs.json"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    return study_main("bench.studies.sm90_fwd_configs", argv, _measure, doc=__doc__, device="cuda")
 
 
 if __name__ == "__main__":

@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from bench.harness import RunConfig, study_header, timing_description, write_json
+from bench.harness import RunConfig, study_header, write_json
 from bench.plot import plot_lines
-from bench.studies import study_config
+from bench.studies import print_runs, study_main
 from bench.suites import training
 from bench.suites.training import ALL, CASES, LR, SMOKE_CASES, Variant
 
@@ -85,16 +85,10 @@ def ddp_scaling(
             if run["status"] == "ok" and one.get("status") == "ok":
                 run["efficiency"] = run["tokens_per_s"] / (world / worlds[0] * one["tokens_per_s"])
     header = study_header(
-        "training_ddp",
-        cfg,
-        dtype=str(training.dtype(cfg)).removeprefix("torch."),
-        timing=timing_description(cfg),
-        case=case,
-        steps=steps,
-        worlds=list(worlds),
-        log_every=DDP_LOG_EVERY,
+        "training_ddp", cfg, dtype=str(training.dtype(cfg)).removeprefix("torch."), case=case,
+        steps=steps, worlds=list(worlds), log_every=DDP_LOG_EVERY,
         gpus_visible=torch.cuda.device_count(),
-    )
+    )  # fmt: skip
     result = {"header": header, "runs": runs}
     write_json(out / "training_ddp.json", result)
     _plot(result, out / "training_ddp.png")
@@ -129,11 +123,21 @@ def _plot(result: dict[str, Any], path: Path) -> None:
                     label=variant)  # fmt: skip
         ax.set_xticks(h["worlds"])
 
-    plot_lines(
-        path, draw, size=(6, 4), xlabel="GPUs (DDP ranks)", ylabel="tokens/s (all ranks)",
-        title=f"TNP training, DDP, B{c['B']} M{c['M']} N{c['N']} per rank — {h['gpu']}, "
-        f"{h['git_commit'][:12]}",
-    )  # fmt: skip
+    title = f"TNP training, DDP, B{c['B']} M{c['M']} N{c['N']} per rank"
+    plot_lines(path, draw, h, title, size=(6, 4), xlabel="GPUs (DDP ranks)",
+               ylabel="tokens/s (all ranks)")  # fmt: skip
+
+
+def _measure(args, cfg: RunConfig) -> list[Path]:
+    if args.worker:
+        ddp_worker(args.worker, steps=args.steps, log=args.rows_out, smoke=args.smoke)
+        return []
+    worlds = tuple(int(w) for w in args.worlds.split(","))
+    result = ddp_scaling(cfg, worlds=worlds, steps=args.steps, out=args.out,
+                         variants=tuple(args.variants.split(",")))  # fmt: skip
+    print_runs(result["runs"], lambda run: f"{run['tokens_per_s']:.4g} tokens/s, efficiency "
+               f"{run.get('efficiency', float('nan')):.3f}")  # fmt: skip
+    return [args.out / "training_ddp.json", args.out / "training_ddp.png"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,23 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--worker", metavar="VARIANT", help="run as one torchrun rank")
         p.add_argument("--rows-out", type=Path, help="--worker: where rank 0 writes its log")
 
-    args, cfg = study_config(
-        "bench.studies.training_ddp", argv, description=__doc__.split("\n")[0], options=options
-    )
-    if args.worker:
-        ddp_worker(args.worker, steps=args.steps, log=args.rows_out, smoke=args.smoke)
-        return 0
-    worlds = tuple(int(w) for w in args.worlds.split(","))
-    result = ddp_scaling(cfg, worlds=worlds, steps=args.steps, out=args.out,
-                         variants=tuple(args.variants.split(",")))  # fmt: skip
-    for key, run in result["runs"].items():
-        if run["status"] != "ok":
-            print(f"{key}: {run['status']}\n{run['reason']}")
-            continue
-        print(f"{key}: {run['tokens_per_s']:.4g} tokens/s, efficiency "
-              f"{run.get('efficiency', float('nan')):.3f}")  # fmt: skip
-    print(f"wrote {args.out / 'training_ddp.json'} and .png")
-    return 0
+    return study_main("bench.studies.training_ddp", argv, _measure, doc=__doc__, options=options)
 
 
 if __name__ == "__main__":

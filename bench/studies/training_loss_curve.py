@@ -20,9 +20,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bench.harness import RunConfig, Unavailable, study_header, timing_description, write_json
+from bench.harness import RunConfig, Unavailable, study_header, write_json
 from bench.plot import plot_lines
-from bench.studies import study_config
+from bench.studies import print_runs, study_main
 from bench.suites import training
 from bench.suites.training import ALL, CASES, LR, SMOKE_CASES, Variant
 
@@ -50,14 +50,8 @@ def loss_curves(cfg: RunConfig, *, steps: int, out: Path) -> dict[str, Any]:
                                   "config": train.to_dict(), "log": log}  # fmt: skip
         except Unavailable as exc:
             runs[variant.name] = {"status": "skipped", "reason": str(exc)}
-    header = study_header(
-        "training_loss_curve",
-        cfg,
-        dtype=str(training.dtype(cfg)).removeprefix("torch."),
-        timing=timing_description(cfg),
-        case=case,
-        steps=steps,
-    )
+    dtype = str(training.dtype(cfg)).removeprefix("torch.")
+    header = study_header("training_loss_curve", cfg, dtype=dtype, case=case, steps=steps)
     result = {"header": header, "runs": runs}
     logs = [r["log"] for r in list(runs.values())[:2] if r["status"] == "ok"]
     if len(logs) == 2:
@@ -81,33 +75,28 @@ def _plot(result: dict[str, Any], path: Path) -> None:
                 ax.plot([r["step"] for r in run["log"]], [r["loss"] for r in run["log"]],
                         label=name, lw=1)  # fmt: skip
 
-    plot_lines(
-        path, draw, size=(7, 4), xlabel="step", ylabel="loss (NLL, nats per target)",
-        title=f"TNP loss curves, B{c['B']} M{c['M']} N{c['N']}, seed {h['seed']} — "
-        f"{h['gpu']}, torch {h['torch']}, {h['git_commit'][:12]}",
-    )  # fmt: skip
+    title = f"TNP loss curves, B{c['B']} M{c['M']} N{c['N']}, seed {h['seed']}"
+    plot_lines(path, draw, h, title, size=(7, 4), xlabel="step",
+               ylabel="loss (NLL, nats per target)")  # fmt: skip
+
+
+def _measure(args, cfg: RunConfig) -> list[Path]:
+    result = loss_curves(cfg, steps=args.steps, out=args.out)
+    print_runs(result["runs"], lambda run: f"loss {run['log'][0]['loss']:.4f} -> "
+               f"{run['log'][-1]['loss']:.4f} in {run['seconds']:.1f} s")  # fmt: skip
+    if "max_abs_loss_difference" in result:
+        print(f"max |loss difference| {result['max_abs_loss_difference']:.4g}; final mean "
+              f"losses {result['final_mean_losses']}")  # fmt: skip
+    return [args.out / "training_loss_curve.json", args.out / "training_loss_curve.png"]
 
 
 def main(argv: list[str] | None = None) -> int:
     def options(p) -> None:
         p.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
 
-    args, cfg = study_config(
-        "bench.studies.training_loss_curve", argv, description=__doc__.split("\n")[0],
-        options=options,
-    )  # fmt: skip
-    result = loss_curves(cfg, steps=args.steps, out=args.out)
-    for name, run in result["runs"].items():
-        if run["status"] != "ok":
-            print(f"{name}: {run['status']} ({run['reason']})")
-            continue
-        print(f"{name}: loss {run['log'][0]['loss']:.4f} -> {run['log'][-1]['loss']:.4f} "
-              f"in {run['seconds']:.1f} s")  # fmt: skip
-    if "max_abs_loss_difference" in result:
-        print(f"max |loss difference| {result['max_abs_loss_difference']:.4g}; final mean "
-              f"losses {result['final_mean_losses']}")  # fmt: skip
-    print(f"wrote {args.out / 'training_loss_curve.json'} and .png")
-    return 0
+    return study_main(
+        "bench.studies.training_loss_curve", argv, _measure, doc=__doc__, options=options
+    )
 
 
 if __name__ == "__main__":

@@ -160,10 +160,6 @@ def x_label(case: dict[str, Any]) -> str:
     return f"B{case['B']}\nNc{case['Nc']}\nNt{case['Nt']}"
 
 
-def baseline(mode: str, cfg: RunConfig) -> str:
-    return "torch"
-
-
 # ---------------------------------------------------------------------------------------
 # providers: each call timed on the host clock; the correctness check reads which ran
 
@@ -302,6 +298,7 @@ SUITE = harness.register_suite(
             for name, backend, graph, precision, modes in PROVIDERS
         },
         reference=reference,  # the check of whichever provider ran last
+        baseline="torch",
         panel_keys=("dtype",),
         modes=MODES,
         reference_method=(

@@ -35,14 +35,13 @@ import torch
 
 from bench import harness
 from bench.harness import Check, Inputs, Provider, RunConfig, Suite, Unavailable, by_name
-from bench.suites.flex import compiled_flex_lse, need_cuda
+from bench.suites.flex import FLEX_BLOCK, compiled_flex_lse, need_cuda, selection_block_mask
 
 # the shapes: H query heads, Lq rows, Lk keys, GQA groups, head dims, n_sel blocks of bs keys
 GRID = {"H": 16, "Lq": 4096, "contexts": (8192, 32768, 65536, 131072), "groups": (1, 4, 16),
         "dims": (64, 128), "bs": 64, "sel": 16}  # fmt: skip
 # smoke: one shape (GQA 2, a short last block) under the interpreter
 SMOKE = {"H": 2, "Lq": 8, "contexts": (72,), "groups": (2,), "dims": (16,), "bs": 16, "sel": 2}
-FLEX_BLOCK = 128
 REFERENCE_MAX_SCORES = 2**28  # the dense masked reference provider: H * Lq * Lk at most
 CHECK_CHUNK_ELEMENTS = 2**26  # fp64 score elements per row chunk of the check
 PATTERNS = ("dense", "selection")
@@ -242,36 +241,11 @@ def _make_sdpa_cudnn(case: dict[str, Any], inputs: Inputs):
     return fn
 
 
-def _flex_block_mask(case: dict[str, Any], bi: torch.Tensor):
-    """BlockMask of the selection: kv block (FLEX_BLOCK keys) active for a query block where
-    any of its rows selected a key block inside it; mask_mod exact per key."""
-    from torch.nn.attention.flex_attention import BlockMask
-
-    lq, lk, g, bs = case["Lq"], case["Lk"], case["G"], case["bs"]
-    h_kv = bi.shape[1]
-    n_qb, n_kb, n_blocks = -(-lq // FLEX_BLOCK), -(-lk // FLEX_BLOCK), -(-lk // bs)
-    rows = torch.arange(lq, device=bi.device)[:, None, None].expand_as(bi)
-    heads = torch.arange(h_kv, device=bi.device)[None, :, None].expand_as(bi)
-    used = bi >= 0
-    active = torch.zeros(h_kv, n_qb, n_kb, dtype=torch.bool, device=bi.device)
-    active[heads[used], rows[used] // FLEX_BLOCK, bi[used] * bs // FLEX_BLOCK] = True
-    selected = torch.zeros(h_kv, lq, n_blocks, dtype=torch.bool, device=bi.device)
-    selected[heads[used], rows[used], bi[used]] = True
-    active, selected = active.repeat_interleave(g, 0), selected.repeat_interleave(g, 0)
-    num = active.sum(-1, dtype=torch.int32)[None]
-    indices = torch.argsort((~active).to(torch.int8), dim=-1, stable=True).to(torch.int32)[None]
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return selected[h, q_idx, kv_idx // bs]
-
-    return BlockMask.from_kv_blocks(num, indices, BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod)
-
-
 def _make_flex(case: dict[str, Any], inputs: Inputs):
     _only(case, "selection", "flex")
     q, k, v = _qkv(inputs)
     need_cuda(q, "flex")
-    block_mask = _flex_block_mask(case, inputs.extra["block_indices"])
+    block_mask = selection_block_mask(inputs.extra["block_indices"], case)
     compiled, scale, gqa = compiled_flex_lse(), inputs.extra["scale"], case["G"] > 1
 
     def fn():

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from bench import harness
-from bench.harness import Check, Inputs, Provider, RunConfig, Suite, Unavailable, by_name
+from bench.harness import Check, Inputs, Provider, RunConfig, Suite, by_name
 from bench.suites import floor
 from bench.suites import shared_context_providers as p
 from bench.suites.shared_context_providers import DECODE, TEACHER_FORCING, buffer_rows, query_rows
@@ -51,8 +51,6 @@ SMOKE_DECODE_SIZES = ((1, 3, 17, 5), (2, 2, 9, 3))
 SMOKE_TF_SIZES = ((2, 9, 4),)
 
 CHECK_PATHS = 8  # the fp64 check covers the first dataset's first CHECK_PATHS sample paths
-REFERENCE_MAX_SCORE_BYTES = 4 * 2**30  # reference provider: dense fp32 scores at most 4 GiB
-REFERENCE_MAX_BYTES = 24 * 2**30  # ... and its working set (scores, per-path fp32 K/V)
 
 SDPA_OF_MODE = {DECODE: "sdpa-materialised", TEACHER_FORCING: "sdpa-mask"}
 FLEX_OF_MODE = {DECODE: ("flex-materialised", "flex-split"), TEACHER_FORCING: ("flex-tf",)}
@@ -163,38 +161,6 @@ def reference(case: dict[str, Any], inputs: Inputs, mode: str, cfg: RunConfig) -
         "out": Check(torch.cat(outs, dim=1), subset),
         "lse": Check(torch.cat(lses, dim=1), subset),
     }
-
-
-def _reference_bytes(case: dict[str, Any]) -> tuple[int, int]:
-    """(fp32 score bytes, working-set estimate) of the dense reference: scores, their
-    softmax, and the fp32 K/V that its broadcast matmul materialises per path."""
-    rows = case["G"] * case["S"] * case["H"] * query_rows(case)
-    keys = case["Nc"] + buffer_rows(case)
-    scores = 4 * rows * keys
-    per_path_kv = 4 * 2 * case["G"] * case["S"] * case["H"] * keys * case["D"]
-    return scores, 3 * scores + per_path_kv
-
-
-def _make_reference(case: dict[str, Any], inputs: Inputs):
-    from tabattn_core import reference as core_reference
-
-    q, k_ctx, v_ctx, k_buf, v_buf = p.tensors(inputs)
-    scores, working = _reference_bytes(case)
-    if scores > REFERENCE_MAX_SCORE_BYTES or working > REFERENCE_MAX_BYTES:
-        raise Unavailable(
-            f"reference skipped: dense fp32 scores {scores / 2**30:.1f} GiB (limit "
-            f"{REFERENCE_MAX_SCORE_BYTES / 2**30:.0f}), working set ~{working / 2**30:.1f} GiB "
-            f"(limit {REFERENCE_MAX_BYTES / 2**30:.0f})"
-        )
-    scale = inputs.extra["scale"]
-    if case["mode"] == DECODE:
-        t = case["T"]
-        return lambda: core_reference.shared_context_attention(
-            q, k_ctx, v_ctx, k_buf, v_buf, buffer_len=t, scale=scale
-        )
-    return lambda: core_reference.teacher_forcing_attention(
-        q, k_ctx, v_ctx, k_buf, v_buf, scale=scale
-    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -323,7 +289,7 @@ SUITE = harness.register_suite(
             ),
             Provider(
                 "reference",
-                _make_reference,
+                p.make_reference,
                 "tabattn_core.reference.shared_context_attention / "
                 "teacher_forcing_attention (dense, fp32 softmax)",
             ),

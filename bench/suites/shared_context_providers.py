@@ -13,10 +13,12 @@ from typing import Any
 import torch
 
 from bench.harness import Inputs, Unavailable, compile_static, need_gpu_or_interpreter
-from bench.suites.flex import compiled_flex_lse, flex_lse, need_cuda
+from bench.suites.flex import compiled_flex_lse, flex_lse, need_cuda, teacher_forcing_block_mask
 
 DECODE, TEACHER_FORCING = "decode", "teacher_forcing"
 GRAPH_WARMUP_CALLS = 3
+REFERENCE_MAX_SCORE_BYTES = 4 * 2**30  # reference provider: dense fp32 scores at most 4 GiB
+REFERENCE_MAX_BYTES = 24 * 2**30  # ... and its working set (scores, per-path fp32 K/V)
 
 
 def buffer_rows(case: dict[str, Any]) -> int:
@@ -96,32 +98,20 @@ def make_tabattn(case: dict[str, Any], inputs: Inputs):
     return lambda: op(q, k_ctx, v_ctx, k_buf, v_buf, scale=scale)
 
 
-def _graphed(call: Callable[[], Any], device: torch.device):
-    """`call` captured once in a CUDA graph (after warm-up calls on a side stream, as the
-    torch docs ask); the returned callable replays it and returns the static outputs."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.no_grad(), torch.cuda.stream(side):
-        for _ in range(GRAPH_WARMUP_CALLS):
-            call()
-    torch.cuda.current_stream(device).wait_stream(side)
-    torch.cuda.synchronize(device)
-    graph = torch.cuda.CUDAGraph()
-    with torch.no_grad(), torch.cuda.graph(graph):
-        static = call()
-    torch.cuda.synchronize(device)
-
-    def replay():
-        graph.replay()
-        return static
-
-    return replay
-
-
 def make_tabattn_graph(case: dict[str, Any], inputs: Inputs):
+    """`make_tabattn`'s call captured once in a CUDA graph (GRAPH_WARMUP_CALLS warm-up
+    calls on a side stream first); the callable replays it and returns its outputs."""
+    from tabattn_core.graphs import capture
+
     q = inputs.leaves["q"]
     need_cuda(q, "tabattn-graph (CUDA graph replay)")
-    return _graphed(make_tabattn(case, inputs), q.device)
+    call = make_tabattn(case, inputs)
+
+    def forward():
+        with torch.no_grad():
+            return call()
+
+    return capture(forward, device=q.device, warmup=GRAPH_WARMUP_CALLS).replay
 
 
 def make_sdpa_materialised(case: dict[str, Any], inputs: Inputs):
@@ -205,27 +195,42 @@ def make_flex_split(case: dict[str, Any], inputs: Inputs):
 
 
 def make_flex_tf(case: dict[str, Any], inputs: Inputs):
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    from tabattn_core.masks import TeacherForcingMask
-
     q = inputs.leaves["q"]
     need_cuda(q, "flex")
     k, v = _materialised(case, inputs)
     q2 = q.reshape(-1, *q.shape[2:])
-    nt, nc = case["Nt"], case["Nc"]
-    spec = TeacherForcingMask(nt, nc)  # one fixed context length: context_lens has 1 entry
-    # The spec's tensors on the device, so its mask_mod moves nothing inside the kernel.
-    spec.context_lens = spec.context_lens.to(q.device)
-    spec.buffer_visible = spec.buffer_visible.to(q.device)
-    spec_mod = spec.mask_mod()
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        # The spec indexes its (single) context length by b; every path has the same one.
-        return spec_mod(torch.zeros_like(b), h, q_idx, kv_idx)
-
-    block_mask = create_block_mask(
-        mask_mod, B=None, H=None, Q_LEN=2 * nt, KV_LEN=nc + nt, device=q.device
-    )
+    block_mask = teacher_forcing_block_mask(case["Nt"], case["Nc"], q.device)
     compiled, scale, gqa = compiled_flex_lse(), inputs.extra["scale"], _gqa(case)
     return lambda: _as_op_layout(case, *compiled(q2, k, v, scale, block_mask, gqa))
+
+
+def _reference_bytes(case: dict[str, Any]) -> tuple[int, int]:
+    """(fp32 score bytes, working-set estimate) of the dense reference: scores, their
+    softmax, and the fp32 K/V that its broadcast matmul materialises per path."""
+    rows = case["G"] * case["S"] * case["H"] * query_rows(case)
+    keys = case["Nc"] + buffer_rows(case)
+    scores = 4 * rows * keys
+    per_path_kv = 4 * 2 * case["G"] * case["S"] * case["H"] * keys * case["D"]
+    return scores, 3 * scores + per_path_kv
+
+
+def make_reference(case: dict[str, Any], inputs: Inputs):
+    from tabattn_core import reference as core_reference
+
+    q, k_ctx, v_ctx, k_buf, v_buf = tensors(inputs)
+    scores, working = _reference_bytes(case)
+    if scores > REFERENCE_MAX_SCORE_BYTES or working > REFERENCE_MAX_BYTES:
+        raise Unavailable(
+            f"reference skipped: dense fp32 scores {scores / 2**30:.1f} GiB (limit "
+            f"{REFERENCE_MAX_SCORE_BYTES / 2**30:.0f}), working set ~{working / 2**30:.1f} GiB "
+            f"(limit {REFERENCE_MAX_BYTES / 2**30:.0f})"
+        )
+    scale = inputs.extra["scale"]
+    if case["mode"] == DECODE:
+        t = case["T"]
+        return lambda: core_reference.shared_context_attention(
+            q, k_ctx, v_ctx, k_buf, v_buf, buffer_len=t, scale=scale
+        )
+    return lambda: core_reference.teacher_forcing_attention(
+        q, k_ctx, v_ctx, k_buf, v_buf, scale=scale
+    )

@@ -158,10 +158,6 @@ def x_label(case: dict[str, Any]) -> str:
     return f"{case['name']}\nB{case['B']} M{case['M']}\nN{case['N']}"
 
 
-def baseline(mode: str, cfg: RunConfig) -> str:
-    return "sdpa"
-
-
 def reference(case: dict[str, Any], inputs: Inputs, mode: str, cfg: RunConfig) -> dict[str, Check]:
     """The loss at the initial weights in fp32 (sdpa attention, torch head/MLP/loss)."""
     config = replace(model_config(case["tiny"]), **Variant(()).backends())
@@ -313,6 +309,7 @@ SUITE = harness.register_suite(
             )
             for v in VARIANTS
         },
+        baseline="sdpa",
         modes=("step",),
         reference_method=(
             "loss of the first step (initial weights, same seed and batch) against the same "

@@ -104,10 +104,6 @@ def x_label(case: dict[str, Any]) -> str:
     return f"R{case['R']}" if case["op"] == GMM else f"N{case['N']}"
 
 
-def baseline(mode: str, cfg: RunConfig) -> str:
-    return "torch"
-
-
 # ---------------------------------------------------------------------------------------
 # correctness reference: fp64
 
@@ -302,6 +298,7 @@ SUITE = harness.register_suite(
                 "head: torch.bmm on the stacked [K, ...] weights (x expanded, no copy)",
             ),
         ),
+        baseline="torch",
         panel_keys=("op",),
         reference_method=(
             "fp64 run of the core reference (tabattn_core.gmm.gmm_nll, tabattn_core.mlp) on "
