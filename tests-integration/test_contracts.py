@@ -37,24 +37,8 @@ def _params(fn) -> list[tuple[str, bool, object]]:
     ]
 
 
-# Signatures that still differ, each until its change lands (strict: an entry that matches
-# fails, so it goes once it is fixed).
-PENDING = {("triton", "mlp"): "mlp(impl=) is being removed"}
-
-
 @pytest.mark.parametrize(
-    "backend, op",
-    [
-        pytest.param(
-            b,
-            op,
-            marks=[pytest.mark.xfail(strict=True, reason=PENDING[(b, op)])]
-            if (b, op) in PENDING
-            else [],
-        )
-        for b, backend in BACKENDS.items()
-        for op in backend.ops
-    ],
+    "backend, op", [(b, op) for b, backend in BACKENDS.items() for op in backend.ops]
 )
 def test_registered_ops_take_the_registry_signature(backend, op):
     assert _params(BACKENDS[backend].ops[op]) == _parse(OPS[op])

@@ -1,4 +1,4 @@
-"""Feed-forward block `fused_mlp.mlp` (impl "triton" and "torch") against
+"""Feed-forward block `fused_mlp.mlp` against
 `tabattn_core.mlp.mlp`: y and dx, dw1, dw2.
 
 CPU: under the Triton interpreter (fp32/fp16, small shapes). GPU (`-m gpu`): the TNP FFN
@@ -16,11 +16,11 @@ from tabattn_core.checks import InputError
 from tabattn_triton.ops.fused_mlp import mlp
 
 
-def run_ffn(shape, d_in, d_hidden, d_out, dtype, *, activation="gelu", impl="triton"):
+def run_ffn(shape, d_in, d_hidden, d_out, dtype, *, activation="gelu"):
     x = torch.randn(*shape, d_in, device=DEVICE, dtype=dtype, requires_grad=True)
     w1, w2 = make_weights(1, d_in, d_hidden, d_out, dtype, grouped=False)
     compare_mlp(
-        lambda *t: mlp(*t, activation=activation, impl=impl),
+        lambda *t: mlp(*t, activation=activation),
         lambda *t: core_mlp.mlp(*t, activation=activation),
         [x, w1, w2],
         dtype,
@@ -32,9 +32,8 @@ def test_leading_dims(activation):
     run_ffn((2, 13), 24, 40, 24, torch.float32, activation=activation)
 
 
-def test_fp16_and_torch_impl():
+def test_fp16():
     run_ffn((33,), 32, 48, 32, torch.float16)
-    run_ffn((3, 5), 24, 40, 24, torch.float32, impl="torch")
 
 
 def test_linear_layout_weights():
@@ -53,8 +52,6 @@ def test_linear_layout_weights():
 def test_input_errors():
     x = torch.randn(4, 16, device=DEVICE)
     w1, w2 = make_weights(1, 16, 24, 16, torch.float32, grouped=False)
-    with pytest.raises(InputError, match="impl"):
-        mlp(x, w1, w2, impl="cublas")
     with pytest.raises(InputError, match="activation"):
         mlp(x, w1, w2, activation="tanh")
     with pytest.raises(InputError, match="w2: expected shape"):
@@ -63,9 +60,8 @@ def test_input_errors():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("impl", ["triton", "torch"])
-def test_gpu_tnp_ffn(dtype, impl):
-    run_ffn((16, 512), 512, 1365, 512, dtype, impl=impl)
+def test_gpu_tnp_ffn(dtype):
+    run_ffn((16, 512), 512, 1365, 512, dtype)
 
 
 @pytest.mark.gpu

@@ -1,5 +1,5 @@
-"""Transformer feed-forward block (GEMM + activation epilogue, then GEMM), Triton or torch."""
+"""Transformer feed-forward block (GEMM + activation epilogue, then GEMM)."""
 
-from tabattn_triton.ops.fused_mlp.interface import DEFAULT_IMPL, IMPLS, mlp
+from tabattn_triton.ops.fused_mlp.interface import mlp
 
-__all__ = ["DEFAULT_IMPL", "IMPLS", "mlp"]
+__all__ = ["mlp"]
