@@ -126,7 +126,7 @@ def test_rotation_is_orthogonal_cached_and_exact(d):
 def test_rotation_recovers_outlier_channels():
     # FP8 emulation (fp64, CPU): two q/k channels 100x larger. The rotation spreads them
     # over all 128 channels; measured LSE error 0.004-0.007 rotated vs 0.025-0.028 not
-    # (seeds 42-47), out 0.10-0.25 vs 0.27-0.53 (bench/suites/fp8.py's emulated table).
+    # (seeds 42-47), out 0.10-0.25 vs 0.27-0.53 (bench/studies/fp8_emulated_accuracy.py).
     q, k, v = outlier_inputs(AttentionShape(1, 2, 2, 768, 1024, 128))
     ref_out, ref_lse = exact(q, k, v)
     rot_out, rot_lse = reference.attention(q, k, v, rotate=True, quantize_v=False)

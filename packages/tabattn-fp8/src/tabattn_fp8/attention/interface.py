@@ -41,7 +41,7 @@ __all__ = ["FP8AttentionFunction", "fp8_attention", "fp8_context_target_attentio
 Q_BLOCK = 128  # rows per Q scale
 # P·V in FP8 only where it keeps the accuracy bound (cosine >= 0.999 against fp64 on
 # Gaussian inputs): it does not (0.9985 with P and V in E4M3, 0.9992 with P·V in bf16;
-# `python -m bench.suites.fp8` and bench/results/fp8.json), so P·V runs in bf16 unless asked.
+# `python -m bench.studies.fp8_emulated_accuracy` and bench/results/fp8.json), so P·V runs in bf16 unless asked.
 P_FP8_DEFAULT = False
 
 

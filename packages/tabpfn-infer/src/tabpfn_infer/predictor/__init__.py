@@ -48,7 +48,7 @@ _said = LogOnce()
 # than DENSE_CONTEXT_BELOW rows, or top_k * block_size covering at least
 # DENSE_CONTEXT_FRACTION of the context. One rule for decoding and teacher forcing (both
 # then read the same keys: the chain rule holds). Measured by `python -m
-# bench.suites.selection crossover` (default ARTabPFN, float32, triton backend, eager, one
+# bench.studies.selection_crossover` (default ARTabPFN, float32, triton backend, eager, one
 # shared context; evaluate_joint_density and sample_sequence; the rule of least summed
 # relative time lost over its grid): bench/results/selection_crossover.json, "rules" ->
 # "predictor" (that run, on an H200 at commit f1e78e4, was cut off in the predictor part; its
@@ -113,7 +113,7 @@ class ARTabPFNPredictor:
     and the two parts are merged by their LSEs. A row's blocks depend only on its query and
     the context, so decoding and teacher forcing pick the same ones (the chain rule holds).
     k >= the number of blocks is exact. Where exact dense attention was measured faster
-    (`bench.suites.selection crossover`), it is used instead, and the results are those of
+    (`bench.studies.selection_crossover`), it is used instead, and the results are those of
     the predictor without top-k: contexts shorter than `DENSE_CONTEXT_BELOW` rows, or k
     blocks covering at least `DENSE_CONTEXT_FRACTION` of the context (module constants; one
     rule for decoding and teacher forcing, so the chain rule still holds; each op's first
