@@ -108,6 +108,13 @@ def test_the_sm90_backward_runs_only_when_sm90_is_forced(monkeypatch):
     assert dispatch.backward_kernel("sm90", None) == "sm90"
 
 
+def test_deterministic_algorithms_take_the_portable_backward(monkeypatch):
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert dispatch.backward_kernel("sm90", "sm90") == "portable"
+    monkeypatch.setenv(ENV, "sm90")
+    assert dispatch.backward_kernel("sm90", None) == "portable"
+
+
 # ---- GPU (Hopper): calls routed to cuDNN -------------------------------------------------
 
 

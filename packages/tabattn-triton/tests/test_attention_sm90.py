@@ -150,3 +150,24 @@ def test_gpu_sm90_varlen(causal, monkeypatch):
     compare_varlen(
         [m + n for m, n in zip(ms, ns, strict=True)], ms, 8, 2, 64, causal, torch.bfloat16
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_gpu_sm90_deterministic_backward_repeats_bit_for_bit():
+    """With torch's deterministic algorithms on, sm90 forced takes the portable backward
+    (no dQ atomics): two backward passes give identical gradients."""
+    shape = AttentionShape(2, 8, 8, 1500, 1000, 64)
+    q, k, v = make_inputs(shape, torch.bfloat16)
+    mask = masks.ContextTargetMask(shape.Lq, shape.Lk, shape.Lk)
+    grads = []
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        for _ in range(2):
+            q.grad = k.grad = v.grad = None
+            out = flash_attention(q, k, v, mask=mask, kernel="sm90")
+            out.backward(torch.ones_like(out))
+            grads.append([t.grad.clone() for t in (q, k, v)])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))

@@ -170,5 +170,9 @@ def choose_kernel(q, k, v, kernel: str | None, pm, *, lse: bool, varlen: bool = 
 
 def backward_kernel(forward: str, kernel: str | None) -> str:
     """The backward after forward kernel `forward`: the sm90 one only when "sm90" is
-    forced (see above), else the portable one."""
+    forced (see above), else the portable one. With torch's deterministic algorithms on
+    (`torch.use_deterministic_algorithms`) always the portable one: it computes dQ in a
+    kernel of its own, while the sm90 backward adds dQ with fp32 atomics in no fixed order."""
+    if torch.are_deterministic_algorithms_enabled():
+        return "portable"
     return "sm90" if forward == "sm90" and requested_kernel(kernel) == "sm90" else "portable"
