@@ -1,8 +1,10 @@
 """The op registry: the torch backend, automatic choice and its reason, forcing by name or
-environment variable, discovery through entry points and known modules, broken backends."""
+environment variable, discovery through entry points and known modules, broken backends,
+the backends' capability fields."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import sys
 import types
@@ -10,9 +12,9 @@ import types
 import pytest
 import torch
 
-from tabattn_core import reference
+from tabattn_core import mlp, reference
 from tabattn_core.checks import InputError
-from tabattn_core.registry import OPS, Backend, Registry, registry
+from tabattn_core.registry import ATTENTION_OPS, DENSE_OPS, OPS, Backend, Registry, registry
 
 
 @pytest.fixture
@@ -38,6 +40,39 @@ def test_torch_backend_implements_every_op():
     torch_backend = next(b for b in registry.backends() if b.name == "torch")
     assert set(torch_backend.ops) == set(OPS)
     assert torch_backend.ops["attention"] is reference.attention
+
+
+# (materialises_scores, graph_safe, fused_dense) of the backends shipped in this workspace.
+DECLARED = {
+    "torch": (True, False, False),
+    "triton": (False, True, True),
+    "fp8": (False, True, False),
+}
+
+
+@pytest.mark.parametrize("name", DECLARED)
+def test_every_backend_declares_its_capabilities(name):
+    """Each shipped backend (the kernel packages where they load) declares what it can do,
+    consistently with its ops: a backend registering a reference attention op materialises
+    the scores and is not graph-safe (the references read tensor lengths on the host); its
+    dense ops are fused exactly when they are not core's references."""
+    backends = {b.name: b for b in registry.backends()}
+    if name not in backends:
+        pytest.skip(f"backend {name!r} did not load here ({registry.load_errors})")
+    backend = backends[name]
+    declared = (backend.materialises_scores, backend.graph_safe, backend.fused_dense)
+    assert declared == DECLARED[name]
+    references = [op for op in ATTENTION_OPS if backend.ops.get(op) is getattr(reference, op)]
+    assert backend.materialises_scores == bool(references)
+    assert not (backend.graph_safe and references)
+    dense = [op for op in DENSE_OPS if op in backend.ops]
+    assert backend.fused_dense == any(backend.ops[op] is not getattr(mlp, op) for op in dense)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        backend.graph_safe = not backend.graph_safe
+
+
+def test_capability_ops_are_registry_ops():
+    assert set(ATTENTION_OPS) | set(DENSE_OPS) <= set(OPS)
 
 
 def test_auto_on_cpu_picks_torch_and_says_why(fresh):
@@ -75,6 +110,18 @@ def test_named_and_forced_backends(fresh, monkeypatch):
         ),
         (lambda r: r.choose("auto", device="cpu", op="flash"), "op: expected one of"),
         (lambda r: r.register_backend(Backend("x", 1, {"flash": print})), "backend.ops"),
+        (
+            lambda r: r.register_backend(Backend("x", 1, {"mlp": print}, graph_safe=1)),
+            "backend.graph_safe: expected a bool, got 1",
+        ),
+        (
+            lambda r: r.register_backend(Backend("x", 1, {"mlp": print}, materialises_scores=True)),
+            "backend.materialises_scores: expected False for a backend without any of",
+        ),
+        (
+            lambda r: r.register_backend(Backend("x", 1, {"attention": print}, fused_dense=True)),
+            "backend.fused_dense: expected False for a backend without any of",
+        ),
     ],
 )
 def test_errors_name_the_problem(fresh, call, match):

@@ -6,7 +6,9 @@ kernel packages register more through the `tabattn.backends` entry point group (
 taking the registry), and, when run from source without installed metadata, by importing the
 known backend modules. `get_backend("auto", device=...)` picks the highest-priority backend
 available on the device that implements the op, and says why once (logger "tabattn").
-The environment variable TABATTN_BACKEND forces a backend by name.
+The environment variable TABATTN_BACKEND forces a backend by name. What a backend can do
+beyond its ops is in its capability fields (`Backend`), which callers read instead of
+testing its name.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from tabattn_core import gmm, mlp, reference
 from tabattn_core.checks import InputError
 
 __all__ = [
+    "ATTENTION_OPS",
+    "DENSE_OPS",
     "OPS",
     "Backend",
     "BackendChoice",
@@ -66,6 +70,18 @@ OPS: dict[str, str] = {
     ),
 }
 
+# The ops that compute attention scores, and the dense ones (GEMMs with their epilogues):
+# the ops that `Backend.materialises_scores` and `Backend.fused_dense` speak of.
+ATTENTION_OPS = (
+    "attention",
+    "context_target_attention",
+    "shared_context_attention",
+    "teacher_forcing_attention",
+    "varlen_attention",
+    "selection_attention",
+)
+DENSE_OPS = ("linear", "mlp", "grouped_mlp")
+
 # Backend modules tried when entry points are not installed (running from source).
 KNOWN_BACKEND_MODULES = ("tabattn_triton.backend", "tabattn_fp8.backend")
 ENTRY_POINT_GROUP = "tabattn.backends"
@@ -76,12 +92,17 @@ def _everywhere(device: torch.device) -> tuple[bool, str]:
     return True, f"runs on any device ({device.type} included)"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Backend:
-    """A named set of op implementations.
+    """A named set of op implementations and what they can do.
 
     `available(device) -> (ok, why)` says whether it can run on a device; `priority` orders
-    the automatic choice (higher first).
+    the automatic choice (higher first). Capabilities, which callers read instead of the
+    name (each False unless the backend declares it):
+
+    - `materialises_scores`: its ATTENTION_OPS hold the dense [Lq, Lk] scores in memory.
+    - `graph_safe`: once warmed up, its ops run without host syncs (CUDA graphs capture them).
+    - `fused_dense`: its DENSE_OPS are fused kernels, to run in place of PyTorch's modules.
     """
 
     name: str
@@ -89,6 +110,9 @@ class Backend:
     ops: dict[str, Callable] = field(default_factory=dict)
     available: Callable[[torch.device], tuple[bool, str]] = _everywhere
     description: str = ""
+    materialises_scores: bool = False
+    graph_safe: bool = False
+    fused_dense: bool = False
 
 
 @dataclass(frozen=True)
@@ -108,10 +132,24 @@ class Registry:
         self._lock = threading.RLock()
 
     def register_backend(self, backend: Backend) -> None:
-        """Add (or replace) a backend; its ops must be known op names."""
+        """Add (or replace) a backend; its ops must be known op names, its capabilities
+        bools, and each capability must speak of ops it has."""
         unknown = sorted(set(backend.ops) - set(OPS))
         if unknown:
             raise InputError(f"backend.ops: expected op names among {sorted(OPS)}, got {unknown}")
+        for name, ops in (
+            ("materialises_scores", ATTENTION_OPS),
+            ("graph_safe", OPS),
+            ("fused_dense", DENSE_OPS),
+        ):
+            value = getattr(backend, name)
+            if not isinstance(value, bool):
+                raise InputError(f"backend.{name}: expected a bool, got {value!r}")
+            if value and not set(ops) & set(backend.ops):
+                raise InputError(
+                    f"backend.{name}: expected False for a backend without any of {list(ops)}, "
+                    f"got True (ops: {sorted(backend.ops)})"
+                )
         with self._lock:
             self._backends[backend.name] = backend
 
@@ -219,6 +257,12 @@ def _torch_backend() -> Backend:
         name="torch",
         priority=0,
         description="PyTorch references (tabattn_core.reference); CPU and CUDA",
+        # The references build the dense scores, read lengths given as tensors on the host
+        # (shared_context_attention's buffer_len), and compute the dense ops in fp32 for
+        # 16-bit inputs, no faster than the modules.
+        materialises_scores=True,
+        graph_safe=False,
+        fused_dense=False,
         ops={
             "attention": reference.attention,
             "context_target_attention": reference.context_target_attention,

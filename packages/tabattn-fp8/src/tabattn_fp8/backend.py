@@ -61,5 +61,8 @@ def register(registry: Registry) -> None:
             },
             available=available,
             description="FP8 E4M3 attention forward on Hopper (tabattn-fp8), bf16 backward",
+            # Flash kernels, scales computed on the device; no dense ops.
+            materialises_scores=False,
+            graph_safe=True,
         )
     )

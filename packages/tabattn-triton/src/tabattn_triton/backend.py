@@ -75,5 +75,11 @@ def register(registry: Registry) -> None:
             },
             available=available,
             description="Triton kernels (tabattn-triton)",
+            # Flash kernels (only "attention" with a mask that is not a prefix mask runs the
+            # reference, reported once); lengths read on the device, varlen offsets read on
+            # the host once per tensor (remembered).
+            materialises_scores=False,
+            graph_safe=True,
+            fused_dense=True,
         )
     )
