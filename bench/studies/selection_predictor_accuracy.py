@@ -60,8 +60,8 @@ def predictor_accuracy(cfg: RunConfig, *, out: Path) -> dict[str, Any]:
     from tabpfn_infer.predictor import ARTabPFNPredictor
     from tabpfn_infer.training.prior import sample_tasks
 
-    backend = "torch" if cfg.device.type == "cpu" else "triton"
-    dtype = torch.float64 if backend == "torch" else torch.float32
+    cpu = cfg.device.type == "cpu"
+    backend, dtype = ("torch", torch.float64) if cpu else ("triton", torch.float32)
     models = _accuracy_models()
     rows = []
     for name, (b, nc, nt, block, ks) in (SMOKE_TASKS if cfg.smoke else ACCURACY_TASKS).items():

@@ -37,7 +37,7 @@ from tabpfn_infer.predictor.inputs import Batch, arrange, check_finite
 from tabpfn_infer.predictor.layers import InferenceBackbone, LinearOp, modules_linear
 from tabpfn_infer.predictor.precision import in_precision_scope
 from tabpfn_infer.predictor.routing import SCORE_BUDGET as SCORE_BUDGET  # bench/ reads it here
-from tabpfn_infer.predictor.routing import capabilities, routed_op
+from tabpfn_infer.predictor.routing import routed_op
 
 __all__ = ["ARTabPFNPredictor", "check_finite"]
 
@@ -179,9 +179,10 @@ class ARTabPFNPredictor:
     def _linear(self, device: torch.device) -> LinearOp:
         """The fused linear op (GEMM + bias/activation/residual/norm in one launch) of the
         backend running the decode op, or the modules' arithmetic (`modules_linear`) where it
-        has none (`capabilities`)."""
+        has none (`Backend.fused_dense`: the references' is fp32 and no faster)."""
         backend = get_backend(self.backend, device=device, op="shared_context_attention")
-        return backend.ops["linear"] if capabilities(backend).fused_linear else modules_linear
+        fused = backend.fused_dense and "linear" in backend.ops
+        return backend.ops["linear"] if fused else modules_linear
 
     def _ops(self, device: torch.device):
         """(op(name) on `device`, the linear op) for the passes."""
@@ -312,13 +313,13 @@ class ARTabPFNPredictor:
 
     def _graphs_apply(self, device: torch.device) -> bool:
         """CUDA graphs are used with `cuda_graph`, on CUDA, with a backend that gains from
-        them (`capabilities`: the kernels) and without `context_top_k` (its block selection
-        syncs with the host)."""
+        them (`Backend.graph_safe`: the kernels) and without `context_top_k` (its block
+        selection syncs with the host)."""
         if not (self.cuda_graph and device.type == "cuda" and self.context_top_k is None):
             return False
         if device not in self._graph_devices:  # the registry's choice, resolved once
             backend = get_backend(self.backend, device=device, op="shared_context_attention")
-            self._graph_devices[device] = capabilities(backend).graph_capture
+            self._graph_devices[device] = backend.graph_safe
         return self._graph_devices[device]
 
     @property

@@ -1,59 +1,39 @@
-"""The registry's ops as the predictor calls them: reference calls split to bound their
-dense scores, and with `context_top_k` the context part of the decode and teacher-forcing
-ops read through the top-k block selection, merged with their exact buffer part by LSE
+"""The registry's ops as the predictor calls them: calls of a backend that materialises the
+scores (`Backend.materialises_scores`: the PyTorch references) split to bound them, and
+with `context_top_k` the context part of the decode and teacher-forcing ops read through
+the top-k block selection, merged with their exact buffer part by LSE
 (`tabattn_core.context_buffer_op`)."""
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
 from tabattn_core.checks import InputError
 from tabattn_core.context_buffer import context_buffer_op
-from tabattn_core.registry import Backend, get_backend
+from tabattn_core.registry import get_backend
 from tabattn_core.selection import select_blocks
 
-__all__ = ["CONTEXT_OPS", "SCORE_BUDGET", "Capabilities", "capabilities", "routed_op"]
+__all__ = ["CONTEXT_OPS", "SCORE_BUDGET", "routed_op"]
 
 # The ops whose context part `context_top_k` replaces by selection attention.
 CONTEXT_OPS = ("shared_context_attention", "teacher_forcing_attention")
 
-SCORE_BUDGET = 512 * 2**20  # bytes of fp32 scores per reference attention call
-
-
-@dataclass(frozen=True)
-class Capabilities:
-    """What the predictor needs to know of a backend beyond its ops."""
-
-    materialises_scores: bool  # its attention ops hold the dense [L, N] scores in memory
-    fused_linear: bool  # its "linear" op is one launch, to run in place of the modules
-    graph_capture: bool  # its kernels gain from being replayed from CUDA graphs
-
-
-def capabilities(backend: Backend) -> Capabilities:
-    """The capabilities of `backend`."""
-    # Core's `Backend` has no capability fields yet; until it has, they are derived here,
-    # the predictor's one test of a backend's name: the PyTorch references ("torch")
-    # materialise the scores, and their "linear" is not the modules' arithmetic (it
-    # computes in fp32 for 16-bit inputs) and is no faster; every other backend runs
-    # kernels.
-    references = backend.name == "torch"
-    return Capabilities(
-        materialises_scores=references,
-        fused_linear=not references and "linear" in backend.ops,
-        graph_capture=not references,
-    )
+# Bytes of fp32 scores per attention call of a backend that materialises them. The split
+# stays here rather than in core's torch backend: its ops are the references (the ground
+# truth, kept simple), and the predictor also splits its own top-k context op.
+SCORE_BUDGET = 512 * 2**20
 
 
 def split_call(
     op, name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *buffers, **kwargs
 ):
-    """Run a reference op in slices so its dense scores stay under SCORE_BUDGET: "attention"
-    (q [B, H, L, D]) along B; the shared-context ops and the top-k context (q [G, S, H, L,
-    D]) along S, or along G (with the context) when S = 1. Returns (out, lse) like the op."""
+    """Run an op that materialises the scores in slices, so they stay under SCORE_BUDGET:
+    "attention" (q [B, H, L, D]) along B; the shared-context ops and the top-k context
+    (q [G, S, H, L, D]) along S, or along G (with the context) when S = 1. Returns
+    (out, lse) like the op."""
     keys = k.shape[-2] + (buffers[0].shape[-2] if buffers and buffers[0] is not None else 0)
     dim = 0 if name == "attention" or q.shape[1] == 1 else 1
     per_slice = 4 * keys * (q.numel() // q.shape[-1]) // max(q.shape[dim], 1)
@@ -135,14 +115,14 @@ def routed_op(
     dense: Callable[[int], bool],
 ) -> Callable:
     """The registry's implementation of op `name` (of `backend` on `device`); where it
-    materialises the scores (`capabilities`), the call is split along datasets or sample
-    paths to keep them under SCORE_BUDGET bytes. With top_k,
-    the decode and teacher-forcing ops read the context through `top_k_context` (blocks of
-    block_size rows), merged with the op over the buffer alone (`context_buffer_op`), or
-    densely where `dense(Nc)`."""
+    materialises the scores (`Backend.materialises_scores`), the call is split along
+    datasets or sample paths to keep them under SCORE_BUDGET bytes. With top_k, the decode
+    and teacher-forcing ops read the context through `top_k_context` (blocks of block_size
+    rows), merged with the op over the buffer alone (`context_buffer_op`), or densely where
+    `dense(Nc)`."""
     chosen = get_backend(backend, device=device, op=name)
     op = chosen.ops[name]
-    if capabilities(chosen).materialises_scores:
+    if chosen.materialises_scores:
         op = functools.partial(split_call, op, name)
     if top_k is None or name not in CONTEXT_OPS:
         return op
@@ -150,6 +130,6 @@ def routed_op(
     context = functools.partial(
         top_k_context, selection.ops["selection_attention"], block_size=block_size, top_k=top_k
     )
-    if capabilities(selection).materialises_scores:
+    if selection.materialises_scores:
         context = functools.partial(split_call, context, "selection_attention")
     return functools.partial(dense_or_top_k, dense, op, context_buffer_op(name, context, op))

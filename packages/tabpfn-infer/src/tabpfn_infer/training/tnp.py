@@ -43,7 +43,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tabattn_core.checks import InputError, check_head_dim, check_tensor
 from tabattn_core.mlp import activation_fn
-from tabattn_core.registry import get_op
+from tabattn_core.registry import get_backend
 from tabpfn_infer.model import MultiheadAttention
 
 __all__ = ["KERNELS", "KERNEL_DEFAULTS", "SDPA", "TNPConfig", "TransformerNP"]
@@ -70,8 +70,10 @@ class TNPConfig:
     `backend` is the default of every kernel ("auto", "torch", "triton", "fp8", "flex", or
     any registered backend) but the FFN's (KERNEL_DEFAULTS); `attention_backend`,
     `head_backend`, `mlp_backend` and `loss_backend` override it per kernel; attention also
-    takes "sdpa". For the head and the FFN "torch" is eager PyTorch in the compute dtype
-    (cuBLAS matmuls and torch's activation), not the fp32 reference of tabattn-core.
+    takes "sdpa". For the head and the FFN a backend without fused dense kernels
+    (`Backend.fused_dense`: "torch", and "auto" where it picks "torch") is eager PyTorch in
+    the compute dtype (cuBLAS matmuls and torch's activation), not the fp32 reference of
+    tabattn-core.
     `checkpoint_blocks` recomputes each block in the backward pass
     (torch.utils.checkpoint, use_reentrant=False) to hold one block's activations at a time.
     """
@@ -147,10 +149,10 @@ class _Ops:
             name = config.backend_of(kernel)
             if kernel == "attention" and name == SDPA:
                 self.fns[kernel] = _sdpa_context_target
-            elif kernel in ("head", "mlp") and name == "torch":
-                self.fns[kernel] = _eager_mlp
-            else:
-                self.fns[kernel] = get_op(op, name, device=device)
+                continue
+            backend = get_backend(name, device=device, op=op)
+            dense = kernel in ("head", "mlp")
+            self.fns[kernel] = _eager_mlp if dense and not backend.fused_dense else backend.ops[op]
 
     def __call__(self, kernel: str, *args: torch.Tensor, **kwargs: Any) -> Any:
         dtype = torch.float32 if kernel == "loss" else self.dtype
