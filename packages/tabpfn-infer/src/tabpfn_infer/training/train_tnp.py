@@ -22,6 +22,7 @@ wrapped on the default stream or on a side stream; see the CHANGELOG).
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -373,5 +374,10 @@ def train_tnp(
             save_tnp_checkpoint(out, trainer, config, config.steps)
     finally:
         if started:
+            # The DDP wrapper's reducer holds the process group: release it (and any cycle
+            # through the trainer) first, or a gloo thread can outlive the group and abort
+            # the process at exit ("terminate called without an active exception").
+            del trainer, wrapped
+            gc.collect()
             dist.destroy_process_group()
     return model.eval(), log
