@@ -1,7 +1,18 @@
+"""Test setup for tabattn-core: tests that need a real GPU carry `@pytest.mark.gpu` and are
+skipped when no CUDA device is present. Every test runs with a fixed seed and NaN-filled
+`torch.empty` outputs, so unwritten elements fail.
+"""
+
+from __future__ import annotations
+
 import pytest
 import torch
 
-from tabattn_core.testing import nan_poisoned_empty
+from tabattn_core.testing import nan_poisoned_empty, skip_gpu_tests_without_cuda
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip_gpu_tests_without_cuda(items)
 
 
 @pytest.fixture(autouse=True)

@@ -150,6 +150,9 @@ def test_entry_point_discovery_and_broken_backend(monkeypatch):
         ]
     )
     monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: eps)
+    # Only these entry points: the workspace's installed backends (tabattn-triton, -fp8)
+    # would otherwise be found as known modules too.
+    monkeypatch.setattr(sys.modules["tabattn_core.registry"], "KNOWN_BACKEND_MODULES", ())
     reg = Registry()
     assert [b.name for b in reg.backends()] == ["good"]
     assert "RuntimeError: no GPU toolchain" in reg.load_errors["bad"]
