@@ -1,6 +1,9 @@
-"""ARTabPFNRegressor: data units, consistency with the predictor, marginals, bad input."""
+"""ARTabPFNRegressor: data units, consistency with the predictor, marginals, bad input, fit
+leaving its arguments alone, refits atomic for concurrent readers."""
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 import pytest
@@ -41,9 +44,11 @@ def test_first_conditional_is_the_marginal(fitted):
     est, X_target = fitted
     y = np.full(6, 11.0)
     first = est.log_density(X_target, y)[0]
-    xc, yc = est._context(1)
+    state = est._state()
+    xc, yc = state.context(1)
     log_w, mean, std = (
-        t[0, 0] for t in est.predictor_.marginal_mixture(xc, yc, est._targets(X_target)[None])
+        t[0, 0]
+        for t in est.predictor_.marginal_mixture(xc, yc, est._targets(state, X_target)[None])
     )
     z = (11.0 - est.y_mean_) / est.y_std_
     torch.testing.assert_close(
@@ -89,3 +94,78 @@ def test_bad_input(fitted):
         InputError, match=r"X_context: expected numbers, got .a. at row 0, column 0"
     ):
         ARTabPFNRegressor(model=est.model).fit(np.array([["a", "b"]]), np.zeros(1))
+
+
+def small_model() -> ARTabPFN:
+    torch.manual_seed(0)
+    return ARTabPFN(d_model=32, n_heads=2, n_layers=2, d_ff=48, buffer_size=4, num_components=3)
+
+
+def task(seed: int, n: int = 25) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    X = rng.normal(3.0, 2.0, size=(n, 3))
+    return X, 10 + 5 * np.sin(X[:, 0]) + rng.normal(0, 0.5, n), rng.normal(3.0, 2.0, (6, 3))
+
+
+def test_fit_leaves_model_and_data_alone():
+    model = small_model().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    X, y, X_target = task(0)
+    X_t, y_t = torch.tensor(X, dtype=torch.float32), torch.tensor(y, dtype=torch.float32)
+    X_copy, y_copy = X_t.clone(), y_t.clone()
+    est = ARTabPFNRegressor(model=model, backend="torch", device="cpu", dtype=torch.float64)
+    est.fit(X_t, y_t).predict(X_target)
+    assert model.training and est.model_ is not model and not est.model_.training
+    for k, v in model.state_dict().items():
+        assert v.dtype == before[k].dtype and v.device == before[k].device, k
+        assert torch.equal(v, before[k]), k
+    assert torch.equal(X_t, X_copy) and torch.equal(y_t, y_copy)
+    assert all(p.dtype == torch.float64 for p in est.model_.parameters())
+
+
+def test_estimators_sharing_a_model_agree_with_each_alone():
+    X, y, X_target = task(0)
+    make = lambda model, dtype: ARTabPFNRegressor(
+        model=model, backend="torch", device="cpu", dtype=dtype
+    )
+    alone = {
+        dtype: make(small_model(), dtype).fit(X, y) for dtype in (torch.float32, torch.float64)
+    }
+    shared = small_model()
+    est32 = make(shared, torch.float32).fit(X, y)
+    est64 = make(shared, torch.float64).fit(X, y)
+    for est, dtype in ((est32, torch.float32), (est64, torch.float64)):
+        assert all(p.dtype == dtype for p in est.model_.parameters())
+        got = est.log_density(X_target, np.full(6, 11.0))
+        assert torch.equal(got, alone[dtype].log_density(X_target, np.full(6, 11.0)))
+        assert torch.equal(est.predict(X_target)["mean"], alone[dtype].predict(X_target)["mean"])
+
+
+def test_refit_is_atomic_for_concurrent_predictions():
+    contexts = [task(1)[:2], task(2, n=17)[:2]]
+    X_target = task(0)[2]
+    est = ARTabPFNRegressor(model=small_model(), backend="torch", device="cpu", dtype=torch.float64)
+    expected = [est.fit(*c).predict(X_target)["mean"] for c in contexts]
+    assert not torch.equal(*expected)
+    stop, failures, seen = threading.Event(), [], set()
+
+    def refit():
+        for i in range(40):
+            est.fit(*contexts[i % 2])
+        stop.set()
+
+    def read():
+        while not stop.is_set():
+            mean = est.predict(X_target)["mean"]
+            hits = [i for i, e in enumerate(expected) if torch.equal(mean, e)]
+            seen.update(hits)
+            if not hits:
+                failures.append(mean)
+
+    threads = [threading.Thread(target=refit), threading.Thread(target=read)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, f"{len(failures)} predictions matched neither context"
+    assert seen, "no prediction ran during the refits"

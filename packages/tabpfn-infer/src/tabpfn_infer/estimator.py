@@ -4,7 +4,10 @@ target rows, in the data's own units."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -40,6 +43,36 @@ def table_tensor(name: str, value: object, ndim: int, dtype: torch.dtype) -> tor
     return t.to(dtype)
 
 
+@dataclass(frozen=True)
+class _Fitted:
+    """One fit's state, built completely before it replaces the previous one: the estimator's
+    private copy of the model (converted to the device and dtype), its predictor, the
+    context's standardisation statistics (float64, CPU) and the standardised context."""
+
+    device: torch.device
+    dtype: torch.dtype
+    model: ARTabPFN
+    predictor: ARTabPFNPredictor
+    x_mean: torch.Tensor
+    x_std: torch.Tensor
+    y_mean: torch.Tensor
+    y_std: torch.Tensor
+    X_context: torch.Tensor
+    y_context: torch.Tensor
+
+    def x(self, X: torch.Tensor) -> torch.Tensor:
+        return ((X - self.x_mean) / self.x_std).to(self.device, self.dtype)
+
+    def y(self, y: torch.Tensor) -> torch.Tensor:
+        return ((y - self.y_mean) / self.y_std).to(self.device, self.dtype)
+
+    def context(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (
+            self.X_context.expand(batch, *self.X_context.shape),
+            self.y_context.expand(batch, *self.y_context.shape),
+        )
+
+
 class ARTabPFNRegressor:
     """Joint predictions for one dataset: `fit(X, y)` stores the context (features and labels
     z-normalised with its statistics, as the model was trained), then `sample`,
@@ -50,6 +83,13 @@ class ARTabPFNRegressor:
     context_top_k, context_block_size: target rows attend to their top-k context blocks of
     that many rows (selection attention, for very large contexts); None (default) is exact.
     See `ARTabPFNPredictor`.
+
+    `fit` leaves its arguments alone: it converts a private copy of `model` (the caller's
+    model keeps its device, dtype, values and training mode, so estimators may share one
+    model), and copies X and y. A refit builds the new state completely, then replaces the
+    old one in one assignment; each of `sample`, `log_density` and `predict` reads the state
+    once, so a call running during a refit (in another thread) uses the old fit or the new
+    one entirely, never a mixture.
     """
 
     def __init__(
@@ -68,9 +108,7 @@ class ARTabPFNRegressor:
         self.dtype = dtype
         self.context_top_k = context_top_k
         self.context_block_size = context_block_size
-
-    def _device(self) -> torch.device:
-        return resolve_device(self.device)
+        self._fitted: _Fitted | None = None
 
     def fit(self, X_context, y_context) -> ARTabPFNRegressor:
         """X_context [N, C], y_context [N] (array-likes or tensors, finite)."""
@@ -82,91 +120,98 @@ class ARTabPFNRegressor:
             )
         if X.shape[1] == 0:
             raise InputError("X_context: expected at least one column, got 0")
-        self.device_ = self._device()
-        self.model_ = self.model.to(self.device_, self.dtype).eval()
-        self.predictor_ = ARTabPFNPredictor(
-            self.model_,
+        device = resolve_device(self.device)
+        model = copy.deepcopy(self.model).to(device, self.dtype).eval()
+        predictor = ARTabPFNPredictor(
+            model,
             backend=self.backend,
             context_top_k=self.context_top_k,
             context_block_size=self.context_block_size,
         )
-        self.n_features_in_ = X.shape[1]
         ones = torch.ones(X.shape[1], dtype=torch.float64)
-        self.x_mean_ = X.mean(0) if len(X) else torch.zeros_like(ones)
+        x_mean = X.mean(0) if len(X) else torch.zeros_like(ones)
         # Sample standard deviations (correction=1), as the training prior normalises.
-        self.x_std_ = X.std(0).clamp(min=1e-8) if len(X) > 1 else ones
-        self.y_mean_ = y.mean() if len(y) else torch.zeros((), dtype=torch.float64)
-        self.y_std_ = y.std().clamp(min=1e-8) if len(y) > 1 else torch.ones((), dtype=torch.float64)
-        self.X_context_ = self._x(X)
-        self.y_context_ = self._y(y)
+        x_std = X.std(0).clamp(min=1e-8) if len(X) > 1 else ones
+        y_mean = y.mean() if len(y) else torch.zeros((), dtype=torch.float64)
+        y_std = y.std().clamp(min=1e-8) if len(y) > 1 else torch.ones((), dtype=torch.float64)
+        empty = torch.empty(0)
+        state = _Fitted(
+            device, self.dtype, model, predictor, x_mean, x_std, y_mean, y_std, empty, empty
+        )
+        self._fitted = dataclasses.replace(state, X_context=state.x(X), y_context=state.y(y))
         return self
 
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "predictor_"):
+    def _state(self) -> _Fitted:
+        state = self._fitted
+        if state is None:
             raise InputError("ARTabPFNRegressor: call fit(X_context, y_context) first")
+        return state
 
-    def _x(self, X: torch.Tensor) -> torch.Tensor:
-        return ((X - self.x_mean_) / self.x_std_).to(self.device_, self.dtype)
+    # The fitted attributes, read from the current state.
+    device_ = property(lambda self: self._state().device)
+    model_ = property(lambda self: self._state().model)
+    predictor_ = property(lambda self: self._state().predictor)
+    n_features_in_ = property(lambda self: self._state().X_context.shape[1])
+    x_mean_ = property(lambda self: self._state().x_mean)
+    x_std_ = property(lambda self: self._state().x_std)
+    y_mean_ = property(lambda self: self._state().y_mean)
+    y_std_ = property(lambda self: self._state().y_std)
+    X_context_ = property(lambda self: self._state().X_context)
+    y_context_ = property(lambda self: self._state().y_context)
 
-    def _y(self, y: torch.Tensor) -> torch.Tensor:
-        return ((y - self.y_mean_) / self.y_std_).to(self.device_, self.dtype)
-
-    def _targets(self, X_target) -> torch.Tensor:
-        self._check_fitted()
+    def _targets(self, state: _Fitted, X_target) -> torch.Tensor:
         X = table_tensor("X_target", X_target, 2, torch.float64)
-        if X.shape[1] != self.n_features_in_:
+        n_features = state.X_context.shape[1]
+        if X.shape[1] != n_features:
             raise InputError(
-                f"X_target: expected {self.n_features_in_} columns (as X_context), got {X.shape[1]}"
+                f"X_target: expected {n_features} columns (as X_context), got {X.shape[1]}"
             )
-        return self._x(X)
-
-    def _context(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return (
-            self.X_context_.expand(batch, *self.X_context_.shape),
-            self.y_context_.expand(batch, *self.y_context_.shape),
-        )
+        return state.x(X)
 
     def sample(
         self, X_target, n_samples: int, *, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """Joint samples of the targets' labels, in order: [n_samples, Nt] (data units).
         The context K/V is computed once and shared by the n_samples paths."""
-        X = self._targets(X_target)
+        state = self._state()
+        X = self._targets(state, X_target)
         if int(n_samples) != n_samples or n_samples < 1:
             raise InputError(f"n_samples: expected a positive int, got {n_samples!r}")
-        xc, yc = self._context(n_samples)
-        z = self.predictor_.sample_sequence(
+        xc, yc = state.context(n_samples)
+        z = state.predictor.sample_sequence(
             xc, yc, X.expand(n_samples, *X.shape), generator=generator
         )
-        return z.double().cpu() * self.y_std_ + self.y_mean_
+        return z.double().cpu() * state.y_std + state.y_mean
 
     def log_density(self, X_target, y_target) -> torch.Tensor:
         """Per-target conditionals log p(y_t | context, y_0..y_{t-1}) [Nt] in data units;
         the joint log density is their sum."""
-        X = self._targets(X_target)
+        state = self._state()
+        X = self._targets(state, X_target)
         y = table_tensor("y_target", y_target, 1, torch.float64)
         if y.shape[0] != X.shape[0]:
             raise InputError(
                 f"y_target: expected {X.shape[0]} rows (as X_target), got {y.shape[0]}"
             )
-        xc, yc = self._context(1)
-        logp = self.predictor_.evaluate_joint_density(xc, yc, X[None], self._y(y)[None])[0]
-        return logp.double().cpu() - torch.log(self.y_std_)
+        xc, yc = state.context(1)
+        logp = state.predictor.evaluate_joint_density(xc, yc, X[None], state.y(y)[None])[0]
+        return logp.double().cpu() - torch.log(state.y_std)
 
     def predict(
         self, X_target, *, quantiles: Sequence[float] = (0.05, 0.5, 0.95)
     ) -> dict[str, torch.Tensor]:
         """Marginal predictions p(y_t | context) per target row: {"mean" [Nt], "std" [Nt],
         "quantiles" [Nt, len(quantiles)]} in data units."""
-        X = self._targets(X_target)
-        xc, yc = self._context(1)
+        state = self._state()
+        X = self._targets(state, X_target)
+        xc, yc = state.context(1)
         log_w, mean, std = (
-            t[0].double().cpu() for t in self.predictor_.marginal_mixture(xc, yc, X[None])
+            t[0].double().cpu() for t in state.predictor.marginal_mixture(xc, yc, X[None])
         )
         m, var = gmm_mean_var(log_w, mean, std)
         q = gmm_quantile(torch.tensor(list(quantiles), dtype=torch.float64), log_w, mean, std)
         return {
-            "mean": m * self.y_std_ + self.y_mean_,
-            "std": var.sqrt() * self.y_std_,
-            "quantiles": q * self.y_std_ + self.y_mean_,
+            "mean": m * state.y_std + state.y_mean,
+            "std": var.sqrt() * state.y_std,
+            "quantiles": q * state.y_std + state.y_mean,
         }
