@@ -75,7 +75,7 @@ def test_bad_cell_is_named(checkpoint, tmp_path, capsys):
     )
     assert code == 2
     err = capsys.readouterr().err
-    assert "ctx.csv" in err and "'oops' at row 1, column 1" in err
+    assert err == f"tabpfn-infer: error: {ctx}, line 2, column 2: expected a number, got 'oops'\n"
 
 
 @pytest.fixture
@@ -147,6 +147,6 @@ def test_demo_on_a_user_csv(demo_checkpoint, tmp_path, capsys):
     bad = write(tmp_path / "bad.csv", [[0.1, 1.0], [0.3, 2.0], [0.5, float("nan")]])
     assert main([*args, "--data", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert "bad.csv: expected finite values, got nan at row 2, column 1" in err
+    assert f"{bad}, line 3, column 2: expected a finite number, got 'nan'" in err
     assert main([*args, "--data", "diabetis"]) == 2
     assert "expected diabetes, synthetic or a CSV file, got 'diabetis'" in capsys.readouterr().err
