@@ -3,6 +3,7 @@ test helpers (the bounds they enforce, the NaN poisoning)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -63,6 +64,36 @@ from tabattn_core.checks import InputError
 def test_check_messages(call, message):
     with pytest.raises(InputError, match=message):
         call()
+
+
+@pytest.mark.parametrize(
+    "value", [2.7, 2.0, "3", True, False, None, torch.tensor(2), np.float64(2.0)], ids=repr
+)
+def test_check_int_rejects_what_is_not_an_integer(value):
+    with pytest.raises(InputError, match=r"^n: expected an int in \[0, 5\], got "):
+        checks.check_int("n", value, lo=0, hi=5)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: checks.check_int("n", -1), r"n: expected a non-negative int, got -1$"),
+        (lambda: checks.check_int("n", 6, hi=5), r"n: expected an int in \[0, 5\], got 6$"),
+        (lambda: checks.check_positive_int("k", 0), r"k: expected a positive int, got 0$"),
+        (lambda: checks.check_positive_int("k", True), r"k: expected a positive int, got True$"),
+        (lambda: checks.check_int("n", 1.5, lo=None), r"n: expected an int, got 1.5$"),
+    ],
+)
+def test_check_int_messages(call, message):
+    with pytest.raises(InputError, match=message):
+        call()
+
+
+def test_check_int_takes_python_and_numpy_integers():
+    for value in (3, np.int64(3), np.int32(3), np.uint8(3)):
+        got = checks.check_int("n", value, lo=0, hi=5)
+        assert got == 3 and type(got) is int
+    assert checks.check_positive_int("k", np.int64(2)) == 2
 
 
 def test_checks_pass_good_input():

@@ -426,6 +426,31 @@ def test_shared_context_bad_input_names_argument():
             call()
 
 
+@pytest.mark.parametrize("value", [2.7, "3", True], ids=repr)
+def test_context_lens_must_be_an_integer(value):
+    """Nothing truncated (2.7 was read as 2), parsed ('3') or taken for 1 (True)."""
+    with pytest.raises(
+        InputError, match=rf"^context_lens: expected an int in \[0, 5\], got {value!r}$"
+    ):
+        reference.context_target_attention(Q, K, V, context_lens=value)
+    with pytest.raises(InputError, match=r"^context_lens: expected dtype int32 or int64"):
+        reference.context_target_attention(Q, K, V, context_lens=torch.tensor([2.0]))
+
+
+@pytest.mark.parametrize("value", [2.0, True, "1", -1, torch.tensor(-1)], ids=repr)
+def test_buffer_len_must_be_a_non_negative_integer(value):
+    q, k_ctx, v_ctx, k_buf, v_buf = ctx_buf_inputs(2, 3, 1, 2, 1, 4, 3, 32, torch.float32)
+    got = value.item() if isinstance(value, torch.Tensor) else value
+    with pytest.raises(
+        InputError, match=rf"^buffer_len: expected a non-negative int, got {got!r}$"
+    ):
+        reference.shared_context_attention(q, k_ctx, v_ctx, k_buf, v_buf, buffer_len=value)
+    with pytest.raises(InputError, match=r"^buffer_len: expected dtype int32 or int64"):
+        reference.shared_context_attention(
+            q, k_ctx, v_ctx, k_buf, v_buf, buffer_len=torch.tensor(1.0)
+        )
+
+
 def test_selection_bad_input_names_argument():
     q, k, v = torch.randn(4, 2, 32), torch.randn(6, 1, 32), torch.randn(6, 1, 32)
     idx = torch.zeros(4, 1, 2, dtype=torch.int64)

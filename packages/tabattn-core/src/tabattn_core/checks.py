@@ -3,6 +3,7 @@ actual value, and is raised before any kernel launches."""
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -12,6 +13,7 @@ from tabattn_core.memo import TensorMemo
 __all__ = [
     "check_block_indices",
     "check_cu_seqlens_pair",
+    "check_int",
     "check_positive_int",
     "InputError",
     "check_cu_seqlens",
@@ -21,6 +23,7 @@ __all__ = [
     "check_same_device",
     "check_scale",
     "check_tensor",
+    "host_readable",
     "MIN_HEAD_DIM",
     "MAX_HEAD_DIM",
     "FLOAT_DTYPES",
@@ -111,14 +114,22 @@ def check_gqa(q_heads: int, kv_heads: int, *, q_name: str = "q", kv_name: str = 
     return q_heads // kv_heads
 
 
+def host_readable(t: torch.Tensor) -> bool:
+    """Whether reading values of `t` on the host is allowed now: not for a CUDA tensor while
+    the current stream captures a CUDA graph (the read would be a host sync, which capture
+    refuses). Value checks are skipped then; the warm-up calls before a capture run them."""
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def check_lengths(
     name: str, lengths: object, *, count: int, max_len: int, device: torch.device | None = None
 ) -> torch.Tensor:
-    """Per-dataset lengths: an int tensor [count] with 0 <= len <= max_len."""
+    """Per-dataset lengths: an int tensor [count] with 0 <= len <= max_len (the values read
+    on the host, a sync for a device tensor, except while capturing: `host_readable`)."""
     t = check_tensor(
         name, lengths, shape=(count,), dtypes=(torch.int32, torch.int64), device=device, dims="[B]"
     )
-    if t.numel():
+    if t.numel() and host_readable(t):
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or hi > max_len:
             raise InputError(f"{name}: expected values in [0, {max_len}], got min {lo} max {hi}")
@@ -190,13 +201,25 @@ def check_cu_seqlens_pair(
     return cq, ck
 
 
+def _int_wanted(lo: int | None, hi: int | None) -> str:
+    if hi is not None:
+        return f"an int <= {hi}" if lo is None else f"an int in [{lo}, {hi}]"
+    return {None: "an int", 0: "a non-negative int", 1: "a positive int"}.get(lo, f"an int >= {lo}")
+
+
+def check_int(name: str, value: object, *, lo: int | None = 0, hi: int | None = None) -> int:
+    """An integer (Python or numpy; a bool, float, string or tensor is not one: nothing is
+    truncated or parsed) with lo <= value <= hi (None: unbounded); returned as an int."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        v = int(value)
+        if (lo is None or v >= lo) and (hi is None or v <= hi):
+            return v
+    raise InputError(f"{name}: expected {_int_wanted(lo, hi)}, got {value!r}")
+
+
 def check_positive_int(name: str, value: object, *, allow_zero: bool = False) -> int:
-    """An int >= 1 (>= 0 with allow_zero); bools are not ints here."""
-    lo = 0 if allow_zero else 1
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        want = "a non-negative int" if allow_zero else "a positive int"
-        raise InputError(f"{name}: expected {want}, got {value!r}")
-    return value
+    """An int >= 1 (>= 0 with allow_zero), as `check_int`."""
+    return check_int(name, value, lo=0 if allow_zero else 1)
 
 
 def check_block_indices(

@@ -21,6 +21,7 @@ from tabattn_core.checks import (
     check_cu_seqlens_pair,
     check_gqa,
     check_head_dim,
+    check_int,
     check_lengths,
     check_positive_int,
     check_scale,
@@ -180,9 +181,7 @@ def _context_lens(context_lens, *, count: int, max_len: int, device: torch.devic
     if isinstance(context_lens, torch.Tensor):
         check_lengths("context_lens", context_lens, count=count, max_len=max_len, device=device)
         return max_len, context_lens.to(torch.int64)
-    if not 0 <= int(context_lens) <= max_len:
-        raise InputError(f"context_lens: expected an int in [0, {max_len}], got {context_lens}")
-    return int(context_lens), None
+    return check_int("context_lens", context_lens, lo=0, hi=max_len), None
 
 
 def context_target_args(q, k, v, *, context_lens=None, scale=None) -> ContextTargetArgs:
@@ -305,11 +304,17 @@ def shared_context_args(
         check_tensor(
             "buffer_len", buffer_len, shape=(), dtypes=(torch.int32, torch.int64), device=device
         )
+        # The value is read here only where that is free: a host tensor. A device tensor is
+        # read by the kernels on the device (reading it here would be a host sync every
+        # decode step, refused inside CUDA-graph capture); kernels clamp it to [0, T_cap],
+        # and the reference, which reads it anyway, checks it as an int.
+        if buffer_len.device.type == "cpu":
+            check_int("buffer_len", buffer_len.item())
         buffer_len_tensor = buffer_len
         has_buffer = isinstance(k_buf, torch.Tensor) and k_buf.dim() == 5
         buffer_len = k_buf.shape[3] if has_buffer else 0
-    elif int(buffer_len) != buffer_len or buffer_len < 0:
-        raise InputError(f"buffer_len: expected a non-negative int, got {buffer_len!r}")
+    else:
+        buffer_len = check_int("buffer_len", buffer_len)
     group, ctx_len, ctx_lens = check_context_buffer(
         q, k_ctx, v_ctx, k_buf, v_buf, context_lens,
         need=int(buffer_len), name="buffer_len", q_dims="[G, S, H, Lq, D]",

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from tabattn_core.checks import InputError, check_tensor
+from tabattn_core.checks import InputError, check_int, check_tensor
 
 __all__ = [
     "EMPTY",
@@ -51,7 +51,7 @@ def _lengths(name: str, value: int | torch.Tensor, max_len: int) -> torch.Tensor
         check_tensor(name, value, ndim=1, dtypes=(torch.int32, torch.int64), dims="[B]")
         t = value.to(torch.int64)
     else:
-        t = torch.tensor([int(value)], dtype=torch.int64)
+        t = torch.tensor([check_int(name, value, lo=None)], dtype=torch.int64)
     if t.numel() and (int(t.min()) < 0 or int(t.max()) > max_len):
         raise InputError(
             f"{name}: expected lengths in [0, {max_len}], got min {int(t.min())} max {int(t.max())}"
@@ -60,9 +60,7 @@ def _lengths(name: str, value: int | torch.Tensor, max_len: int) -> torch.Tensor
 
 
 def _nonneg(name: str, value: int) -> int:
-    if int(value) != value or value < 0:
-        raise InputError(f"{name}: expected a non-negative int, got {value!r}")
-    return int(value)
+    return check_int(name, value, lo=0)
 
 
 class MaskSpec:
@@ -441,8 +439,7 @@ class SelectionMask(MaskSpec):
             dtypes=(torch.int32, torch.int64),
             dims="[B, G, Lq, n_sel]",
         )
-        if block_size < 1:
-            raise InputError(f"block_size: expected a positive int, got {block_size}")
+        block_size = check_int("block_size", block_size, lo=1)
         self.kv_len = _nonneg("kv_len", kv_len)
         self.block_size, self.causal = int(block_size), bool(causal)
         self.heads_per_group = int(heads_per_group)

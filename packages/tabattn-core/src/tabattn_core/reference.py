@@ -197,9 +197,10 @@ def shared_context_attention(
     k_ctx, v_ctx: [G, H_kv, Nc, D], read by all S paths (never copied; H % H_kv == 0);
     k_buf, v_buf: [G, S, H_kv, T_cap, D], the first `buffer_len` (T) slots valid, the Lq new
     rows in the last Lq of them;
-    buffer_len: an int, or a 0-dim int tensor on q's device, which kernels read on the
-    device (no host sync, so a decode step can be captured in a CUDA graph; kernels clamp
-    values beyond T_cap to it, this reference reads the value and raises for them);
+    buffer_len: an int (a Python or numpy integer, not a bool or float), or a 0-dim int
+    tensor on q's device, which kernels read on the device (no host sync, so a decode step
+    can be captured in a CUDA graph; the contract checks a CPU tensor's value, kernels clamp
+    a device tensor's to [0, T_cap], this reference reads it and raises outside that);
     context_lens: an int or an int tensor [G] on q's device (default Nc);
     row_rule: "causal" (a row sees its own slot) or "strict" (it does not), one rule for
     all rows or one per row; see `BufferDecodeMask`.
