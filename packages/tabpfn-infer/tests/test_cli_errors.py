@@ -59,31 +59,20 @@ def test_good_files_work(checkpoint, files):
     assert [p.name for p in out.parent.iterdir() if p.suffix == ".tmp"] == []
 
 
-def test_header_only_context_is_an_error(checkpoint, files, capsys):
+@pytest.mark.parametrize(
+    ("command", "which", "text", "why"),
+    [
+        ("sample", 0, "x1,x2,y\n", "only a header line"),
+        ("sample", 1, "x1,x2\n\n", "only a header line"),
+        ("density", 1, "", "an empty file"),
+    ],
+    ids=["header-only-context", "header-only-targets", "empty-targets"],
+)
+def test_file_without_data_rows_is_an_error(checkpoint, files, capsys, command, which, text, why):
     ctx, tgt, out = files
-    ctx.write_text("x1,x2,y\n")
-    assert run("sample", checkpoint, ctx, tgt, out) == EXIT_USAGE
-    assert error_line(capsys) == (
-        f"{ctx}: expected at least one data row, got none (only a header line)"
-    )
-    assert not out.exists()
-
-
-def test_header_only_targets_is_an_error(checkpoint, files, capsys):
-    ctx, tgt, out = files
-    tgt.write_text("x1,x2\n\n")
-    assert run("sample", checkpoint, ctx, tgt, out) == EXIT_USAGE
-    assert error_line(capsys) == (
-        f"{tgt}: expected at least one data row, got none (only a header line)"
-    )
-    assert not out.exists()
-
-
-def test_empty_file_is_an_error(checkpoint, files, capsys):
-    ctx, tgt, out = files
-    tgt.write_text("")
-    assert run("density", checkpoint, ctx, tgt, out) == EXIT_USAGE
-    assert error_line(capsys) == f"{tgt}: expected at least one data row, got none (an empty file)"
+    files[which].write_text(text)
+    assert run(command, checkpoint, ctx, tgt, out) == EXIT_USAGE
+    assert error_line(capsys) == f"{files[which]}: expected at least one data row, got none ({why})"
     assert not out.exists()
 
 
@@ -177,35 +166,32 @@ def test_bad_device(checkpoint, files, capsys, device):
     assert not out.exists()
 
 
-def test_unreadable_checkpoint(files, capsys):
-    ctx, tgt, out = files
-    bad = ctx.parent / "bad.pt"
-    bad.write_bytes(b"not a checkpoint")
-    assert run("sample", bad, ctx, tgt, out) == EXIT_USAGE
-    assert error_line(capsys).startswith(f"{bad}: not a readable torch checkpoint (")
-    assert not out.exists()
-
-
-def test_checkpoint_with_nan_weights(checkpoint, files, capsys):
-    ctx, tgt, out = files
-    data = torch.load(checkpoint, weights_only=True)
+def nan_weights(data):
     name = next(iter(data["model"]))
     data["model"][name] = torch.full_like(data["model"][name], float("nan"))
-    bad = ctx.parent / "nan.pt"
-    torch.save(data, bad)
-    assert run("sample", bad, ctx, tgt, out) == EXIT_USAGE
-    assert error_line(capsys) == f"{bad}: weight {name!r} holds NaN or inf"
-    assert not out.exists()
+    return f"weight {name!r} holds NaN or inf"
 
 
-def test_checkpoint_weights_that_do_not_fit_the_config(checkpoint, files, capsys):
-    ctx, tgt, out = files
-    data = torch.load(checkpoint, weights_only=True)
+def more_layers(data):
     data["config"] = {**MODEL, "n_layers": 2}
-    bad = ctx.parent / "wrong.pt"
-    torch.save(data, bad)
+    return "weights do not fit the model config of {bad}"
+
+
+@pytest.mark.parametrize(
+    "spoil", [None, nan_weights, more_layers], ids=["unreadable", "nan", "misfit"]
+)
+def test_bad_checkpoint(checkpoint, files, capsys, spoil):
+    ctx, tgt, out = files
+    bad = ctx.parent / "bad.pt"
+    if spoil is None:
+        bad.write_bytes(b"not a checkpoint")
+        message = "not a readable torch checkpoint ("
+    else:
+        data = torch.load(checkpoint, weights_only=True)
+        message = spoil(data).format(bad=bad)
+        torch.save(data, bad)
     assert run("sample", bad, ctx, tgt, out) == EXIT_USAGE
-    assert error_line(capsys).startswith(f"{bad}: weights do not fit the model config of {bad}")
+    assert error_line(capsys).startswith(f"{bad}: {message}")
     assert not out.exists()
 
 

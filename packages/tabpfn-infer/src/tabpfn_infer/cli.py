@@ -495,14 +495,8 @@ def _demo(args: argparse.Namespace) -> int:
         table = read_table(args.data, header=args.header)
         names = dict(columns=table.columns[:-1], label=table.columns[-1]) if table.columns else {}
         data = demo.split_table(table.values, name=args.data, seed=args.seed, **names)
-    demo.run_demo(
-        data,
-        n_samples=args.n_samples,
-        device=args.device,
-        backend=args.backend,
-        out=args.out,
-        seed=args.seed,
-    )
+    options = ("n_samples", "device", "backend", "out", "seed")
+    demo.run_demo(data, **{key: getattr(args, key) for key in options})
     return EXIT_OK
 
 
