@@ -184,6 +184,11 @@ def test_no_targets():
     assert predictor.sample_sequence(xc, yc, xt).shape == (3, 0)
     assert predictor.evaluate_joint_density(xc, yc, xt, yt).shape == (3, 0)
     assert predictor.stepwise_log_density(xc, yc, xt, yt).shape == (3, 0)
+    k = predictor.marginal_mixture(*task()[:3])[0].shape[-1]
+    for t in predictor.marginal_mixture(xc, yc, xt):  # empty mixtures, not a reshape error
+        assert t.shape == (3, 0, k)
+    with pytest.raises(InputError, match="x_target: expected shape"):
+        predictor.marginal_mixture(xc, yc, xt[:, :, :1])  # still checked
 
 
 def test_more_targets_than_buffer_size_wrap_ar_tokens():

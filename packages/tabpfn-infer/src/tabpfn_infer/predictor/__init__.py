@@ -278,14 +278,15 @@ class ARTabPFNPredictor:
         """Each target's predictive mixture given the context alone, p(y_t | context):
         x_context [B, Nc, C], y_context [B, Nc], x_target [B, Nt, C] -> (log weights, means,
         stds), each [B, Nt, K]. One pass: the targets attend to the context, not to each
-        other (a decode step with no buffer)."""
+        other (a decode step with no buffer). No target rows (Nt = 0) give empty [B, 0, K]
+        mixtures, as the other methods give [B, 0] (the inputs are still checked)."""
         data = self._arrange(x_context, y_context, x_target)
         ops = self._ops(data.x_target.device)
         mixture = passes.marginal_mixture(
             self.model, *ops, data.x_context, data.y_context, data.x_target
         )
         data.check_finite()
-        return tuple(t.reshape(data.batch, data.x_target.shape[2], -1) for t in mixture)
+        return tuple(t.reshape(data.batch, data.x_target.shape[2], t.shape[-1]) for t in mixture)
 
     # ---- running the stages: eagerly, or from CUDA graphs --------------------------------
 

@@ -168,10 +168,13 @@ def marginal_mixture(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each target's mixture given the context alone: x_context [G, Nc, C], y_context
     [G, Nc], x_target [G, S, Nt, C] -> (log weights, means, stds), each [G, S, Nt, K]. The
-    targets attend to the context, not to each other (a decode step with no buffer)."""
+    targets attend to the context, not to each other (a decode step with no buffer). With
+    Nt = 0 the mixtures are empty [G, S, 0, K] and no attention runs."""
+    targets = model.embedder.target(x_target)  # [G, S, Nt, D]
+    if targets.shape[2] == 0:
+        return model.head.mixture(model.backbone.norm(targets))
     backbone = InferenceBackbone(model, linear)
     ctx_kv = prefill(model, backbone, op("attention"), x_context, y_context)
     decode = op("shared_context_attention")
-    targets = model.embedder.target(x_target)  # [G, S, Nt, D]
     x = backbone(targets, lambda i, q, k, v: decode(q, *ctx_kv[i])[0])
     return model.head.mixture(model.backbone.norm(x))
