@@ -169,3 +169,64 @@ def test_refit_is_atomic_for_concurrent_predictions():
         t.join()
     assert not failures, f"{len(failures)} predictions matched neither context"
     assert seen, "no prediction ran during the refits"
+
+
+def test_values_near_float64s_limit_standardise():
+    X, y, X_target = task(0)
+    make = lambda: ARTabPFNRegressor(model=small_model(), backend="torch", device="cpu")
+    est, big = make().fit(X, y), make().fit(X * 1e200, y * 1e200)
+    torch.testing.assert_close(big.y_std_, est.y_std_ * 1e200)
+    y_target = np.linspace(5, 15, 6)
+    torch.testing.assert_close(
+        big.log_density(X_target * 1e200, y_target * 1e200),
+        est.log_density(X_target, y_target) - 200 * np.log(10.0),
+    )
+    torch.testing.assert_close(
+        big.predict(X_target * 1e200)["mean"], est.predict(X_target)["mean"] * 1e200
+    )
+
+
+def test_label_scale_floor_is_relative():
+    from tabpfn_infer.estimator import SCALE_FLOOR
+
+    X, _, X_target = task(0)
+    est = ARTabPFNRegressor(model=small_model(), backend="torch", device="cpu", dtype=torch.float64)
+    at_5 = est.fit(X, np.full(25, 5.0)).log_density(X_target, np.full(6, 5.0))
+    assert float(est.y_std_) == SCALE_FLOOR * 5.0
+    assert torch.isfinite(at_5).all() and (at_5 < 15).all()
+    # a constant label's density scales with its units (the old absolute floor did not)
+    at_5000 = est.fit(X, np.full(25, 5000.0)).log_density(X_target, np.full(6, 5000.0))
+    torch.testing.assert_close(at_5000, at_5 - np.log(1000.0))
+    # one unit away: very unlikely, but finite
+    assert torch.isfinite(est.fit(X, np.full(25, 5.0)).log_density(X_target, np.full(6, 6.0))).all()
+    assert float(est.fit(X, np.zeros(25)).y_std_) == 1.0
+
+
+def test_standardisation_overflow_names_the_column():
+    X, y, X_target = task(0)
+    est = ARTabPFNRegressor(model=small_model(), backend="torch", device="cpu")
+    wide = X.copy()
+    wide[:, 1] = 1e308
+    wide[0, 1] = -1.7e308  # 2.6e308 below the column's mean
+    with pytest.raises(InputError, match=r"X_context column 1, row 0: .* overflows float64"):
+        est.fit(wide, y)
+    with pytest.raises(InputError, match=r"y_context: the standardisation scale .* overflows"):
+        est.fit(X, np.tile([1.79e308, -1.79e308], 13)[:25])
+    est.fit(X, y)
+    far = X_target.copy()
+    far[3, 2] = 1e300
+    with pytest.raises(InputError, match=r"X_target column 2, row 3: .*float32's range"):
+        est.predict(far)
+    with pytest.raises(InputError, match=r"y_target row 1: .*float32's range"):
+        est.log_density(X_target, [10, 1e300, 10, 10, 10, 10])
+
+
+def test_non_finite_results_raise_naming_the_cause():
+    X, _, X_target = task(0)
+    est = ARTabPFNRegressor(model=small_model(), backend="torch", device="cpu")
+    est.fit(X, np.full(25, 5.0))
+    with pytest.raises(InputError, match=r"log_density: got .* standardised labels up to"):
+        est.log_density(X_target, [5.0, 5 + 1e15, 5, 5, 5, 5])
+    est.fit(X, np.tile([1.5e308, -1.5e308], 13)[:25])
+    with pytest.raises(InputError, match=r"sample: got .*inf at sample .* overflows float64"):
+        est.sample(X_target, 200, generator=torch.Generator().manual_seed(0))

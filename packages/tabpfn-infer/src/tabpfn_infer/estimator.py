@@ -43,6 +43,91 @@ def table_tensor(name: str, value: object, ndim: int, dtype: torch.dtype) -> tor
     return t.to(dtype)
 
 
+SCALE_FLOOR = 1e-6
+"""A column's standardisation scale is at least SCALE_FLOOR times its largest |value| (see
+`context_statistics`)."""
+
+
+def _where(axes: tuple[str, ...], idx: tuple[int, ...]) -> str:
+    return ", ".join(f"{axis} {i}" for axis, i in zip(axes, idx, strict=True))
+
+
+def context_statistics(name: str, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and scale of each column of the context's `values` ([N, C] features or [N]
+    labels, float64) for z-normalisation. The scale is the sample standard deviation
+    (correction=1, as the training prior normalises), floored at SCALE_FLOOR (1e-6) times the
+    column's largest |value|; 1 for a column of zeros or an empty context.
+
+    The floor is relative, not absolute, so that a column's statistics scale with its units
+    (labels in nanometres keep their spread; a constant label c and a constant label 1000c
+    give log densities that differ by exactly log(1000)). A spread below a millionth of the
+    magnitude is at the resolution of float32 data (one rounding is 6e-8 relative), so such a
+    column is treated as constant at that resolution: a constant label's density at the
+    constant is then bounded, about -log(1e-6 |c|) nats, instead of growing without bound as
+    the spread goes to 0 (the former absolute floor 1e-8 gave +18 nats for any c). One
+    context row counts as a constant column.
+
+    The statistics are computed on the values divided by their largest magnitude, so values
+    near float64's limit (1e200) do not overflow the squares; a scale that still leaves
+    float64's range raises `InputError` naming the column."""
+    unit = (
+        values.abs().amax(0) if len(values) else torch.zeros(values.shape[1:], dtype=values.dtype)
+    )
+    zero = unit == 0
+    unit = torch.where(zero, 1.0, unit)
+    v = values / unit
+    mean = (v.mean(0) if len(v) else torch.zeros_like(unit)) * unit
+    spread = v.std(0) if len(v) > 1 else torch.zeros_like(unit)
+    scale = torch.where(zero, 1.0, spread.clamp(min=SCALE_FLOOR) * unit)
+    bad = ~torch.isfinite(scale) | (scale == 0)
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in bad.nonzero()[0]) if bad.dim() else ()
+        col = f" column {idx[0]}" if idx else ""
+        what = "overflows" if bool(~torch.isfinite(scale[idx])) else "underflows to 0"
+        raise InputError(
+            f"{name}{col}: the standardisation scale (standard deviation "
+            f"{float(spread[idx]):.3g} x largest |value| {float(unit[idx]):.3g}) {what} in float64"
+        )
+    return mean, scale
+
+
+def standardise(
+    name: str,
+    values: torch.Tensor,
+    mean: torch.Tensor,
+    scale: torch.Tensor,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """(values - mean) / scale in `dtype` on `device`; a value whose standardised form is not
+    finite there raises `InputError` naming its column (for features) and row, and why."""
+    z = (values - mean) / scale
+    out = z.to(dtype)
+    bad = ~torch.isfinite(out)
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        col = idx[1:]
+        m, s, v = float(mean[col]), float(scale[col]), float(values[idx])
+        where = f" column {col[0]}, row {idx[0]}" if col else f" row {idx[0]}"
+        if torch.isfinite(z[idx]):
+            cause = f"{float(z[idx]):.3g} scales from the context's mean, beyond {dtype}'s range"
+        else:
+            cause = "the standardisation overflows float64"
+        raise InputError(
+            f"{name}{where}: {v:.6g} standardises (mean {m:.6g}, scale {s:.3g}) to "
+            f"{out[idx].item()}: {cause}"
+        )
+    return out.to(device)
+
+
+def check_result(name: str, result: torch.Tensor, axes: tuple[str, ...], cause: str) -> None:
+    """Raise `InputError` naming the first NaN/inf of a result and its cause."""
+    bad = ~torch.isfinite(result)
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        raise InputError(f"{name}: got {result[idx].item()} at {_where(axes, idx)}: {cause}")
+
+
 @dataclass(frozen=True)
 class _Fitted:
     """One fit's state, built completely before it replaces the previous one: the estimator's
@@ -60,11 +145,11 @@ class _Fitted:
     X_context: torch.Tensor
     y_context: torch.Tensor
 
-    def x(self, X: torch.Tensor) -> torch.Tensor:
-        return ((X - self.x_mean) / self.x_std).to(self.device, self.dtype)
+    def x(self, name: str, X: torch.Tensor) -> torch.Tensor:
+        return standardise(name, X, self.x_mean, self.x_std, self.dtype, self.device)
 
-    def y(self, y: torch.Tensor) -> torch.Tensor:
-        return ((y - self.y_mean) / self.y_std).to(self.device, self.dtype)
+    def y(self, name: str, y: torch.Tensor) -> torch.Tensor:
+        return standardise(name, y, self.y_mean, self.y_std, self.dtype, self.device)
 
     def context(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         return (
@@ -120,6 +205,8 @@ class ARTabPFNRegressor:
             )
         if X.shape[1] == 0:
             raise InputError("X_context: expected at least one column, got 0")
+        x_mean, x_std = context_statistics("X_context", X)
+        y_mean, y_std = context_statistics("y_context", y)
         device = resolve_device(self.device)
         model = copy.deepcopy(self.model).to(device, self.dtype).eval()
         predictor = ARTabPFNPredictor(
@@ -128,17 +215,13 @@ class ARTabPFNRegressor:
             context_top_k=self.context_top_k,
             context_block_size=self.context_block_size,
         )
-        ones = torch.ones(X.shape[1], dtype=torch.float64)
-        x_mean = X.mean(0) if len(X) else torch.zeros_like(ones)
-        # Sample standard deviations (correction=1), as the training prior normalises.
-        x_std = X.std(0).clamp(min=1e-8) if len(X) > 1 else ones
-        y_mean = y.mean() if len(y) else torch.zeros((), dtype=torch.float64)
-        y_std = y.std().clamp(min=1e-8) if len(y) > 1 else torch.ones((), dtype=torch.float64)
         empty = torch.empty(0)
         state = _Fitted(
             device, self.dtype, model, predictor, x_mean, x_std, y_mean, y_std, empty, empty
         )
-        self._fitted = dataclasses.replace(state, X_context=state.x(X), y_context=state.y(y))
+        self._fitted = dataclasses.replace(
+            state, X_context=state.x("X_context", X), y_context=state.y("y_context", y)
+        )
         return self
 
     def _state(self) -> _Fitted:
@@ -166,7 +249,7 @@ class ARTabPFNRegressor:
             raise InputError(
                 f"X_target: expected {n_features} columns (as X_context), got {X.shape[1]}"
             )
-        return state.x(X)
+        return state.x("X_target", X)
 
     def sample(
         self, X_target, n_samples: int, *, generator: torch.Generator | None = None
@@ -181,7 +264,14 @@ class ARTabPFNRegressor:
         z = state.predictor.sample_sequence(
             xc, yc, X.expand(n_samples, *X.shape), generator=generator
         )
-        return z.double().cpu() * state.y_std + state.y_mean
+        z = z.double().cpu()
+        check_result("sample", z, ("sample", "target"), "the model's standardised sample")
+        out = z * state.y_std + state.y_mean
+        scale = f"{float(state.y_std):.3g}, mean {float(state.y_mean):.3g}"
+        check_result(
+            "sample", out, ("sample", "target"), f"overflows float64 in data units (scale {scale})"
+        )
+        return out
 
     def log_density(self, X_target, y_target) -> torch.Tensor:
         """Per-target conditionals log p(y_t | context, y_0..y_{t-1}) [Nt] in data units;
@@ -194,8 +284,18 @@ class ARTabPFNRegressor:
                 f"y_target: expected {X.shape[0]} rows (as X_target), got {y.shape[0]}"
             )
         xc, yc = state.context(1)
-        logp = state.predictor.evaluate_joint_density(xc, yc, X[None], state.y(y)[None])[0]
-        return logp.double().cpu() - torch.log(state.y_std)
+        z = state.y("y_target", y)
+        logp = state.predictor.evaluate_joint_density(xc, yc, X[None], z[None])[0]
+        logp = logp.double().cpu()
+        zmax = float(z.abs().max()) if len(z) else 0.0
+        check_result(
+            "log_density",
+            logp,
+            ("target",),
+            f"the model's log density in {state.dtype}, given standardised labels up to "
+            f"{zmax:.3g} in magnitude (labels this far from the context's leave its range)",
+        )
+        return logp - torch.log(state.y_std)
 
     def predict(
         self, X_target, *, quantiles: Sequence[float] = (0.05, 0.5, 0.95)
@@ -210,8 +310,15 @@ class ARTabPFNRegressor:
         )
         m, var = gmm_mean_var(log_w, mean, std)
         q = gmm_quantile(torch.tensor(list(quantiles), dtype=torch.float64), log_w, mean, std)
-        return {
+        out = {
             "mean": m * state.y_std + state.y_mean,
             "std": var.sqrt() * state.y_std,
             "quantiles": q * state.y_std + state.y_mean,
         }
+        scale = f"{float(state.y_std):.3g}, mean {float(state.y_mean):.3g}"
+        for key, value in out.items():
+            axes = ("target", "quantile")[: value.dim()]
+            check_result(
+                f"predict {key}", value, axes, f"the model's marginal in data units (scale {scale})"
+            )
+        return out
