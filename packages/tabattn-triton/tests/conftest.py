@@ -1,9 +1,10 @@
 """Test setup for tabattn-triton.
 
-On CPU the kernels run under the Triton interpreter: nox sets `TRITON_INTERPRET=1` before
-Python starts (Triton reads it at import time). Tests that need a real GPU carry
-`@pytest.mark.gpu` and are skipped when no CUDA device is present. Every test runs with a
-fixed seed and NaN-filled `torch.empty` outputs, so unwritten elements fail.
+On CPU the kernels run under the Triton interpreter: without a CUDA device this conftest
+sets `TRITON_INTERPRET=1` (as nox does) before the kernels are imported, since Triton reads
+it as each kernel is defined. Tests that need a real GPU carry `@pytest.mark.gpu` and are
+skipped when no CUDA device is present. Every test runs with a fixed seed and NaN-filled
+`torch.empty` outputs, so unwritten elements fail.
 """
 
 from __future__ import annotations
@@ -11,7 +12,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tabattn_core.testing import nan_poisoned_empty, skip_gpu_tests_without_cuda
+from tabattn_core.testing import (
+    interpret_triton_without_cuda,
+    nan_poisoned_empty,
+    skip_gpu_tests_without_cuda,
+)
+
+interpret_triton_without_cuda()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -4,6 +4,7 @@ random inputs on awkward shapes, NaN-poisoned outputs."""
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ __all__ = [
     "AttentionShape",
     "REL_TOL",
     "assert_rel_close",
+    "interpret_triton_without_cuda",
     "nan_poisoned_empty",
     "poison_nan",
     "random_qkv",
@@ -164,6 +166,15 @@ def nan_poisoned_empty() -> Iterator[None]:
             real_empty_like,
             real_new_empty,
         )
+
+
+def interpret_triton_without_cuda() -> None:
+    """For a kernel package's conftest, before anything imports its kernels: without a CUDA
+    device, Triton kernels run under the interpreter (`TRITON_INTERPRET=1`, which Triton
+    reads as each kernel is defined), so plain `pytest` runs the CPU tier there. A value
+    already set wins."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def skip_gpu_tests_without_cuda(items: list) -> None:
