@@ -230,3 +230,10 @@ def test_non_finite_results_raise_naming_the_cause():
     est.fit(X, np.tile([1.5e308, -1.5e308], 13)[:25])
     with pytest.raises(InputError, match=r"sample: got .*inf at sample .* overflows float64"):
         est.sample(X_target, 200, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("n_samples", [True, 2.0, None, "3", 0])
+def test_sample_count_must_be_a_positive_int(fitted, n_samples):
+    est, X_target = fitted
+    with pytest.raises(InputError, match="n_samples: expected a positive int"):
+        est.sample(X_target, n_samples)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tabattn_core.checks import InputError
+from tabattn_core.checks import InputError, check_positive_int
 from tabattn_core.gmm import gmm_mean_var, gmm_quantile
 from tabpfn_infer.model import ARTabPFN
 from tabpfn_infer.predictor import ARTabPFNPredictor, check_finite
@@ -258,8 +258,7 @@ class ARTabPFNRegressor:
         The context K/V is computed once and shared by the n_samples paths."""
         state = self._state()
         X = self._targets(state, X_target)
-        if int(n_samples) != n_samples or n_samples < 1:
-            raise InputError(f"n_samples: expected a positive int, got {n_samples!r}")
+        n_samples = check_positive_int("n_samples", n_samples)
         xc, yc = state.context(n_samples)
         z = state.predictor.sample_sequence(
             xc, yc, X.expand(n_samples, *X.shape), generator=generator
